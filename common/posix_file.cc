@@ -1,0 +1,93 @@
+#include "common/posix_file.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <string>
+
+namespace cbt {
+
+Result<std::unique_ptr<PosixFile>> PosixFile::Open(const std::string& path, Mode mode) {
+  int flags = O_CLOEXEC;
+  switch (mode) {
+    case Mode::kReadOnly:
+      flags |= O_RDONLY;
+      break;
+    case Mode::kReadWrite:
+      flags |= O_RDWR;
+      break;
+    case Mode::kCreateExclusive:
+      flags |= O_RDWR | O_CREAT | O_EXCL;
+      break;
+  }
+  int fd = ::open(path.c_str(), flags, 0644);
+  if (fd < 0) {
+    int e = errno;
+    std::string ctx = "open " + path;
+    if (e == ENOENT) return Status::NotFound(ctx + ": no such file", e);
+    if (e == EEXIST) return Status::AlreadyExists(ctx + ": file exists", e);
+    return Status::FromErrno(e, ctx);
+  }
+  struct stat st;
+  if (::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+    ::close(fd);
+    return Status::InvalidArgument("open " + path + ": is a directory", EISDIR);
+  }
+  return std::unique_ptr<PosixFile>(new PosixFile(fd, path, mode != Mode::kReadOnly));
+}
+
+PosixFile::~PosixFile() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+Status PosixFile::pread(std::span<std::byte> out, uint64_t offset) {
+  size_t done = 0;
+  while (done < out.size()) {
+    ssize_t r =
+        ::pread(fd_, out.data() + done, out.size() - done, static_cast<off_t>(offset + done));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return Status::FromErrno(errno, "read " + path_);
+    }
+    if (r == 0)
+      return Status::OutOfRange("read " + path_ + ": unexpected end of file at offset " +
+                                std::to_string(offset + done));
+    done += static_cast<size_t>(r);
+  }
+  return Status::OK();
+}
+
+Status PosixFile::pwrite(std::span<const std::byte> in, uint64_t offset) {
+  size_t done = 0;
+  while (done < in.size()) {
+    ssize_t r =
+        ::pwrite(fd_, in.data() + done, in.size() - done, static_cast<off_t>(offset + done));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return Status::FromErrno(errno, "write " + path_);
+    }
+    done += static_cast<size_t>(r);
+  }
+  return Status::OK();
+}
+
+Status PosixFile::flush() {
+  if (::fdatasync(fd_) != 0) return Status::FromErrno(errno, "fdatasync " + path_);
+  return Status::OK();
+}
+
+Result<uint64_t> PosixFile::size() {
+  struct stat st;
+  if (::fstat(fd_, &st) != 0) return Status::FromErrno(errno, "stat " + path_);
+  return static_cast<uint64_t>(st.st_size);
+}
+
+Status PosixFile::resize(uint64_t new_size) {
+  if (::ftruncate(fd_, static_cast<off_t>(new_size)) != 0)
+    return Status::FromErrno(errno, "truncate " + path_);
+  return Status::OK();
+}
+
+}  // namespace cbt
