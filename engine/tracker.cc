@@ -1,0 +1,279 @@
+// Tracker implementation. The in_use protocol, with the crash outcome of
+// each state (durability mode "none": QEMU's semantics):
+//
+//   state             on disk                     crash leaves
+//   CLEAN             in_use=0, data == memory    an exact bitmap
+//   GATE (setting)    in_use being written        CLEAN (nothing forwarded yet)
+//   ACTIVE            in_use=1, durable           in_use=1: refused on restart
+//   PERSIST writing   in_use=1, clusters moving   in_use=1: refused on restart
+//   PERSIST clearing  in_use being cleared        in_use=1 (refused) or CLEAN,
+//                                                 where CLEAN holds every change
+//                                                 forwarded so far
+//
+// Clearing in_use is only correct if every change forwarded so far is in
+// the clusters just flushed. A writer marks (A), then reads in_use_durable_
+// (B), then forwards. Persist stores in_use_durable_ = false (C), waits until
+// no mark is in progress (D), then checks for changed chunks (E). All of
+// these are sequentially consistent: if the writer read true at B, its marks
+// finished before C, so either the chunk it changed was taken before the
+// flush or E sees it and in_use stays set. A writer reading false waits at
+// the gate for store_mu_, which Persist holds until it is done, and then sets
+// in_use again before forwarding.
+#include "engine/tracker.h"
+
+#include <spdlog/spdlog.h>
+
+#include <unistd.h>
+
+#include <bit>
+#include <thread>
+
+#include "common/posix_file.h"
+#include "engine/bitmap_store.h"
+#include "qcow2/lock.h"
+
+namespace cbt {
+
+namespace {
+
+uint64_t RoundUp512(uint64_t v) { return (v + 511) & ~uint64_t{511}; }
+
+std::string RecoveryHint(const std::string& file, const std::string& name) {
+  return "bitmap '" + name + "' in " + file +
+         " was not closed cleanly (in-use flag set) and cannot be trusted; remove it with "
+         "'cbt bitmap " + file + " " + name + " --remove' (then re-add it and take a full "
+         "backup), or use cbt-durability=process/power next time to survive crashes";
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Tracker>> Tracker::Open(const TrackerOptions& opts, uint64_t disk_size) {
+  CBT_ASSIGN_OR_RETURN(std::unique_ptr<Tracker> t, Prepare(opts));
+  CBT_RETURN_IF_ERROR(t->Attach(disk_size));
+  return t;
+}
+
+Result<std::unique_ptr<Tracker>> Tracker::Prepare(const TrackerOptions& opts) {
+  if (opts.durability != Durability::kNone)
+    return Status::NotSupported(
+        "cbt-durability: only 'none' is available in this version (process and power are not "
+        "implemented yet)");
+  if (opts.bitmaps.empty() && !opts.readonly)
+    return Status::InvalidArgument("cbt-bitmap: at least one bitmap is required");
+  std::unique_ptr<Tracker> t(new Tracker(opts));
+  CBT_RETURN_IF_ERROR(t->OpenContainer());
+  if (t->image_) CBT_RETURN_IF_ERROR(t->CheckBitmaps());
+  return t;
+}
+
+Tracker::~Tracker() = default;
+
+// Opens and locks an existing container; leaves image_ empty when it does not
+// exist and may be created (Attach creates it).
+Status Tracker::OpenContainer() {
+  const std::string& path = opts_.container_path;
+  auto file = PosixFile::Open(path, opts_.readonly ? PosixFile::Mode::kReadOnly
+                                                   : PosixFile::Mode::kReadWrite);
+  if (!file.ok() && file.status().IsNotFound()) {
+    if (!opts_.create || opts_.readonly)
+      return Status::NotFound("cbt-file=" + path +
+                              ": no such file; add cbt-create=true to create it");
+    return Status::OK();
+  }
+  if (!file.ok()) return file.status().WithContext("cbt-file");
+  // QEMU's locks: refuse a file another writer (qemu-nbd, another nbdkit)
+  // holds, and make QEMU tools refuse ours while we serve.
+  CBT_RETURN_IF_ERROR(qcow2::LockImage(
+      (*file)->fd(), path, opts_.readonly ? qcow2::LockMode::kReadOnly : qcow2::LockMode::kReadWrite));
+  qcow2::OpenOptions oo;
+  oo.writable = !opts_.readonly;
+  auto img = qcow2::Image::Open(std::shared_ptr<BlockIO>(std::move(file).value()), oo);
+  if (!img.ok()) return img.status().WithContext("cbt-file");
+  image_ = std::move(img).value();
+  return Status::OK();
+}
+
+// Requested bitmaps must exist (unless they may be created) and be enabled;
+// no enabled bitmap may be inconsistent (P4).
+Status Tracker::CheckBitmaps() const {
+  const std::string& path = opts_.container_path;
+  for (const std::string& name : opts_.bitmaps) {
+    auto info = image_->Find(name);
+    if (!info.ok()) {
+      if (!opts_.create || opts_.readonly)
+        return Status::NotFound("cbt-bitmap=" + name + ": no such bitmap in " + path +
+                                "; add cbt-create=true to create it");
+      continue;
+    }
+    if (!info->enabled)
+      return Status::InvalidArgument("cbt-bitmap=" + name + ": the bitmap is disabled in " +
+                                     path + "; enable it with 'cbt bitmap " + path + " " + name +
+                                     " --enable' or choose another");
+  }
+  for (const qcow2::BitmapInfo& info : image_->Bitmaps()) {
+    if (info.enabled && !info.consistent)
+      return Status::Corruption(RecoveryHint(path, info.name));
+    if (!info.consistent)
+      spdlog::warn("{}: disabled bitmap '{}' is inconsistent (in-use); leaving it untouched",
+                   path, info.name);
+  }
+  return Status::OK();
+}
+
+Status Tracker::Attach(uint64_t disk_size) {
+  disk_size_ = disk_size;
+  const std::string& path = opts_.container_path;
+  bool created = false;
+  if (!image_) {
+    auto nf = PosixFile::Open(path, PosixFile::Mode::kCreateExclusive);
+    if (!nf.ok()) return nf.status().WithContext("cbt-file");
+    CBT_RETURN_IF_ERROR(qcow2::LockImage((*nf)->fd(), path, qcow2::LockMode::kReadWrite));
+    qcow2::CreateOptions co;
+    co.virtual_size = disk_size_;
+    co.cluster_size = opts_.cluster_size;
+    auto img = qcow2::Image::Create(std::shared_ptr<BlockIO>(std::move(nf).value()), co);
+    if (!img.ok()) {
+      ::unlink(path.c_str());  // we made it; leave nothing half-built behind
+      return img.status().WithContext("cbt-file=" + path + ": create");
+    }
+    image_ = std::move(img).value();
+    created = true;
+    spdlog::info("created container {} for a disk of {} bytes", path, disk_size_);
+  }
+
+  if (image_->virtual_size() != RoundUp512(disk_size_))
+    return Status::InvalidArgument(
+        "cbt-file=" + path + ": size mismatch: the container tracks a disk of " +
+        std::to_string(image_->virtual_size()) + " bytes but this disk has " +
+        std::to_string(disk_size_) +
+        " bytes; use the container made for this disk (or create a new one)");
+  if (opts_.readonly) return Status::OK();  // nothing will be marked or written
+
+  std::vector<qcow2::BitmapSpec> specs = image_->CurrentSpecs();
+  bool add = false;
+  for (const std::string& name : opts_.bitmaps) {
+    if (image_->Find(name).ok()) continue;
+    qcow2::BitmapSpec s;
+    s.name = name;
+    s.granularity_bits = static_cast<uint32_t>(std::countr_zero(opts_.granularity));
+    s.enabled = true;
+    specs.push_back(std::move(s));
+    add = true;
+  }
+  if (add) {
+    Status s = image_->Commit(specs);
+    if (!s.ok()) {
+      if (created) ::unlink(path.c_str());
+      return s.WithContext("cbt-file=" + path + ": add bitmaps");
+    }
+  }
+
+  for (const qcow2::BitmapInfo& info : image_->Bitmaps()) {
+    if (!info.enabled) continue;
+    CBT_ASSIGN_OR_RETURN(std::unique_ptr<DirtyBitmap> b,
+                         LoadBitmap(*image_, info.name, disk_size_));
+    spdlog::debug("loaded bitmap '{}' (granularity {}, {} dirty bytes)", info.name,
+                  info.granularity(), b->DirtyBytes());
+    names_.push_back(info.name);
+    bitmaps_.push_back(std::move(b));
+  }
+  return Status::OK();
+}
+
+Status Tracker::BeforeChange(uint64_t offset, uint64_t length) {
+  // P1: in memory first, in every enabled bitmap.
+  marks_in_progress_.fetch_add(1);
+  for (auto& b : bitmaps_) {
+    auto r = b->Mark(offset, length);
+    if (!r.ok()) {
+      marks_in_progress_.fetch_sub(1);
+      return r.status();
+    }
+  }
+  marks_in_progress_.fetch_sub(1);
+  // P2: in_use durable before the change is forwarded.
+  if (in_use_durable_.load()) return Status::OK();
+  return EnsureInUse();
+}
+
+Status Tracker::EnsureInUse() {
+  std::lock_guard lock(store_mu_);
+  if (in_use_durable_.load()) return Status::OK();  // set by a writer we queued behind
+  if (!image_) return Status::IOError("cbt: container already closed", ESHUTDOWN);
+  CBT_RETURN_IF_ERROR(image_->SetInUse(names_, true));
+  in_use_on_disk_ = true;  // maybe on disk now, whatever the flush says
+  CBT_RETURN_IF_ERROR(image_->io()->flush());
+  ++stats_.in_use_sets;
+  in_use_durable_.store(true);
+  return Status::OK();
+}
+
+Status Tracker::Persist() {
+  std::lock_guard lock(store_mu_);
+  if (!image_) return Status::IOError("cbt: container already closed", ESHUTDOWN);
+  if (opts_.readonly) return Status::OK();
+  Status first;
+  bool wrote = false;
+  std::vector<std::vector<uint64_t>> taken(bitmaps_.size());
+  for (size_t i = 0; i < bitmaps_.size(); ++i) {
+    taken[i] = bitmaps_[i]->TakeChangedChunks();
+    if (taken[i].empty()) continue;
+    DirtyBitmapSource src(*bitmaps_[i]);
+    auto r = image_->WriteSlots(names_[i], taken[i], src);
+    if (!r.ok()) {
+      if (first.ok()) first = r.status().WithContext("persist bitmap '" + names_[i] + "'");
+      continue;
+    }
+    stats_.bytes_written += *r;
+    wrote = true;
+  }
+  if (wrote && first.ok()) {
+    Status f = image_->io()->flush();
+    if (!f.ok()) first = f.WithContext("persist");
+  }
+  if (!first.ok()) {
+    // Keep every taken chunk pending; in_use stays set on disk.
+    for (size_t i = 0; i < bitmaps_.size(); ++i) bitmaps_[i]->MarkChunksChanged(taken[i]);
+    return first;  // the caller reports it (nbdkit error, or the scheduler's log)
+  }
+  if (wrote) ++stats_.persists;
+  return ClearInUseLocked();
+}
+
+Status Tracker::ClearInUseLocked() {
+  if (!in_use_on_disk_) return Status::OK();
+  in_use_durable_.store(false);  // (C) new writers now queue at the gate
+  while (marks_in_progress_.load() != 0) std::this_thread::yield();  // (D)
+  for (auto& b : bitmaps_) {
+    if (b->HasChangedChunks()) {  // (E) a change raced in: keep in_use
+      in_use_durable_.store(true);
+      return Status::OK();
+    }
+  }
+  // From here until the flush returns, the on-disk in_use state is unknown;
+  // in_use_durable_ stays false so the next writer sets it again.
+  CBT_RETURN_IF_ERROR(image_->SetInUse(names_, false));
+  CBT_RETURN_IF_ERROR(image_->io()->flush());
+  in_use_on_disk_ = false;
+  return Status::OK();
+}
+
+Status Tracker::Close() {
+  Status s = Persist();
+  std::lock_guard lock(store_mu_);
+  image_.reset();
+  return s;
+}
+
+bool Tracker::HasPendingChanges() const {
+  for (auto& b : bitmaps_)
+    if (b->HasChangedChunks()) return true;
+  return false;
+}
+
+TrackerStats Tracker::stats() const {
+  std::lock_guard lock(store_mu_);
+  return stats_;
+}
+
+}  // namespace cbt

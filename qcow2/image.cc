@@ -1,0 +1,651 @@
+// qcow2 Image: in-memory model + bitmap operations. See image.h.
+//
+// Design note: header switches.
+//  Our header layout puts the bitmaps extension directly after the 112-byte
+//  header, so switching directories changes only bytes 0..143: one sector,
+//  one write, atomic on every device we care about. SwitchHeader() compares
+//  the new serialised header with the bytes on disk; when every changed byte
+//  is in sector 0 it writes sector 0 alone. Otherwise (the first rewrite of a
+//  header laid out by QEMU, or a private extension that changed size past
+//  sector 0) it follows QEMU's order: clear autoclear bit 0 (one field),
+//  flush, write the whole header with the bit clear, flush, set the bit,
+//  flush. A crash inside that window leaves the bitmaps ignored by QEMU and us
+//  (their clusters leak), never a bit that vouches for a half-written
+//  extension (P13, P4).
+//
+// Crash analysis of Commit (directory switch):
+//  1. new data clusters, tables, directory written to fresh clusters whose
+//     refcounts were raised first; crash: leaks only (nothing points there).
+//  2. flush.
+//  3. header switch (sector 0); crash before: old set; after: new set.
+//  4. flush.
+//  5. free old directory/tables/data; crash: leaks only.
+#include "qcow2/image.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <set>
+
+#include "common/endian.h"
+#include "qcow2/format.h"
+
+namespace cbt::qcow2 {
+
+namespace {
+
+std::string Hex(uint64_t v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+uint64_t DivRoundUp(uint64_t a, uint64_t b) {
+  return a / b + (a % b != 0);
+}
+
+Status ReadMeta(BlockIO* io, std::span<std::byte> out, uint64_t off, const std::string& ctx,
+                const std::string& what) {
+  Status s = io->pread(out, off);
+  if (s.IsOutOfRange())
+    return Status::Corruption(ctx + ": " + what + " at " + Hex(off) + " truncated");
+  return s;
+}
+
+bool AllZero(std::span<const std::byte> b) {
+  return std::all_of(b.begin(), b.end(), [](std::byte x) { return x == std::byte{0}; });
+}
+
+bool IsReservedExtension(uint32_t type) {
+  return type == kExtEnd || type == kExtBitmaps || type == kExtFeatureTable ||
+         type == kExtDataFile || type == kExtBackingFormat || type == kExtCrypto;
+}
+
+}  // namespace
+
+// Counts bytes written, so in-place persists can report their cost.
+class Image::CountingIO final : public BlockIO {
+ public:
+  explicit CountingIO(std::shared_ptr<BlockIO> io) : io_(std::move(io)) {}
+  Status pread(std::span<std::byte> out, uint64_t offset) override {
+    return io_->pread(out, offset);
+  }
+  Status pwrite(std::span<const std::byte> in, uint64_t offset) override {
+    written_.fetch_add(in.size(), std::memory_order_relaxed);
+    return io_->pwrite(in, offset);
+  }
+  Status flush() override { return io_->flush(); }
+  Result<uint64_t> size() override { return io_->size(); }
+  Status resize(uint64_t n) override { return io_->resize(n); }
+  const char* name() const override { return io_->name(); }
+  uint64_t written() const { return written_.load(std::memory_order_relaxed); }
+
+ private:
+  std::shared_ptr<BlockIO> io_;
+  std::atomic<uint64_t> written_{0};
+};
+
+Image::Image(std::shared_ptr<BlockIO> io, bool writable)
+    : io_(std::make_unique<CountingIO>(std::move(io))), writable_(writable), ctx_(io_->name()) {}
+Image::~Image() = default;
+
+BlockIO* Image::io() {
+  return io_.get();
+}
+uint64_t Image::bytes_written() const {
+  return io_->written();
+}
+
+Result<std::unique_ptr<Image>> Image::Open(std::shared_ptr<BlockIO> io, const OpenOptions& opts) {
+  if (!io) return Status::InvalidArgument("qcow2 open: no file");
+  std::unique_ptr<Image> img(new Image(std::move(io), opts.writable));
+  CBT_RETURN_IF_ERROR(img->Load());
+  return img;
+}
+
+Status Image::Load() {
+  CBT_ASSIGN_OR_RETURN(uint64_t fsize, io_->size());
+  std::vector<std::byte> first(std::min<uint64_t>(fsize, 24));
+  CBT_RETURN_IF_ERROR(io_->pread(first, 0));
+  CBT_ASSIGN_OR_RETURN(uint32_t cbits, PeekClusterBits(first, ctx_));
+  std::vector<std::byte> buf(std::min<uint64_t>(fsize, uint64_t{1} << cbits));
+  CBT_RETURN_IF_ERROR(io_->pread(buf, 0));
+  CBT_ASSIGN_OR_RETURN(header_, ParseHeader(buf, ctx_));
+  CBT_RETURN_IF_ERROR(CheckFeatures(header_, writable_, ctx_));
+  header_on_disk_ = std::move(buf);
+  CBT_ASSIGN_OR_RETURN(
+      Refcounts rc,
+      Refcounts::Load(io_.get(), header_.cluster_bits, header_.refcount_order,
+                      header_.refcount_table_offset, header_.refcount_table_clusters, ctx_));
+  refcounts_.emplace(std::move(rc));
+
+  const bool bit = header_.version == 3 && (header_.autoclear & kAutoclearBitmaps);
+  if (header_.bitmaps && !bit) {
+    // Written by a program that does not know bitmaps: QEMU ignores the
+    // extension and drops it on the next header write. So do we.
+    stale_ext_ = true;
+    header_.bitmaps.reset();
+  } else if (!header_.bitmaps && bit) {
+    bit_without_ext_ = true;  // cleared on our next header write (P4)
+  } else if (header_.bitmaps) {
+    const BitmapsExtension& ext = *header_.bitmaps;
+    CBT_RETURN_IF_ERROR(ValidateBitmapsExtension(ext, header_.cluster_bits, ctx_));
+    std::vector<std::byte> dir(ext.directory_size);
+    CBT_RETURN_IF_ERROR(ReadMeta(io_.get(), dir, ext.directory_offset, ctx_, "bitmap directory"));
+    CBT_ASSIGN_OR_RETURN(entries_, ParseDirectory(dir, ext.nb_bitmaps, ctx_));
+    Geometry g{header_.cluster_bits, header_.qemu_size()};
+    CBT_RETURN_IF_ERROR(ValidateDirectory(entries_, g, ctx_));
+    for (const auto& e : entries_) {
+      std::string what = ctx_ + ": bitmap '" + e.name + "'";
+      std::vector<std::byte> tb(uint64_t{e.table_size} * 8);
+      CBT_RETURN_IF_ERROR(ReadMeta(io_.get(), tb, e.table_offset, what, "bitmap table"));
+      CBT_ASSIGN_OR_RETURN(auto t, ParseTable(tb, e.table_size, header_.cluster_bits, what));
+      tables_.push_back(std::move(t));
+      inconsistent_.push_back(e.in_use());
+    }
+  }
+  // A writer must clear autoclear bits it does not know before changing
+  // anything (spec); QEMU does so on every read-write open.
+  if (writable_ && header_.version == 3 && (header_.autoclear & ~kAutoclearKnown)) {
+    header_.autoclear &= kAutoclearKnown;
+    std::byte f[8];
+    StoreBE64(f, header_.autoclear);
+    CBT_RETURN_IF_ERROR(io_->pwrite(f, kOffAutoclear));
+    CBT_RETURN_IF_ERROR(io_->flush());
+    std::copy_n(f, 8, header_on_disk_.begin() + kOffAutoclear);
+  }
+  return Status::OK();
+}
+
+Result<std::unique_ptr<Image>> Image::Create(std::shared_ptr<BlockIO> io,
+                                             const CreateOptions& opts) {
+  const uint64_t cs = opts.cluster_size;
+  if (cs < 512 || cs > (2u << 20) || (cs & (cs - 1)))
+    return Status::InvalidArgument("cluster size " + std::to_string(cs) +
+                                   " must be a power of two from 512 bytes to 2 MiB");
+  uint32_t cbits = 0;
+  while ((uint64_t{1} << cbits) < cs) ++cbits;
+  if (opts.virtual_size > (uint64_t{1} << 62))
+    return Status::InvalidArgument("virtual size too large");
+  if (!opts.data_file.empty() && opts.data_file[0] != '/')
+    return Status::InvalidArgument("data file '" + opts.data_file +
+                                   "' must be an absolute path (QEMU resolves relative names "
+                                   "against its working directory)");
+  CBT_ASSIGN_OR_RETURN(uint64_t existing, io->size());
+  if (existing != 0)
+    return Status::InvalidArgument(std::string(io->name()) +
+                                   ": refusing to create over a "
+                                   "non-empty file");
+  const uint64_t size = (opts.virtual_size + 511) & ~uint64_t{511};
+  const uint64_t l2_entries = cs / 8;
+  const uint64_t l1_size = DivRoundUp(size, cs * l2_entries);
+  if (l1_size * 8 > kMaxL1Bytes)
+    return Status::InvalidArgument("virtual size " + std::to_string(size) +
+                                   " too large for cluster size " + std::to_string(cs));
+  const uint64_t l1_clusters = std::max<uint64_t>(1, DivRoundUp(l1_size * 8, cs));
+  const bool data_file = !opts.data_file.empty();
+  const uint64_t l2_count = data_file ? l1_size : 0;
+  const uint64_t epb = cs * 8 / 16;  // refcount_order 4
+  uint64_t blocks = 1, tclusters = 1, total = 0;
+  for (int i = 0; i < 16; ++i) {
+    total = 1 + tclusters + blocks + l1_clusters + l2_count;
+    blocks = DivRoundUp(total, epb);
+    tclusters = DivRoundUp(blocks * 8, cs);
+  }
+  total = 1 + tclusters + blocks + l1_clusters + l2_count;
+  if (tclusters * cs > kMaxRefcountTableBytes)
+    return Status::InvalidArgument("data file mapping too large for cluster size " +
+                                   std::to_string(cs));
+  const uint64_t reftable_off = cs;
+  const uint64_t blocks_off = reftable_off + tclusters * cs;
+  const uint64_t l1_off = blocks_off + blocks * cs;
+  const uint64_t l2_off = l1_off + l1_clusters * cs;
+
+  Header h;
+  h.version = 3;
+  h.cluster_bits = cbits;
+  h.size = size;
+  h.l1_size = static_cast<uint32_t>(l1_size);
+  h.l1_table_offset = l1_off;
+  h.refcount_table_offset = reftable_off;
+  h.refcount_table_clusters = static_cast<uint32_t>(tclusters);
+  h.refcount_order = kDefaultRefcountOrder;
+  h.header_length = kOurHeaderLength;
+  h.header_tail.assign(kOurHeaderLength - kV3MinHeaderLength, std::byte{0});
+  if (data_file) {
+    h.incompatible |= kIncompatDataFile;
+    h.autoclear |= kAutoclearDataFileRaw;
+    h.SetExtension(kExtDataFile, std::vector<std::byte>(
+                                     reinterpret_cast<const std::byte*>(opts.data_file.data()),
+                                     reinterpret_cast<const std::byte*>(opts.data_file.data()) +
+                                         opts.data_file.size()));
+  }
+  CBT_ASSIGN_OR_RETURN(std::vector<std::byte> hbytes, SerializeHeader(h));
+
+  // Crash during create: a file without a valid header (written last).
+  std::vector<std::byte> buf(tclusters * cs);
+  for (uint64_t b = 0; b < blocks; ++b) StoreBE64(buf.data() + 8 * b, blocks_off + b * cs);
+  CBT_RETURN_IF_ERROR(io->pwrite(buf, reftable_off));
+  buf.assign(blocks * cs, std::byte{0});
+  for (uint64_t c = 0; c < total; ++c) StoreBE16(buf.data() + 2 * c, 1);
+  CBT_RETURN_IF_ERROR(io->pwrite(buf, blocks_off));
+  buf.assign(l1_clusters * cs, std::byte{0});
+  for (uint64_t i = 0; i < l2_count; ++i)
+    StoreBE64(buf.data() + 8 * i, kOflagCopied | (l2_off + i * cs));
+  CBT_RETURN_IF_ERROR(io->pwrite(buf, l1_off));
+  const uint64_t guest_clusters = DivRoundUp(size, cs);
+  std::vector<std::byte> l2(cs);
+  for (uint64_t i = 0; i < l2_count; ++i) {
+    std::fill(l2.begin(), l2.end(), std::byte{0});
+    for (uint64_t j = 0; j < l2_entries; ++j) {
+      uint64_t g = i * l2_entries + j;
+      if (g >= guest_clusters) break;
+      StoreBE64(l2.data() + 8 * j, kOflagCopied | (g * cs));  // identity map (P19)
+    }
+    CBT_RETURN_IF_ERROR(io->pwrite(l2, l2_off + i * cs));
+  }
+  hbytes.resize(cs, std::byte{0});
+  CBT_RETURN_IF_ERROR(io->pwrite(hbytes, 0));
+  CBT_RETURN_IF_ERROR(io->flush());
+  return Open(std::move(io), OpenOptions{.writable = true});
+}
+
+std::vector<BitmapInfo> Image::Bitmaps() const {
+  std::vector<BitmapInfo> out;
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    const auto& e = entries_[i];
+    BitmapInfo b;
+    b.name = e.name;
+    b.granularity_bits = e.granularity_bits;
+    b.in_use = e.in_use();
+    b.enabled = e.enabled();
+    b.consistent = !inconsistent_[i];
+    b.table_size = e.table_size;
+    for (uint64_t t : tables_[i]) b.data_clusters += (t & kTableEntryOffsetMask) != 0;
+    out.push_back(std::move(b));
+  }
+  return out;
+}
+
+int Image::IndexOf(std::string_view name) const {
+  for (size_t i = 0; i < entries_.size(); ++i)
+    if (entries_[i].name == name) return static_cast<int>(i);
+  return -1;
+}
+
+Result<BitmapInfo> Image::Find(std::string_view name) const {
+  int i = IndexOf(name);
+  if (i < 0) return Status::NotFound(ctx_ + ": bitmap '" + std::string(name) + "' not found");
+  return Bitmaps()[i];
+}
+
+std::vector<BitmapSpec> Image::CurrentSpecs() const {
+  std::vector<BitmapSpec> out;
+  for (const auto& e : entries_)
+    out.push_back(BitmapSpec{e.name, e.granularity_bits, e.enabled(), e.name, nullptr});
+  return out;
+}
+
+Status Image::RequireWritable(const char* op) const {
+  if (!writable_)
+    return Status::InvalidArgument(ctx_ + ": " + op + ": image opened read-only", EROFS);
+  return Status::OK();
+}
+
+Status Image::RequireConsistent(size_t i) const {
+  if (inconsistent_[i])
+    return Status::InvalidArgument(ctx_ + ": bitmap '" + entries_[i].name +
+                                   "' is inconsistent (in use by a writer that did not close "
+                                   "it) and cannot be used; only removal is allowed");
+  return Status::OK();
+}
+
+Status Image::ReadBitmap(std::string_view name, const SlotSink& sink) {
+  int i = IndexOf(name);
+  if (i < 0) return Find(name).status();
+  CBT_RETURN_IF_ERROR(RequireConsistent(i));
+  const uint64_t cs = cluster_size();
+  std::vector<std::byte> buf(cs);
+  const auto& t = tables_[i];
+  for (uint64_t slot = 0; slot < t.size(); ++slot) {
+    uint64_t off = t[slot] & kTableEntryOffsetMask;
+    if (off) {
+      CBT_RETURN_IF_ERROR(
+          ReadMeta(io_.get(), buf, off, ctx_, "bitmap '" + entries_[i].name + "' data cluster"));
+      if (AllZero(buf)) continue;
+    } else if (t[slot] & kTableEntryAllOnes) {
+      std::fill(buf.begin(), buf.end(), std::byte{0xff});
+    } else {
+      continue;
+    }
+    CBT_RETURN_IF_ERROR(sink(slot, buf));
+  }
+  return Status::OK();
+}
+
+Status Image::SwitchHeader(Header next) {
+  next.refcount_table_offset = refcounts_->table_offset();
+  next.refcount_table_clusters = refcounts_->table_clusters();
+  next.autoclear &= kAutoclearKnown;  // clear unknown autoclear bits (spec)
+  if (next.bitmaps)                   // P4: bit 0 set exactly when the extension is present
+    next.autoclear |= kAutoclearBitmaps;
+  else
+    next.autoclear &= ~kAutoclearBitmaps;
+  CBT_ASSIGN_OR_RETURN(std::vector<std::byte> bytes, SerializeHeader(next));
+  // The refcount-table fields may have been switched on disk by Refcounts.
+  StoreBE64(header_on_disk_.data() + kOffRefcountTableOffset, next.refcount_table_offset);
+  StoreBE32(header_on_disk_.data() + kOffRefcountTableOffset + 8, next.refcount_table_clusters);
+  size_t last_diff = 0;
+  bool any = false;
+  for (size_t i = 0; i < bytes.size(); ++i) {
+    if (i >= header_on_disk_.size() || header_on_disk_[i] != bytes[i]) {
+      last_diff = i;
+      any = true;
+    }
+  }
+  if (!any) {
+    header_ = std::move(next);
+    return Status::OK();
+  }
+  if (last_diff < kSectorSize) {
+    // Every changed byte is in sector 0: one atomic write (P13).
+    CBT_RETURN_IF_ERROR(io_->pwrite(std::span(bytes).first(kSectorSize), 0));
+    CBT_RETURN_IF_ERROR(io_->flush());
+  } else {
+    // Layout change beyond sector 0: QEMU's dance, bit 0 clear meanwhile.
+    std::byte f[8];
+    uint64_t old_ac = LoadBE64(header_on_disk_.data() + kOffAutoclear);
+    if (old_ac & kAutoclearBitmaps) {
+      StoreBE64(f, old_ac & ~kAutoclearBitmaps);
+      CBT_RETURN_IF_ERROR(io_->pwrite(f, kOffAutoclear));
+      CBT_RETURN_IF_ERROR(io_->flush());
+    }
+    std::vector<std::byte> cleared = bytes;
+    StoreBE64(cleared.data() + kOffAutoclear, next.autoclear & ~kAutoclearBitmaps);
+    CBT_RETURN_IF_ERROR(io_->pwrite(cleared, 0));
+    CBT_RETURN_IF_ERROR(io_->flush());
+    if (next.autoclear & kAutoclearBitmaps) {
+      StoreBE64(f, next.autoclear);
+      CBT_RETURN_IF_ERROR(io_->pwrite(f, kOffAutoclear));
+      CBT_RETURN_IF_ERROR(io_->flush());
+    }
+  }
+  if (header_on_disk_.size() < bytes.size()) header_on_disk_.resize(bytes.size());
+  std::copy(bytes.begin(), bytes.end(), header_on_disk_.begin());
+  header_ = std::move(next);
+  return Status::OK();
+}
+
+Status Image::FreeBitmapClusters(const BitmapDirEntry& e, const std::vector<uint64_t>& table) {
+  for (uint64_t t : table) {
+    uint64_t off = t & kTableEntryOffsetMask;
+    if (off) CBT_RETURN_IF_ERROR(refcounts_->Free(off, 1));
+  }
+  return refcounts_->Free(e.table_offset, DivRoundUp(uint64_t{e.table_size} * 8, cluster_size()));
+}
+
+Status Image::Commit(const std::vector<BitmapSpec>& specs) {
+  CBT_RETURN_IF_ERROR(RequireWritable("bitmap commit"));
+  if (header_.version != 3)
+    return Status::NotSupported(ctx_ + ": cannot store dirty bitmaps in qcow2 v2 files");
+  if (specs.size() > kMaxBitmaps)
+    return Status::InvalidArgument(ctx_ + ": too many bitmaps (maximum 65535)");
+  const uint64_t cs = cluster_size();
+  const Geometry g{header_.cluster_bits, virtual_size()};
+
+  // 1. Validate the request and build the new entries.
+  struct Plan {
+    BitmapDirEntry entry;
+    int kept = -1;  // index of the stored bitmap whose table is reused
+    const BitmapDataSource* data = nullptr;
+  };
+  std::vector<Plan> plans;
+  std::set<std::string> names;
+  std::set<int> reused;
+  for (const auto& s : specs) {
+    CBT_RETURN_IF_ERROR(ValidateBitmapName(s.name));
+    if (!names.insert(s.name).second)
+      return Status::InvalidArgument(ctx_ + ": bitmap '" + s.name + "' given twice");
+    if (s.granularity_bits < kMinGranularityBits || s.granularity_bits > kMaxGranularityBits)
+      return ValidateGranularity(uint64_t{1} << std::min<uint32_t>(s.granularity_bits, 40));
+    Plan p;
+    int src = -1;
+    if (!s.existing.empty()) {
+      src = IndexOf(s.existing);
+      if (src < 0) return Find(s.existing).status();
+    }
+    if (src >= 0 && inconsistent_[src]) {
+      const auto& e = entries_[src];
+      if (s.name != e.name || s.granularity_bits != e.granularity_bits ||
+          s.enabled != e.enabled() || s.data)
+        return RequireConsistent(src);
+    }
+    if (src >= 0 && !s.data) {
+      if (s.granularity_bits != entries_[src].granularity_bits)
+        return Status::InvalidArgument(ctx_ + ": bitmap '" + s.name +
+                                       "': cannot change the granularity of stored data");
+      if (!reused.insert(src).second)
+        return Status::InvalidArgument(ctx_ + ": bitmap '" + s.existing +
+                                       "' kept twice; give the copy its own data");
+      p.entry = entries_[src];
+      p.entry.name = s.name;
+      if (!inconsistent_[src])
+        p.entry.flags = (p.entry.flags & kBitmapFlagInUse) | (s.enabled ? kBitmapFlagAuto : 0);
+      p.kept = src;
+    } else {
+      Status st = ValidateBitmapSize(g.virtual_size, s.granularity_bits, g.cluster_bits);
+      if (!st.ok()) return st.WithContext(ctx_ + ": bitmap '" + s.name + "'");
+      p.entry.name = s.name;
+      p.entry.type = kBitmapTypeDirty;
+      p.entry.granularity_bits = static_cast<uint8_t>(s.granularity_bits);
+      p.entry.flags = s.enabled ? kBitmapFlagAuto : 0;
+      p.entry.table_size = static_cast<uint32_t>(
+          ExpectedTableSize(g.virtual_size, s.granularity_bits, g.cluster_bits));
+      p.entry.table_offset = cs;  // placeholder for validation
+      p.data = s.data;
+    }
+    plans.push_back(std::move(p));
+  }
+  std::vector<BitmapDirEntry> new_entries;
+  for (const auto& p : plans) new_entries.push_back(p.entry);
+  CBT_RETURN_IF_ERROR(ValidateDirectory(new_entries, g, ctx_));
+
+  // 2. Write new data, tables and directory into fresh clusters.
+  //    Crash or failure here: leaks only (nothing points at them yet).
+  std::vector<std::vector<uint64_t>> new_tables(plans.size());
+  std::vector<std::byte> buf(cs);
+  for (size_t i = 0; i < plans.size(); ++i) {
+    Plan& p = plans[i];
+    if (p.kept >= 0) {
+      new_tables[i] = tables_[p.kept];
+      continue;
+    }
+    std::vector<uint64_t>& t = new_tables[i];
+    t.assign(p.entry.table_size, 0);
+    if (p.data) {
+      for (uint64_t slot = 0; slot < t.size(); ++slot) {
+        if (p.data->SlotIsZero(slot)) continue;
+        p.data->FillSlot(slot, buf);
+        if (AllZero(buf)) continue;
+        CBT_ASSIGN_OR_RETURN(uint64_t off, refcounts_->Allocate(1));
+        CBT_RETURN_IF_ERROR(io_->pwrite(buf, off));
+        t[slot] = off;
+      }
+    }
+    uint64_t tc = DivRoundUp(t.size() * 8, cs);
+    CBT_ASSIGN_OR_RETURN(uint64_t toff, refcounts_->Allocate(tc));
+    CBT_RETURN_IF_ERROR(io_->pwrite(SerializeTable(t, tc * cs), toff));
+    p.entry.table_offset = toff;
+    new_entries[i].table_offset = toff;
+  }
+  CBT_RETURN_IF_ERROR(ValidateDirectory(new_entries, g, ctx_));
+  Header next = header_;
+  if (new_entries.empty()) {
+    next.bitmaps.reset();
+  } else {
+    std::vector<std::byte> dir = SerializeDirectory(new_entries);
+    uint64_t dc = DivRoundUp(dir.size(), cs);
+    CBT_ASSIGN_OR_RETURN(uint64_t doff, refcounts_->Allocate(dc));
+    dir.resize(dc * cs, std::byte{0});
+    CBT_RETURN_IF_ERROR(io_->pwrite(dir, doff));
+    next.bitmaps = BitmapsExtension{static_cast<uint32_t>(new_entries.size()), 0,
+                                    DirectorySize(new_entries), doff};
+  }
+  // 3. Everything durable before the header points at it (P8).
+  CBT_RETURN_IF_ERROR(io_->flush());
+  // 4. Switch (flushes). From here the new set is the file's truth.
+  std::optional<BitmapsExtension> old_ext = header_.bitmaps;
+  CBT_RETURN_IF_ERROR(SwitchHeader(std::move(next)));
+
+  // 5. Free what nothing points at any more. A crash here leaks only.
+  std::vector<BitmapDirEntry> old_entries = std::move(entries_);
+  std::vector<std::vector<uint64_t>> old_tables = std::move(tables_);
+  entries_ = std::move(new_entries);
+  tables_ = std::move(new_tables);
+  std::vector<bool> inc(plans.size(), false);
+  for (size_t i = 0; i < plans.size(); ++i)
+    if (plans[i].kept >= 0) inc[i] = inconsistent_[plans[i].kept];
+  inconsistent_ = std::move(inc);
+  Status st;
+  if (old_ext)
+    st = refcounts_->Free(old_ext->directory_offset, DivRoundUp(old_ext->directory_size, cs));
+  for (size_t i = 0; i < old_entries.size() && st.ok(); ++i)
+    if (!reused.count(static_cast<int>(i))) st = FreeBitmapClusters(old_entries[i], old_tables[i]);
+  if (!st.ok())
+    return st.WithContext(ctx_ +
+                          ": new bitmap set committed, but freeing old clusters failed "
+                          "(they leak; qemu-img check -r leaks frees them)");
+  return Status::OK();
+}
+
+Status Image::SetInUse(std::span<const std::string> names, bool in_use) {
+  CBT_RETURN_IF_ERROR(RequireWritable("set in_use"));
+  std::vector<int> idx;
+  for (const auto& n : names) {
+    int i = IndexOf(n);
+    if (i < 0) return Find(n).status();
+    CBT_RETURN_IF_ERROR(RequireConsistent(i));
+    idx.push_back(i);
+  }
+  // The flags field is 4 bytes at an offset = 4 (mod 8): never straddles a
+  // sector, so each write is atomic.
+  for (int i : idx) {
+    uint32_t flags =
+        in_use ? entries_[i].flags | kBitmapFlagInUse : entries_[i].flags & ~kBitmapFlagInUse;
+    if (flags == entries_[i].flags) continue;
+    std::byte f[4];
+    StoreBE32(f, flags);
+    CBT_RETURN_IF_ERROR(
+        io_->pwrite(f, header_.bitmaps->directory_offset + DirEntryFlagsOffset(entries_, i)));
+    entries_[i].flags = flags;
+  }
+  return Status::OK();
+}
+
+Result<uint64_t> Image::WriteSlots(std::string_view name, std::span<const uint64_t> slots,
+                                   const BitmapDataSource& src) {
+  CBT_RETURN_IF_ERROR(RequireWritable("write bitmap"));
+  int i = IndexOf(name);
+  if (i < 0) return Find(name).status();
+  CBT_RETURN_IF_ERROR(RequireConsistent(i));
+  const uint64_t before = bytes_written();
+  const uint64_t cs = cluster_size();
+  std::vector<uint64_t>& t = tables_[i];
+  const uint64_t toff = entries_[i].table_offset;
+  std::vector<std::byte> buf(cs);
+  std::vector<std::pair<uint64_t, uint64_t>> new_entries;  // slot, table entry
+  // On failure (ENOSPC, EIO) before the table points at a new cluster, give
+  // it back, so a failed persist that is retried later leaks nothing.
+  auto fail = [&](Status s, size_t referenced) -> Status {
+    for (size_t k = referenced; k < new_entries.size(); ++k)
+      if (new_entries[k].second) (void)refcounts_->Free(new_entries[k].second, 1);
+    return s;
+  };
+  for (uint64_t slot : slots) {
+    if (slot >= t.size())
+      return Status::InvalidArgument(ctx_ + ": bitmap '" + std::string(name) + "': slot " +
+                                     std::to_string(slot) + " out of range");
+    const bool zero = src.SlotIsZero(slot);
+    if (zero)
+      std::fill(buf.begin(), buf.end(), std::byte{0});
+    else
+      src.FillSlot(slot, buf);
+    uint64_t off = t[slot] & kTableEntryOffsetMask;
+    if (off) {
+      // In place. A torn write here leaves a mix of old and new bits; the
+      // caller keeps in_use set until it has flushed (P14).
+      if (Status s = io_->pwrite(buf, off); !s.ok()) return fail(std::move(s), 0);
+    } else if (zero || AllZero(buf)) {
+      if (t[slot] == kTableEntryAllOnes) new_entries.emplace_back(slot, 0);
+    } else {
+      auto noff = refcounts_->Allocate(1);
+      if (!noff.ok()) return fail(std::move(noff).status(), 0);
+      new_entries.emplace_back(slot, *noff);
+      if (Status s = io_->pwrite(buf, *noff); !s.ok()) return fail(std::move(s), 0);
+    }
+  }
+  if (!new_entries.empty()) {
+    // Refcounts and data durable before the table points at them (P8).
+    if (Status s = io_->flush(); !s.ok()) return fail(std::move(s), 0);
+    for (size_t k = 0; k < new_entries.size(); ++k) {
+      auto [slot, e] = new_entries[k];
+      std::byte b[8];
+      StoreBE64(b, e);  // 8 bytes, 8-aligned: inside one sector
+      // A failed entry write may still have landed: keep that cluster (a
+      // leak at worst); free only the ones nothing can point at.
+      if (Status s = io_->pwrite(b, toff + 8 * slot); !s.ok()) return fail(std::move(s), k + 1);
+      t[slot] = e;
+    }
+  }
+  return bytes_written() - before;
+}
+
+Status Image::Preallocate(std::string_view name) {
+  CBT_RETURN_IF_ERROR(RequireWritable("preallocate bitmap"));
+  int i = IndexOf(name);
+  if (i < 0) return Find(name).status();
+  CBT_RETURN_IF_ERROR(RequireConsistent(i));
+  const uint64_t cs = cluster_size();
+  std::vector<uint64_t>& t = tables_[i];
+  std::vector<std::byte> zeros(cs), ones(cs, std::byte{0xff});
+  std::vector<std::pair<uint64_t, uint64_t>> fresh;
+  for (uint64_t slot = 0; slot < t.size(); ++slot) {
+    if (t[slot] & kTableEntryOffsetMask) continue;
+    CBT_ASSIGN_OR_RETURN(uint64_t off, refcounts_->Allocate(1));
+    CBT_RETURN_IF_ERROR(io_->pwrite(t[slot] == kTableEntryAllOnes ? ones : zeros, off));
+    fresh.emplace_back(slot, off);
+  }
+  if (fresh.empty()) return Status::OK();
+  CBT_RETURN_IF_ERROR(io_->flush());  // P8
+  for (auto [slot, off] : fresh) {
+    std::byte b[8];
+    StoreBE64(b, off);
+    CBT_RETURN_IF_ERROR(io_->pwrite(b, entries_[i].table_offset + 8 * slot));
+    t[slot] = off;
+  }
+  return Status::OK();
+}
+
+const std::vector<std::byte>* Image::GetExtension(uint32_t type) const {
+  const HeaderExtension* e = header_.FindExtension(type);
+  return e ? &e->data : nullptr;
+}
+
+Status Image::SetExtension(uint32_t type, std::vector<std::byte> data) {
+  CBT_RETURN_IF_ERROR(RequireWritable("set header extension"));
+  if (IsReservedExtension(type))
+    return Status::InvalidArgument(ctx_ + ": header extension " + Hex(type) + " is reserved");
+  Header next = header_;
+  next.SetExtension(type, std::move(data));
+  return SwitchHeader(std::move(next));
+}
+
+Status Image::RemoveExtension(uint32_t type) {
+  CBT_RETURN_IF_ERROR(RequireWritable("remove header extension"));
+  if (IsReservedExtension(type))
+    return Status::InvalidArgument(ctx_ + ": header extension " + Hex(type) + " is reserved");
+  Header next = header_;
+  if (!next.RemoveExtension(type)) return Status::OK();
+  return SwitchHeader(std::move(next));
+}
+
+}  // namespace cbt::qcow2

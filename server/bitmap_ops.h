@@ -1,0 +1,97 @@
+// The operations of `cbt bitmap` (those of `qemu-img bitmap`), applied in
+// order to an in-memory copy of an image's bitmap set and then stored with
+// ONE qcow2::Image::Commit: several operations in one call take effect all
+// together or not at all. Nothing is written before Commit(); an error from
+// Apply() leaves the file untouched.
+//
+// Semantics (qemu-img 7.2 where it has them):
+//   add      new bitmap, empty; granularity default = cluster size clamped to
+//            4 KiB..64 KiB; enabled unless `disabled`. The name must be free
+//            in the working set (a bitmap removed earlier in the same call
+//            frees its name).
+//   remove   drops the bitmap; the only operation allowed on an inconsistent
+//            bitmap (in_use left set by a program that did not close it).
+//   clear    all bits clean.
+//   enable / disable   sets / clears the "auto" flag (recording).
+//   merge    OR of SRC into NAME, across granularities. SRC is read from the
+//            working set (so earlier operations of the same call are seen),
+//            or from another image when one is given.
+// Threading: one thread (as qcow2::Image).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "bitmap/dirty_bitmap.h"
+#include "common/status.h"
+#include "engine/bitmap_store.h"
+#include "qcow2/image.h"
+
+namespace cbt::cli {
+
+enum class OpKind { kAdd, kRemove, kClear, kEnable, kDisable, kMerge };
+
+struct BitmapOp {
+  OpKind kind;
+  std::string source;  // kMerge: the source bitmap's name
+  bool operator==(const BitmapOp&) const = default;
+};
+
+// "--add", "--merge SRC": for messages.
+std::string OpName(const BitmapOp& op);
+
+// Options that apply to every --add / --merge of one call (as in qemu-img).
+struct OpOptions {
+  std::optional<uint64_t> granularity;  // --add; nullopt: default
+  bool add_disabled = false;            // --add --disabled
+};
+
+// Default granularity for --add on an image with this cluster size.
+uint64_t DefaultGranularity(uint64_t cluster_size);
+
+// The message for an operation refused on an inconsistent bitmap.
+std::string InconsistentMessage(const std::string& file, const std::string& bitmap,
+                                const std::string& op);
+
+class BitmapEditor {
+ public:
+  // REQUIRES: img outlives the editor. Starts from img's current set.
+  explicit BitmapEditor(qcow2::Image& img);
+
+  // Applies one operation to bitmap `name` in memory. `source_image`: where
+  // --merge reads SRC; nullptr = this image's working set.
+  // Failure (nothing written): NotFound (bitmap or source missing),
+  // AlreadyExists (add), InvalidArgument (bad name/granularity, inconsistent
+  // bitmap, too large), Corruption/IOError reading stored data.
+  Status Apply(const std::string& name, const BitmapOp& op, const OpOptions& opts,
+               qcow2::Image* source_image = nullptr);
+
+  // Stores the working set with one Commit (see qcow2::Image::Commit).
+  Status Commit();
+
+  // The working set as it would be committed (for tests and dry runs).
+  std::vector<qcow2::BitmapSpec> Specs() const;
+
+ private:
+  struct Entry {
+    qcow2::BitmapSpec spec;
+    bool consistent = true;
+    // New content when set; else spec.existing's stored data (or zeros).
+    std::unique_ptr<DirtyBitmap> data;
+    std::unique_ptr<DirtyBitmapSource> source;
+  };
+  Entry* FindEntry(const std::string& name);
+  std::string NotFoundMessage(const std::string& name, const std::string& file) const;
+  Status Add(const std::string& name, const OpOptions& opts);
+  Status Merge(Entry& target, const std::string& src, qcow2::Image* source_image);
+  // Makes target.data hold the bitmap's current content.
+  Status Materialise(Entry& e);
+
+  qcow2::Image& img_;
+  std::vector<Entry> entries_;
+};
+
+}  // namespace cbt::cli

@@ -1,0 +1,54 @@
+// The `cbt` command line: one entry point per subcommand, plus what every
+// subcommand shares (common options, usage errors). main.cc only dispatches.
+//
+// Exit codes (docs/cli.md): 0 success; 1 error (bad usage, bad input, a file
+// that cannot be opened or changed); `cbt check` adds qemu-img check's
+// 2 (corruption) and 3 (leaks only).
+#pragma once
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <boost/program_options.hpp>
+
+#include "server/output.h"
+
+namespace cbt::cli {
+
+namespace po = boost::program_options;
+
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitError = 1;
+
+// A command line that cannot be run as given. main prints
+// "cbt SUBCOMMAND: what; see 'cbt SUBCOMMAND --help'" and exits 1.
+class UsageError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Options every subcommand takes: -h/--help, -v/--verbose, --output.
+struct CommonOptions {
+  bool help = false;
+  bool verbose = false;
+  std::string output = "human";
+  OutputFormat format() const;  // throws UsageError on a bad --output
+};
+void AddCommonOptions(po::options_description& desc, CommonOptions& common);
+// Applies -v (spdlog debug level); checks --output.
+void ApplyCommonOptions(const CommonOptions& common);
+
+// Prints "Usage: <synopsis>\n\n<description>\n\n<options>" to stdout.
+void PrintHelp(const std::string& synopsis, const std::string& description,
+               const po::options_description& desc);
+
+// Subcommands. `args` are the words after the subcommand name.
+// Return the process exit code; throw UsageError / po::error on bad usage.
+int RunCreate(const std::vector<std::string>& args);
+int RunInfo(const std::vector<std::string>& args);
+int RunBitmap(const std::vector<std::string>& args);
+int RunMap(const std::vector<std::string>& args);
+int RunCheck(const std::vector<std::string>& args);
+
+}  // namespace cbt::cli

@@ -1,0 +1,58 @@
+// What every subcommand shares: common options, help text, argument parsing.
+#include <iostream>
+
+#include <spdlog/spdlog.h>
+
+#include "server/cli.h"
+#include "server/cli_parse.h"
+
+namespace cbt::cli {
+
+OutputFormat CommonOptions::format() const {
+  if (output == "human") return OutputFormat::kHuman;
+  if (output == "json") return OutputFormat::kJson;
+  throw UsageError("--output '" + output + "' is not a format; use --output=human or --output=json");
+}
+
+void AddCommonOptions(po::options_description& desc, CommonOptions& common) {
+  desc.add_options()
+      ("help,h", po::bool_switch(&common.help), "show this help and exit")
+      ("verbose,v", po::bool_switch(&common.verbose), "debug logging on stderr")
+      ("output", po::value(&common.output)->value_name("FMT"),
+       "output format: human (default) or json");
+}
+
+void ApplyCommonOptions(const CommonOptions& common) {
+  if (common.verbose) spdlog::set_level(spdlog::level::debug);
+  (void)common.format();
+}
+
+void PrintHelp(const std::string& synopsis, const std::string& description,
+               const po::options_description& desc) {
+  std::cout << "Usage: " << synopsis << "\n\n" << description << "\n\n" << desc << std::flush;
+}
+
+po::parsed_options ParseOnly(const std::vector<std::string>& args,
+                             const po::options_description& all,
+                             const po::positional_options_description& positional) {
+  return po::command_line_parser(args)
+      .options(all)
+      .positional(positional)
+      .style(po::command_line_style::default_style & ~po::command_line_style::allow_guessing)
+      .run();
+}
+
+void ParseCommandLine(const std::vector<std::string>& args,
+                      const po::options_description& visible,
+                      const po::options_description& hidden,
+                      const po::positional_options_description& positional,
+                      po::variables_map& vm) {
+  po::options_description all;
+  all.add(visible).add(hidden);
+  // store() reads the descriptions the parsed options point to: `all` must
+  // still be alive here.
+  po::store(ParseOnly(args, all, positional), vm);
+  po::notify(vm);
+}
+
+}  // namespace cbt::cli

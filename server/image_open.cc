@@ -1,0 +1,34 @@
+#include "server/image_open.h"
+
+#include <sys/stat.h>
+
+#include <spdlog/spdlog.h>
+
+#include "qcow2/lock.h"
+
+namespace cbt::cli {
+
+Result<OpenedImage> OpenImage(const std::string& path, bool writable) {
+  OpenedImage out;
+  out.path = path;
+  CBT_ASSIGN_OR_RETURN(
+      std::unique_ptr<PosixFile> f,
+      PosixFile::Open(path, writable ? PosixFile::Mode::kReadWrite : PosixFile::Mode::kReadOnly));
+  out.file = std::move(f);
+  // QEMU's locks before reading anything: a writer elsewhere could be
+  // changing the file under us (qcow2/lock.h). Released when file closes.
+  CBT_RETURN_IF_ERROR(qcow2::LockImage(
+      out.file->fd(), path, writable ? qcow2::LockMode::kReadWrite : qcow2::LockMode::kReadOnly));
+  spdlog::debug("opened {} {}", path, writable ? "read-write" : "read-only");
+  CBT_ASSIGN_OR_RETURN(out.image,
+                       qcow2::Image::Open(out.file, qcow2::OpenOptions{.writable = writable}));
+  return out;
+}
+
+bool SameFile(const std::string& a, const std::string& b) {
+  struct stat sa {}, sb {};
+  if (::stat(a.c_str(), &sa) != 0 || ::stat(b.c_str(), &sb) != 0) return false;
+  return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+}  // namespace cbt::cli

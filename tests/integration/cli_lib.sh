@@ -1,0 +1,115 @@
+# Shared helpers for the `cbt` tool's integration tests (sourced, bash).
+# Usage in a test: source "$(dirname "$0")/cli_lib.sh" "$@"   ($1 = cbt binary)
+# Each test runs in its own temp dir $T; the EXIT trap kills only the
+# processes this test started (by pid, from $PIDS) and removes the dir.
+# A missing tool skips the test (exit 77) with the reason printed.
+set -euo pipefail
+
+CBT=${1:-}
+[ -n "$CBT" ] || { echo "usage: $0 PATH/TO/cbt" >&2; exit 2; }
+CBT=$(readlink -f "$CBT")
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+T=$(mktemp -d /tmp/cbt-cli-test.XXXXXX)
+PIDS=()
+cleanup() {
+  local p
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$T"
+}
+trap cleanup EXIT
+cd "$T"
+
+fail() { echo "FAIL: $*" >&2; exit 1; }
+skip() { echo "SKIP: $*"; exit 77; }
+need() { local t; for t in "$@"; do command -v "$t" >/dev/null || skip "$t is not installed"; done; }
+[ -x "$CBT" ] || fail "cbt binary not found: $CBT"
+
+# cbt_ok ARGS... : runs cbt, fails the test if it does not exit 0.
+cbt_ok() {
+  "$CBT" "$@" >"$T/out" 2>"$T/err" || { cat "$T/err" >&2; fail "cbt $* exited $?"; }
+  check_no_sanitizer "$T/err"
+}
+
+# cbt_err WANT_CODE ARGS... : runs cbt, expects exit code WANT_CODE and
+# exactly one stderr line starting "cbt" (no crash, no sanitizer report).
+# The line is left in $ERR.
+cbt_err() {
+  local want=$1 rc=0; shift
+  "$CBT" "$@" >"$T/out" 2>"$T/err" || rc=$?
+  check_no_sanitizer "$T/err"
+  [ "$rc" = "$want" ] || { cat "$T/err" >&2; fail "cbt $* exited $rc, want $want"; }
+  [ "$(wc -l <"$T/err")" = 1 ] || { cat "$T/err" >&2; fail "cbt $*: want one stderr line"; }
+  ERR=$(cat "$T/err")
+  case "$ERR" in cbt*) ;; *) fail "cbt $*: stderr does not start with 'cbt': $ERR" ;; esac
+}
+
+check_no_sanitizer() {
+  if grep -qE 'AddressSanitizer|LeakSanitizer|runtime error:|UndefinedBehaviorSanitizer' "$1"; then
+    cat "$1" >&2
+    fail "sanitizer report"
+  fi
+}
+
+# expect_in TEXT NEEDLE... : every NEEDLE occurs in TEXT.
+expect_in() {
+  local text=$1 n; shift
+  for n in "$@"; do
+    case "$text" in *"$n"*) ;; *) fail "'$n' missing from: $text" ;; esac
+  done
+}
+
+# qemu_map FILE BITMAP : the bitmap as QEMU reads it (qemu-nbd -r -B, nbdinfo
+# --map), as merged [{"start","length","dirty"}]. nbdinfo's JSON is a list of
+# {"offset","length","type","description"}; type bit 0 = dirty.
+qemu_map() {
+  timeout 30 nbdinfo --json --map="qemu:dirty-bitmap:$2" -- \
+    [ qemu-nbd -r -f qcow2 -B "$2" "$1" ] | merge_extents
+}
+merge_extents() {
+  jq -c 'map({start: .offset, length: .length, dirty: ((.type % 2) == 1)})
+         | reduce .[] as $e ([]; if length > 0 and .[-1].dirty == $e.dirty
+                                  then .[-1].length += $e.length else . + [$e] end)'
+}
+
+# cbt_map FILE BITMAP [ARGS...] : cbt's map, compact.
+cbt_map() {
+  local f=$1 b=$2; shift 2
+  "$CBT" map "$f" --bitmap "$b" --output=json "$@" | jq -c "map({start, length, dirty})"
+}
+
+# expect_same_map FILE BITMAP : cbt map equals QEMU's.
+expect_same_map() {
+  local q c
+  q=$(qemu_map "$1" "$2")
+  c=$(cbt_map "$1" "$2")
+  [ "$q" = "$c" ] || { echo "qemu: ${q:0:800}" >&2; echo "cbt:  ${c:0:800}" >&2; fail "map of $1 $2 differs"; }
+}
+
+# qbitmap FILE BITMAP FIELD : a field of qemu-img info's bitmap entry (jq -c).
+qbitmap() {
+  qemu-img info -U --output=json "$1" |
+    jq -c --arg n "$2" "[.\"format-specific\".data.bitmaps // [] | .[] | select(.name == \$n)] | if length == 0 then \"absent\" else .[0].$3 end"
+}
+# qnames FILE : bitmap names in qemu-img info order, one JSON list.
+qnames() {
+  qemu-img info -U --output=json "$1" | jq -c '[."format-specific".data.bitmaps // [] | .[].name]'
+}
+
+# qcheck FILE : qemu-img check must exit 0 with no leaks and no corruption.
+qcheck() {
+  local rc=0
+  qemu-img check --output=json "$1" >"$T/check.json" 2>"$T/check.err" || rc=$?
+  [ "$rc" = 0 ] || { cat "$T/check.json" "$T/check.err" >&2; fail "qemu-img check $1 exited $rc"; }
+  [ "$(jq '(.leaks // 0) + (.corruptions // 0) + (."check-errors" // 0)' "$T/check.json")" = 0 ] ||
+    { cat "$T/check.json" >&2; fail "qemu-img check $1 found problems"; }
+}
+
+# cinfo FILE BITMAP FIELD : a field of cbt info's bitmap entry.
+cinfo() {
+  "$CBT" info --output=json "$1" |
+    jq -c --arg n "$2" "[.bitmaps[] | select(.name == \$n)] | if length == 0 then \"absent\" else .[0].\"$3\" end"
+}
+
+need qemu-img qemu-io qemu-nbd nbdinfo jq
