@@ -99,23 +99,26 @@ Result<bool> DirtyBitmap::Mark(uint64_t offset, uint64_t length) {
                                    std::to_string(disk_size_) + " bytes)");
   const uint64_t first = offset >> gbits_;
   const uint64_t last = (offset + length - 1) >> gbits_;
+  if (AllSet(first, last)) return false;  // lock-free fast path
+  std::shared_lock lock(mu_);
+  return SetBits(first, last) != 0;
+}
 
-  // Lock-free fast path: every touched bit already set.
+bool DirtyBitmap::AllSet(uint64_t first, uint64_t last) const {
   const Word* bits = levels_[0].get();
-  bool all_set = true;
   for (uint64_t wi = first >> 6; wi <= (last >> 6); ++wi) {
     unsigned lo = wi == (first >> 6) ? unsigned(first & 63) : 0;
     unsigned hi = wi == (last >> 6) ? unsigned(last & 63) : 63;
     uint64_t m = RangeMask(lo, hi);
-    if ((bits[wi].load(std::memory_order_acquire) & m) != m) {
-      all_set = false;
-      break;
-    }
+    if ((bits[wi].load() & m) != m) return false;
   }
-  if (all_set) return false;
+  return true;
+}
 
-  std::shared_lock lock(mu_);
-  return SetBits(first, last) != 0;
+bool DirtyBitmap::IsDirty(uint64_t offset, uint64_t length) const {
+  if (length == 0) return true;
+  if (offset > disk_size_ || length > disk_size_ - offset) return false;
+  return AllSet(offset >> gbits_, (offset + length - 1) >> gbits_);
 }
 
 uint64_t DirtyBitmap::SetBits(uint64_t first, uint64_t last) {

@@ -71,6 +71,9 @@ class DirtyBitmap {
 
   // Is the granule holding byte `offset` dirty? Past the end: false.
   bool Test(uint64_t offset) const;
+  // Are all granules touching [offset, offset + length) dirty? Lock-free.
+  // Zero length: true. Past the end: false.
+  bool IsDirty(uint64_t offset, uint64_t length) const;
   // Dirty bytes (the last partial granule counts its real size). O(1).
   uint64_t DirtyBytes() const;
   uint64_t DirtyGranules() const { return dirty_granules_.load(std::memory_order_relaxed); }
@@ -122,6 +125,7 @@ class DirtyBitmap {
   using Word = std::atomic<uint64_t>;
   // Sets bits [first, last] (granule indexes). Returns newly set count.
   uint64_t SetBits(uint64_t first, uint64_t last);
+  bool AllSet(uint64_t first, uint64_t last) const;
   void SetSummary(uint64_t word_index);
   void NoteChunkChanged(uint64_t word_index);
   void ClearBitsLocked(uint64_t first, uint64_t last);

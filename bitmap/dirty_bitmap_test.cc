@@ -97,6 +97,16 @@ TEST(DirtyBitmapTest, MarkReportsOnlyNewBits) {
   EXPECT_FALSE(*b->Mark(0, 128 * KiB));
 }
 
+TEST(DirtyBitmapTest, IsDirtyNeedsEveryTouchedGranule) {
+  auto b = Make(1 * MiB, 64 * KiB);
+  ASSERT_TRUE(b->Mark(0, 128 * KiB).ok());
+  EXPECT_TRUE(b->IsDirty(0, 128 * KiB));
+  EXPECT_TRUE(b->IsDirty(100, 5000));
+  EXPECT_FALSE(b->IsDirty(100 * KiB, 64 * KiB));  // reaches granule 2
+  EXPECT_TRUE(b->IsDirty(700 * KiB, 0));
+  EXPECT_FALSE(b->IsDirty(1 * MiB - 1, 2));  // past the end
+}
+
 TEST(DirtyBitmapTest, ZeroLengthIsNoOp) {
   auto b = Make(1 * MiB, 64 * KiB);
   auto r = b->Mark(5000, 0);
@@ -407,6 +417,11 @@ void RunProperty(uint64_t seed, int ops) {
       }
     }
     ASSERT_EQ(b->DirtyBytes(), dirty_bytes);
+    if (off <= size && len <= size - off && len > 0) {
+      bool all = true;
+      for (uint64_t n = off / g; n <= (off + len - 1) / g; ++n) all = all && m.bits[n];
+      ASSERT_EQ(b->IsDirty(off, len), all);
+    }
     if (size) {
       uint64_t p = rng() % size;
       ASSERT_EQ(b->Test(p), static_cast<bool>(m.bits[p / g]));

@@ -6,7 +6,7 @@
 //   GATE (setting)    in_use being written        CLEAN (nothing forwarded yet)
 //   ACTIVE            in_use=1, durable           in_use=1: refused on restart
 //   PERSIST writing   in_use=1, clusters moving   in_use=1: refused on restart
-//   PERSIST clearing  in_use being cleared        in_use=1 (refused) or CLEAN,
+//   PERSIST clearing  in_use cleared, not synced  in_use=1 (refused) or CLEAN,
 //                                                 where CLEAN holds every change
 //                                                 forwarded so far
 //
@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include <bit>
+#include <map>
 #include <thread>
 
 #include "common/posix_file.h"
@@ -172,15 +173,60 @@ Status Tracker::Attach(uint64_t disk_size) {
     if (!info.enabled) continue;
     CBT_ASSIGN_OR_RETURN(std::unique_ptr<DirtyBitmap> b,
                          LoadBitmap(*image_, info.name, disk_size_));
+    CBT_ASSIGN_OR_RETURN(std::unique_ptr<DirtyBitmap> d,
+                         NewBitmapLike(*image_, info.name, disk_size_));
+    std::vector<std::byte> buf(b->chunk_bytes());
+    for (uint64_t c = 0; c < b->chunk_count(); ++c) {
+      if (b->ChunkIsZero(c)) continue;
+      b->SerializeChunk(c, buf);
+      d->LoadChunk(c, buf);
+    }
     spdlog::debug("loaded bitmap '{}' (granularity {}, {} dirty bytes)", info.name,
                   info.granularity(), b->DirtyBytes());
     names_.push_back(info.name);
     bitmaps_.push_back(std::move(b));
+    durable_.push_back(std::move(d));
   }
   return Status::OK();
 }
 
+namespace {
+
+// Hands a bitmap's slots to qcow2 and keeps a copy of exactly what was
+// written, so the durable shadow can be updated once it is flushed.
+class RecordingSource final : public qcow2::BitmapDataSource {
+ public:
+  explicit RecordingSource(const DirtyBitmap& b) : b_(b) {}
+  bool SlotIsZero(uint64_t slot) const override {
+    bool zero = b_.ChunkIsZero(slot);
+    if (zero) written_[slot].clear();
+    return zero;
+  }
+  void FillSlot(uint64_t slot, std::span<std::byte> out) const override {
+    b_.SerializeChunk(slot, out);
+    written_[slot].assign(out.begin(), out.end());
+  }
+  // slot -> bytes written (empty: zeros)
+  const std::map<uint64_t, std::vector<std::byte>>& written() const { return written_; }
+
+ private:
+  const DirtyBitmap& b_;
+  mutable std::map<uint64_t, std::vector<std::byte>> written_;
+};
+
+}  // namespace
+
 Status Tracker::BeforeChange(uint64_t offset, uint64_t length) {
+  // Already dirty on disk and flushed in every enabled bitmap: covered.
+  bool covered = true;
+  for (auto& d : durable_) {
+    if (!d->IsDirty(offset, length)) {
+      covered = false;
+      break;
+    }
+  }
+  if (covered && !durable_.empty()) return Status::OK();
+
   // P1: in memory first, in every enabled bitmap.
   marks_in_progress_.fetch_add(1);
   for (auto& b : bitmaps_) {
@@ -215,11 +261,12 @@ Status Tracker::Persist() {
   Status first;
   bool wrote = false;
   std::vector<std::vector<uint64_t>> taken(bitmaps_.size());
+  std::vector<std::unique_ptr<RecordingSource>> sources;
   for (size_t i = 0; i < bitmaps_.size(); ++i) {
+    sources.push_back(std::make_unique<RecordingSource>(*bitmaps_[i]));
     taken[i] = bitmaps_[i]->TakeChangedChunks();
     if (taken[i].empty()) continue;
-    DirtyBitmapSource src(*bitmaps_[i]);
-    auto r = image_->WriteSlots(names_[i], taken[i], src);
+    auto r = image_->WriteSlots(names_[i], taken[i], *sources[i]);
     if (!r.ok()) {
       if (first.ok()) first = r.status().WithContext("persist bitmap '" + names_[i] + "'");
       continue;
@@ -236,7 +283,22 @@ Status Tracker::Persist() {
     for (size_t i = 0; i < bitmaps_.size(); ++i) bitmaps_[i]->MarkChunksChanged(taken[i]);
     return first;  // the caller reports it (nbdkit error, or the scheduler's log)
   }
-  if (wrote) ++stats_.persists;
+  // Flushed: what was written is now durable on disk.
+  std::vector<std::byte> zeros;
+  for (size_t i = 0; i < bitmaps_.size(); ++i) {
+    for (const auto& [slot, bytes] : sources[i]->written()) {
+      if (bytes.empty()) {
+        zeros.assign(durable_[i]->chunk_bytes(), std::byte{0});
+        durable_[i]->LoadChunk(slot, zeros);
+      } else {
+        durable_[i]->LoadChunk(slot, bytes);
+      }
+    }
+  }
+  if (wrote) {
+    ++stats_.persists;
+    spdlog::debug("persist: {} bytes written to the container so far", stats_.bytes_written);
+  }
   return ClearInUseLocked();
 }
 
@@ -250,10 +312,14 @@ Status Tracker::ClearInUseLocked() {
       return Status::OK();
     }
   }
-  // From here until the flush returns, the on-disk in_use state is unknown;
-  // in_use_durable_ stays false so the next writer sets it again.
+  // The clear is written but not flushed. No flush is needed for safety:
+  // the clusters it vouches for were flushed above, so if a power cut loses
+  // the clear, in_use stays set and the bitmap is refused (the safe side);
+  // if it lands, the bitmap on disk is exact. The page cache keeps it across
+  // kill -9. This saves one sync per NBD flush (see docs/perf.md). From here
+  // in_use_durable_ stays false, so the next writer sets in_use again and
+  // flushes before its change is forwarded (P2).
   CBT_RETURN_IF_ERROR(image_->SetInUse(names_, false));
-  CBT_RETURN_IF_ERROR(image_->io()->flush());
   in_use_on_disk_ = false;
   return Status::OK();
 }

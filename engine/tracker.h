@@ -3,7 +3,9 @@
 // keeps the two consistent (design promises P1-P4):
 //
 //  P1  BeforeChange() marks every touched granule in every enabled bitmap
-//      before the caller forwards the change.
+//      before the caller forwards the change. A change that only touches
+//      granules already dirty on disk (flushed) passes straight through:
+//      it needs no mark and no in_use (the steady state costs nothing).
 //  P2  Before the first change after open, and after every persist that
 //      cleared it, in_use is set on every enabled bitmap and made durable
 //      (one flush shared by all writers waiting at that moment).
@@ -108,6 +110,12 @@ class Tracker {
   // Fixed after Open: the enabled bitmaps, in directory order.
   std::vector<std::string> names_;
   std::vector<std::unique_ptr<DirtyBitmap>> bitmaps_;
+  // Per enabled bitmap, the bits known to be on disk and flushed (as loaded,
+  // then updated after each persist's flush with exactly what it wrote).
+  // A change whose granules are all set here is already covered on disk and
+  // needs neither marking nor in_use. Only grows, like bitmaps_ (the filter
+  // never clears bits), so a reader never sees a bit vanish.
+  std::vector<std::unique_ptr<DirtyBitmap>> durable_;
 
   // True while in_use is durable on disk: BeforeChange may forward at once.
   std::atomic<bool> in_use_durable_{false};

@@ -65,10 +65,41 @@ TEST_F(TrackerTest, PersistStoresExactBitsAndClearsInUse) {
   ASSERT_TRUE(b.ok()) << b.status().ToString();
   EXPECT_EQ((*b)->Extents(0, 1 * GiB), (*t)->bitmap(0).Extents(0, 1 * GiB));
   EXPECT_EQ((*b)->DirtyGranules(), 3u);
-  // The next change sets in_use again.
-  ASSERT_TRUE((*t)->BeforeChange(0, 1).ok());
+  // The next change to a clean granule sets in_use again.
+  ASSERT_TRUE((*t)->BeforeChange(500 * MiB, 1).ok());
   EXPECT_TRUE(InUseOnDisk());
   EXPECT_EQ((*t)->stats().in_use_sets, 2u);
+}
+
+TEST_F(TrackerTest, ChangesToGranulesDirtyOnDiskNeedNoInUse) {
+  auto t = Tracker::Open(opts_, 1 * GiB);
+  ASSERT_TRUE(t.ok());
+  ASSERT_TRUE((*t)->BeforeChange(3 * MiB, 100 * KiB).ok());
+  ASSERT_TRUE((*t)->Persist().ok());
+  EXPECT_FALSE(InUseOnDisk());
+  // Inside the persisted granules: nothing to record, in_use stays clear.
+  ASSERT_TRUE((*t)->BeforeChange(3 * MiB + 5, 4096).ok());
+  ASSERT_TRUE((*t)->BeforeChange(3 * MiB + 64 * KiB, 64 * KiB).ok());
+  EXPECT_FALSE(InUseOnDisk());
+  EXPECT_EQ((*t)->stats().in_use_sets, 1u);
+  // One granule further is a new change.
+  ASSERT_TRUE((*t)->BeforeChange(3 * MiB + 100 * KiB, 64 * KiB).ok());
+  EXPECT_TRUE(InUseOnDisk());
+  EXPECT_EQ((*t)->stats().in_use_sets, 2u);
+}
+
+TEST_F(TrackerTest, ReopenedBitmapCountsAsDurable) {
+  {
+    auto t = Tracker::Open(opts_, 1 * GiB);
+    ASSERT_TRUE(t.ok());
+    ASSERT_TRUE((*t)->BeforeChange(0, 1 * MiB).ok());
+    ASSERT_TRUE((*t)->Close().ok());
+  }
+  auto t = Tracker::Open(opts_, 1 * GiB);
+  ASSERT_TRUE(t.ok());
+  ASSERT_TRUE((*t)->BeforeChange(4096, 4096).ok());
+  EXPECT_FALSE(InUseOnDisk());
+  EXPECT_EQ((*t)->stats().in_use_sets, 0u);
 }
 
 TEST_F(TrackerTest, PersistAfterOneWriteOn16TiBWritesOneCluster) {

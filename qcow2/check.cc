@@ -58,6 +58,17 @@ Status CountL1(Image& img, Refs& refs, uint64_t l1_off, uint32_t l1_size, const 
   const uint64_t cs = h.cluster_size();
   refs.Add(l1_off, uint64_t{l1_size} * 8, what);
   if (l1_size == 0) return Status::OK();
+  // Snapshot L1 sizes are not validated at open: bound them (QEMU's limit)
+  // and by the file before allocating.
+  CBT_ASSIGN_OR_RETURN(uint64_t fsize, img.io()->size());
+  if (uint64_t{l1_size} * 8 > kMaxL1Bytes || l1_off > fsize ||
+      uint64_t{l1_size} * 8 > fsize - l1_off) {
+    ++rep->corruptions;
+    rep->messages.push_back(std::string("ERROR ") + what + " (" + std::to_string(l1_size) +
+                            " entries at " + Hex(l1_off) +
+                            ") too large or past the end of the file");
+    return Status::OK();
+  }
   std::vector<std::byte> l1(uint64_t{l1_size} * 8);
   Status s = img.io()->pread(l1, l1_off);
   if (!s.ok()) {

@@ -97,6 +97,22 @@ bad raw-magic no  raw_magic
 bad raw-zeros no  raw_zeros
 bad raw-header no raw_header
 
+# Leaks (a program without bitmap support dropped the extension): cbt check
+# exits 3 like qemu-img check; --repair frees them, says so, and QEMU agrees.
+cp good.cbt leaky.cbt
+F=leaky.cbt put 88 8 0                                   # autoclear bit 0 off
+qemu-io -f qcow2 -c 'write 1M 64k' leaky.cbt >/dev/null 2>&1   # QEMU drops the extension
+qrc=0; qemu-img check leaky.cbt >/dev/null 2>&1 || qrc=$?
+[ "$qrc" = 3 ] || fail "setup: qemu-img check should see leaks, exit $qrc"
+cbt_err_code=0; "$CBT" check leaky.cbt >"$T/out" 2>&1 || cbt_err_code=$?
+[ "$cbt_err_code" = 3 ] || { cat "$T/out"; fail "cbt check on leaks exited $cbt_err_code"; }
+[ "$("$CBT" check --output=json leaky.cbt | jq '.leaks > 0 and .corruptions == 0')" = true ] ||
+  fail "cbt check JSON on leaks"
+cbt_ok check --repair leaky.cbt
+grep -q 'repaired' "$T/out" || { cat "$T/out"; fail "--repair does not say what it did"; }
+qcheck leaky.cbt
+cbt_ok check leaky.cbt
+
 # Not a file / no such file.
 cbt_err 1 info "$T"
 cbt_err 1 info nonexistent.qcow2

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Short fuzz run of qcow2_fuzz: builds build/fuzz if needed, generates the
+# seed corpus in a temp dir, fuzzes for SECONDS (default 30).
+#   fuzz/run.sh [SECONDS]
+# Exit: 0 no finding; 1 a crash/leak/timeout/OOM (reproducer kept, path
+# printed); 77 skip (clang/libFuzzer or qemu-img missing), with the reason.
+#   CBT_FUZZ_KEEP=DIR   keep the corpus and findings in DIR instead of a temp dir
+#   CBT_FUZZ_JOBS=N     run N fuzzer processes (default 1; the box is shared)
+set -uo pipefail
+secs=${1:-30}
+src=$(cd "$(dirname "$0")/.." && pwd)
+cd "$src"
+
+fuzz/build.sh >build-fuzz.log.tmp 2>&1
+rc=$?
+if [ $rc -ne 0 ]; then
+  cat build-fuzz.log.tmp >&2
+  rm -f build-fuzz.log.tmp
+  [ $rc -eq 77 ] && exit 77
+  echo "run.sh: build failed" >&2
+  exit 1
+fi
+rm -f build-fuzz.log.tmp
+bin=$src/build/fuzz/fuzz/qcow2_fuzz
+
+if [ -n "${CBT_FUZZ_KEEP:-}" ]; then
+  dir=$CBT_FUZZ_KEEP
+  mkdir -p "$dir"
+else
+  dir=$(mktemp -d /tmp/cbt-fuzz.XXXXXX)
+fi
+seeds=$dir/seeds corpus=$dir/corpus artifacts=$dir/artifacts
+mkdir -p "$corpus" "$artifacts"
+rm -rf "$seeds"
+fuzz/make_corpus.sh "$seeds"
+rc=$?
+[ $rc -eq 77 ] && exit 77
+[ $rc -ne 0 ] && { echo "run.sh: make_corpus.sh failed" >&2; exit 1; }
+
+log=$dir/fuzz.log
+jobs=${CBT_FUZZ_JOBS:-1}
+extra=()
+[ "$jobs" -gt 1 ] && extra=(-fork="$jobs" -ignore_crashes=0)
+echo "run.sh: fuzzing ${secs}s; corpus $corpus, findings $artifacts, log $log"
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:allocator_may_return_null=0 \
+UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  "$bin" "$corpus" "$seeds" "${extra[@]}" \
+  -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -max_len=1048576 \
+  -print_final_stats=1 -artifact_prefix="$artifacts/" >"$log" 2>&1
+rc=$?
+
+execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | tail -1 | grep -o '[0-9]*$')
+eps=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "$log" | tail -1 | grep -o '[0-9]*$')
+last=$(grep -E '^#[0-9]+' "$log" | tail -1)
+cov=$(echo "$last" | grep -o 'cov: [0-9]*')
+ft=$(echo "$last" | grep -o 'ft: [0-9]*')
+n=$(find "$corpus" -type f | wc -l)
+bytes=$(find "$corpus" -type f -printf '%s\n' | awk '{s+=$1} END {print s+0}')
+echo "run.sh: executions: ${execs:-?} (${eps:-?}/s); ${cov:-cov: ?} ${ft:-}; corpus: $n files, $bytes bytes"
+
+found=$(find "$artifacts" -type f | head -20)
+if [ $rc -ne 0 ] || [ -n "$found" ]; then
+  echo "run.sh: FAILED (fuzzer exit $rc); last lines of $log:" >&2
+  grep -E 'ERROR|SUMMARY|invariant|==[0-9]+==|Test unit written|#[0-9]+ *in ' "$log" | head -30 >&2
+  tail -n 40 "$log" >&2
+  echo "run.sh: reproducers (rerun: $bin FILE):" >&2
+  echo "$found" >&2
+  exit 1
+fi
+[ -z "${CBT_FUZZ_KEEP:-}" ] && rm -rf "$dir"
+exit 0
