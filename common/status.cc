@@ -11,7 +11,11 @@ const std::string kEmpty;
 Status Status::FromErrno(int err, std::string_view context) {
   std::string msg(context);
   msg += ": ";
-  msg += std::strerror(err);
+  // strerrordesc_np: the English text without gettext. strerror() takes
+  // glibc's locale lock, which deadlocked nbdkit's exit under an
+  // LD_PRELOADed ASan runtime; messages are English anyway.
+  const char* d = strerrordesc_np(err);
+  msg += d ? d : ("errno " + std::to_string(err));
   return IOError(std::move(msg), err);
 }
 

@@ -11,16 +11,17 @@ secs=${1:-30}
 src=$(cd "$(dirname "$0")/.." && pwd)
 cd "$src"
 
-fuzz/build.sh >build-fuzz.log.tmp 2>&1
+blog=$(mktemp /tmp/cbt-fuzz-build.XXXXXX)
+fuzz/build.sh >"$blog" 2>&1
 rc=$?
 if [ $rc -ne 0 ]; then
-  cat build-fuzz.log.tmp >&2
-  rm -f build-fuzz.log.tmp
+  cat "$blog" >&2
+  rm -f "$blog"
   [ $rc -eq 77 ] && exit 77
   echo "run.sh: build failed" >&2
   exit 1
 fi
-rm -f build-fuzz.log.tmp
+rm -f "$blog"
 bin=$src/build/fuzz/fuzz/qcow2_fuzz
 
 if [ -n "${CBT_FUZZ_KEEP:-}" ]; then
@@ -56,7 +57,9 @@ cov=$(echo "$last" | grep -o 'cov: [0-9]*')
 ft=$(echo "$last" | grep -o 'ft: [0-9]*')
 n=$(find "$corpus" -type f | wc -l)
 bytes=$(find "$corpus" -type f -printf '%s\n' | awk '{s+=$1} END {print s+0}')
-echo "run.sh: executions: ${execs:-?} (${eps:-?}/s); ${cov:-cov: ?} ${ft:-}; corpus: $n files, $bytes bytes"
+corp=$(echo "$last" | grep -o 'corp: [^ ]*')
+echo "run.sh: executions: ${execs:-?} (${eps:-?}/s); ${cov:-cov: ?} ${ft:-};" \
+  "libFuzzer ${corp:-corp: ?} (units/size); corpus dir: $n files, $bytes bytes"
 
 found=$(find "$artifacts" -type f | head -20)
 if [ $rc -ne 0 ] || [ -n "$found" ]; then
