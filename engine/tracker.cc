@@ -55,16 +55,29 @@ Result<std::unique_ptr<Tracker>> Tracker::Open(const TrackerOptions& opts, uint6
 }
 
 Result<std::unique_ptr<Tracker>> Tracker::Prepare(const TrackerOptions& opts) {
-  if (opts.durability != Durability::kNone)
-    return Status::NotSupported(
-        "cbt-durability: only 'none' is available in this version (process and power are not "
-        "implemented yet)");
   if (opts.bitmaps.empty() && !opts.readonly)
     return Status::InvalidArgument("cbt-bitmap: at least one bitmap is required");
   std::unique_ptr<Tracker> t(new Tracker(opts));
   CBT_RETURN_IF_ERROR(t->OpenContainer());
-  if (t->image_) CBT_RETURN_IF_ERROR(t->CheckBitmaps());
+  if (t->image_) {
+    const std::vector<std::byte>* rec = t->image_->GetExtension(kIntentExtensionType);
+    if (rec && t->image_->private_record_vouched()) {
+      auto m = IntentMap::Parse(*rec);
+      if (!m.ok()) return m.status().WithContext("cbt-file=" + opts.container_path);
+      t->found_record_ = std::move(m).value();
+    }
+    CBT_RETURN_IF_ERROR(t->CheckBitmaps());
+  }
   return t;
+}
+
+// A crash left in_use set; our record can rebuild a superset if it was
+// synced (power), or if the machine has not restarted since (process: the
+// page cache survived, so every record write landed).
+bool Tracker::RecordRecoverable() const {
+  if (!found_record_) return false;
+  return found_record_->mode() == IntentMode::kPower ||
+         found_record_->boot_id() == CurrentBootId();
 }
 
 Tracker::~Tracker() = default;
@@ -112,8 +125,14 @@ Status Tracker::CheckBitmaps() const {
                                      " --enable' or choose another");
   }
   for (const qcow2::BitmapInfo& info : image_->Bitmaps()) {
-    if (info.enabled && !info.consistent)
+    if (info.enabled && !info.consistent && !RecordRecoverable()) {
+      if (found_record_)
+        return Status::Corruption(
+            RecoveryHint(path, info.name) +
+            "; its crash-safety record was written in process mode and the machine has "
+            "restarted since, so it may have lost records (cbt-durability=power survives that)");
       return Status::Corruption(RecoveryHint(path, info.name));
+    }
     if (!info.consistent)
       spdlog::warn("{}: disabled bitmap '{}' is inconsistent (in-use); leaving it untouched",
                    path, info.name);
@@ -149,6 +168,18 @@ Status Tracker::Attach(uint64_t disk_size) {
         std::to_string(disk_size_) +
         " bytes; use the container made for this disk (or create a new one)");
   if (opts_.readonly) return Status::OK();  // nothing will be marked or written
+
+  // Bitmaps our own crash left in_use: take them back (CheckBitmaps made
+  // sure the record covers them); Recover() below makes them a superset.
+  bool recovering = false;
+  for (const qcow2::BitmapInfo& info : image_->Bitmaps()) {
+    if (!info.enabled || info.consistent) continue;
+    if (found_record_->disk_size() != disk_size_)
+      return Status::Corruption("cbt-file=" + path +
+                                ": the crash-safety record describes another disk size");
+    CBT_RETURN_IF_ERROR(image_->AdoptInconsistent(info.name));
+    recovering = true;
+  }
 
   std::vector<qcow2::BitmapSpec> specs = image_->CurrentSpecs();
   bool add = false;
@@ -187,6 +218,56 @@ Status Tracker::Attach(uint64_t disk_size) {
     bitmaps_.push_back(std::move(b));
     durable_.push_back(std::move(d));
   }
+  if (recovering) CBT_RETURN_IF_ERROR(Recover());
+  return ArmRecord();
+}
+
+// After a crash: every granule of every recorded region becomes dirty, the
+// result is persisted (in place; flushed) and in_use cleared. Until that
+// flush the record stays as found, so a crash during recovery recovers again.
+Status Tracker::Recover() {
+  uint64_t before = 0, after = 0;
+  for (auto& b : bitmaps_) before += b->DirtyGranules();
+  for (auto [off, len] : found_record_->RecordedRanges())
+    for (auto& b : bitmaps_) CBT_RETURN_IF_ERROR(b->Mark(off, len).status());
+  for (auto& b : bitmaps_) after += b->DirtyGranules();
+  in_use_on_disk_ = true;
+  CBT_RETURN_IF_ERROR(Persist().WithContext("crash recovery"));
+  stats_.recovered_granules = after - before;
+  spdlog::warn("{}: recovered from an unclean stop: {} granules added from {} recorded region(s)",
+               opts_.container_path, after - before, found_record_->RecordedRanges().size());
+  return Status::OK();
+}
+
+// Prepares this session's record (process/power) in memory. It is written
+// lazily, with the first change (ArmLocked), so that a server that never
+// writes (nbdkit -r) never writes the container.
+Status Tracker::ArmRecord() {
+  if (opts_.durability == Durability::kNone) return Status::OK();
+  IntentMode mode =
+      opts_.durability == Durability::kPower ? IntentMode::kPower : IntentMode::kProcess;
+  size_t room = std::min<size_t>(image_->cluster_size() / 2, 32768);
+  CBT_ASSIGN_OR_RETURN(intents_, IntentMap::Create(disk_size_, mode, CurrentBootId(), room));
+  return Status::OK();
+}
+
+// First change of the session. process/power: write a fresh record (our
+// boot id and mode) vouched by the autoclear bit, in one flushed header
+// switch. none: remove any record left by an earlier session, so that a
+// crash is refused rather than "recovered" from a stale record.
+Status Tracker::ArmLocked() {
+  if (armed_) return Status::OK();
+  if (!intents_) {
+    CBT_RETURN_IF_ERROR(image_->RemovePrivateRecord(kIntentExtensionType).WithContext("cbt-file"));
+  } else {
+    Status s = image_->SetPrivateRecord(kIntentExtensionType,
+                                        intents_->Serialize(intents_->Snapshot()));
+    if (!s.ok())
+      return s.WithContext("cbt-file=" + opts_.container_path + ": crash-safety record");
+    spdlog::debug("crash-safety record armed: {} regions of {} bytes", intents_->region_count(),
+                  uint64_t{1} << intents_->region_bits());
+  }
+  armed_ = true;
   return Status::OK();
 }
 
@@ -237,15 +318,53 @@ Status Tracker::BeforeChange(uint64_t offset, uint64_t length) {
     }
   }
   marks_in_progress_.fetch_sub(1);
-  // P2: in_use durable before the change is forwarded.
-  if (in_use_durable_.load()) return Status::OK();
-  return EnsureInUse();
+  if (!intents_) {
+    // P2: in_use durable before the change is forwarded.
+    if (in_use_durable_.load()) return Status::OK();
+    return EnsureInUse();
+  }
+  // process/power: also the region's intent recorded before it is forwarded.
+  auto [r0, r1] = intents_->Regions(offset, length);
+  if (in_use_durable_.load() && intents_->AllDurable(r0, r1)) return Status::OK();
+  intents_->Want(r0, r1);  // before queueing: whoever writes next takes it along
+  return EnsureRecorded(r0, r1);
+}
+
+// Group commit: every writer waiting here has Want()ed its regions, so the
+// first one through writes them all in one record write (and one flush).
+Status Tracker::EnsureRecorded(uint64_t first_region, uint64_t last_region) {
+  std::lock_guard lock(store_mu_);
+  if (!image_) return Status::IOError("cbt: container already closed", ESHUTDOWN);
+  intents_->Want(first_region, last_region);  // again: a persist may have cleared it
+  std::vector<uint64_t> snap = intents_->Snapshot();
+  const bool set_in_use = !in_use_durable_.load();
+  if (!set_in_use && intents_->SnapshotIsDurable(snap)) return Status::OK();
+  // Record first, then in_use: a crash between leaves in_use clear (the
+  // change was not forwarded) with a harmless extra record bit.
+  CBT_RETURN_IF_ERROR(ArmLocked());
+  CBT_RETURN_IF_ERROR(
+      image_->RewriteExtensionInPlace(kIntentExtensionType, intents_->Serialize(snap)));
+  if (set_in_use) {
+    CBT_RETURN_IF_ERROR(image_->SetInUse(names_, true));
+    in_use_on_disk_ = true;
+  }
+  // power: record durable before the change. process: the page cache orders
+  // it for kill -9; in_use is still synced, so that after a power cut the
+  // bitmap is refused (boot id check), never trusted without its record.
+  if (opts_.durability == Durability::kPower || set_in_use)
+    CBT_RETURN_IF_ERROR(image_->io()->flush());
+  intents_->SetDurable(snap);
+  ++stats_.intent_writes;
+  if (set_in_use) ++stats_.in_use_sets;
+  in_use_durable_.store(true);
+  return Status::OK();
 }
 
 Status Tracker::EnsureInUse() {
   std::lock_guard lock(store_mu_);
   if (in_use_durable_.load()) return Status::OK();  // set by a writer we queued behind
   if (!image_) return Status::IOError("cbt: container already closed", ESHUTDOWN);
+  CBT_RETURN_IF_ERROR(ArmLocked());
   CBT_RETURN_IF_ERROR(image_->SetInUse(names_, true));
   in_use_on_disk_ = true;  // maybe on disk now, whatever the flush says
   CBT_RETURN_IF_ERROR(image_->io()->flush());
@@ -321,6 +440,13 @@ Status Tracker::ClearInUseLocked() {
   // flushes before its change is forwarded (P2).
   CBT_RETURN_IF_ERROR(image_->SetInUse(names_, false));
   in_use_on_disk_ = false;
+  if (intents_ && armed_) {
+    // Everything is persisted: the record may be emptied (same reasoning as
+    // in_use: lost, it only recovers granules that are dirty already).
+    intents_->ClearAll();
+    CBT_RETURN_IF_ERROR(
+        image_->RewriteExtensionInPlace(kIntentExtensionType, intents_->Serialize({})));
+  }
   return Status::OK();
 }
 

@@ -12,7 +12,9 @@
 //  P3  Persist() writes only the bitmap clusters that changed, flushes them,
 //      then clears in_use durably, unless changes raced in meanwhile.
 //  P4  Open() refuses an enabled bitmap left in_use by a crash, a size
-//      mismatch, or a corrupt container, with a message saying what to do.
+//      mismatch, or a corrupt container, with a message saying what to do,
+//      unless cbt's own crash-safety record covers it (process/power modes):
+//      then it recovers a superset and carries on (see intent_map.h).
 //
 // Threading: BeforeChange may run on many threads at once; it is lock-free
 // while in_use is known durable. Persist and the in_use gate serialise on
@@ -29,6 +31,7 @@
 
 #include "bitmap/dirty_bitmap.h"
 #include "common/status.h"
+#include "engine/intent_map.h"
 #include "qcow2/image.h"
 
 namespace cbt {
@@ -41,7 +44,7 @@ struct TrackerOptions {
   bool create = false;               // create a missing container / bitmaps
   uint64_t granularity = 65536;      // for bitmaps we create
   uint32_t cluster_size = 65536;     // for a container we create
-  Durability durability = Durability::kNone;
+  Durability durability = Durability::kPower;
   bool readonly = false;             // never write the container
 };
 
@@ -49,6 +52,8 @@ struct TrackerStats {
   uint64_t persists = 0;        // Persist() calls that wrote something
   uint64_t bytes_written = 0;   // container bytes written by persists
   uint64_t in_use_sets = 0;     // times the P2 gate wrote in_use
+  uint64_t intent_writes = 0;   // crash-safety record writes (process/power)
+  uint64_t recovered_granules = 0;  // granules crash recovery added at open
 };
 
 class Tracker {
@@ -95,7 +100,12 @@ class Tracker {
   Status OpenContainer();
   Status CheckBitmaps() const;
   Status EnsureInUse();
+  Status EnsureRecorded(uint64_t first_region, uint64_t last_region);
   Status ClearInUseLocked();
+  bool RecordRecoverable() const;
+  Status Recover();
+  Status ArmRecord();
+  Status ArmLocked();
 
   const TrackerOptions opts_;
   uint64_t disk_size_ = 0;  // set by Attach
@@ -105,6 +115,7 @@ class Tracker {
   mutable std::mutex store_mu_;
   std::unique_ptr<qcow2::Image> image_;
   bool in_use_on_disk_ = false;  // may be set on disk (not yet cleared durably)
+  bool armed_ = false;           // this session's record written (ArmLocked)
   TrackerStats stats_;
 
   // Fixed after Open: the enabled bitmaps, in directory order.
@@ -116,6 +127,11 @@ class Tracker {
   // needs neither marking nor in_use. Only grows, like bitmaps_ (the filter
   // never clears bits), so a reader never sees a bit vanish.
   std::vector<std::unique_ptr<DirtyBitmap>> durable_;
+
+  // process/power: the write-intent map (null in mode none), and the record
+  // found at open, if vouched for (null otherwise).
+  std::unique_ptr<IntentMap> intents_;
+  std::unique_ptr<IntentMap> found_record_;
 
   // True while in_use is durable on disk: BeforeChange may forward at once.
   std::atomic<bool> in_use_durable_{false};

@@ -134,6 +134,7 @@ TEST_F(TrackerTest, MissingBitmapWithoutCreateIsRefused) {
 }
 
 TEST_F(TrackerTest, BitmapLeftInUseIsRefusedWithRecoveryHint) {
+  opts_.durability = Durability::kNone;  // QEMU's semantics: no record to recover from
   {
     auto t = Tracker::Open(opts_, 1 * GiB);
     ASSERT_TRUE(t.ok());
@@ -146,11 +147,115 @@ TEST_F(TrackerTest, BitmapLeftInUseIsRefusedWithRecoveryHint) {
   EXPECT_NE(t.status().message().find("--remove"), std::string::npos);
 }
 
-TEST_F(TrackerTest, OtherDurabilityModesAreNotAvailableYet) {
+
+// ---- crash-proof modes (process, power) ----
+
+TEST_F(TrackerTest, PowerModeRecordsTheRegionBeforeTheChange) {
   opts_.durability = Durability::kPower;
   auto t = Tracker::Open(opts_, 1 * GiB);
+  ASSERT_TRUE(t.ok()) << t.status().ToString();
+  ASSERT_TRUE((*t)->BeforeChange(300 * MiB, 4096).ok());
+  auto img = Peek();
+  ASSERT_TRUE(img->private_record_vouched());
+  auto rec = IntentMap::Parse(*img->GetExtension(kIntentExtensionType));
+  ASSERT_TRUE(rec.ok()) << rec.status().ToString();
+  auto ranges = (*rec)->RecordedRanges();
+  ASSERT_EQ(ranges.size(), 1u);
+  EXPECT_LE(ranges[0].first, 300 * MiB);
+  EXPECT_GT(ranges[0].first + ranges[0].second, 300 * MiB);
+  // Same region again: no further record write.
+  uint64_t writes = (*t)->stats().intent_writes;
+  ASSERT_TRUE((*t)->BeforeChange(300 * MiB + 8192, 4096).ok());
+  EXPECT_EQ((*t)->stats().intent_writes, writes);
+}
+
+TEST_F(TrackerTest, CrashInPowerModeRecoversASuperset) {
+  opts_.durability = Durability::kPower;
+  {
+    auto t = Tracker::Open(opts_, 1 * GiB);
+    ASSERT_TRUE(t.ok());
+    ASSERT_TRUE((*t)->BeforeChange(0, 1).ok());
+    ASSERT_TRUE((*t)->Persist().ok());
+    ASSERT_TRUE((*t)->BeforeChange(200 * MiB + 5, 3 * MiB).ok());
+    ASSERT_TRUE((*t)->BeforeChange(900 * MiB, 4096).ok());
+    // Crash: the tracker goes away without persisting.
+  }
+  EXPECT_TRUE(InUseOnDisk());
+  auto t = Tracker::Open(opts_, 1 * GiB);
+  ASSERT_TRUE(t.ok()) << t.status().ToString();
+  EXPECT_GT((*t)->stats().recovered_granules, 0u);
+  EXPECT_FALSE(InUseOnDisk());
+  const DirtyBitmap& b = (*t)->bitmap(0);
+  EXPECT_TRUE(b.IsDirty(0, 1));
+  EXPECT_TRUE(b.IsDirty(200 * MiB + 5, 3 * MiB));
+  EXPECT_TRUE(b.IsDirty(900 * MiB, 4096));
+  // What QEMU reads matches what we hold.
+  auto disk = LoadBitmap(*Peek(), "b0", 1 * GiB);
+  ASSERT_TRUE(disk.ok());
+  EXPECT_EQ((*disk)->Extents(0, 1 * GiB), b.Extents(0, 1 * GiB));
+}
+
+TEST_F(TrackerTest, ProcessModeRecordFromAnotherBootIsRefused) {
+  opts_.durability = Durability::kProcess;
+  {
+    auto t = Tracker::Open(opts_, 1 * GiB);
+    ASSERT_TRUE(t.ok());
+    ASSERT_TRUE((*t)->BeforeChange(0, 1).ok());
+  }
+  {  // Pretend the machine rebooted: another boot id in the record.
+    auto f = PosixFile::Open(opts_.container_path, PosixFile::Mode::kReadWrite);
+    auto img = qcow2::Image::Open(std::shared_ptr<BlockIO>(std::move(f).value()), {true});
+    ASSERT_TRUE(img.ok());
+    std::vector<std::byte> rec = *(*img)->GetExtension(kIntentExtensionType);
+    rec[24] ^= std::byte{0xff};
+    ASSERT_TRUE((*img)->RewriteExtensionInPlace(kIntentExtensionType, rec).ok());
+  }
+  auto t = Tracker::Open(opts_, 1 * GiB);
   ASSERT_FALSE(t.ok());
-  EXPECT_TRUE(t.status().IsNotSupported());
+  EXPECT_NE(t.status().message().find("restarted"), std::string::npos) << t.status().message();
+}
+
+TEST_F(TrackerTest, ProcessModeSameBootRecovers) {
+  opts_.durability = Durability::kProcess;
+  {
+    auto t = Tracker::Open(opts_, 1 * GiB);
+    ASSERT_TRUE(t.ok());
+    ASSERT_TRUE((*t)->BeforeChange(500 * MiB, 1).ok());
+  }
+  auto t = Tracker::Open(opts_, 1 * GiB);
+  ASSERT_TRUE(t.ok()) << t.status().ToString();
+  EXPECT_TRUE((*t)->bitmap(0).Test(500 * MiB));
+}
+
+TEST_F(TrackerTest, ModeNoneDropsTheRecordSoACrashIsRefused) {
+  opts_.durability = Durability::kPower;
+  ASSERT_TRUE(Tracker::Open(opts_, 1 * GiB).ok());
+  opts_.durability = Durability::kNone;
+  {
+    auto t = Tracker::Open(opts_, 1 * GiB);
+    ASSERT_TRUE(t.ok());
+    EXPECT_EQ(Peek()->GetExtension(kIntentExtensionType), nullptr);
+    ASSERT_TRUE((*t)->BeforeChange(0, 1).ok());
+  }
+  opts_.durability = Durability::kPower;
+  EXPECT_FALSE(Tracker::Open(opts_, 1 * GiB).ok());
+}
+
+TEST_F(TrackerTest, QemuWritingTheFileInvalidatesTheRecord) {
+  if (system("qemu-img --version >/dev/null 2>&1") != 0) GTEST_SKIP() << "qemu-img not installed";
+  opts_.durability = Durability::kPower;
+  {
+    auto t = Tracker::Open(opts_, 1 * GiB);
+    ASSERT_TRUE(t.ok());
+    ASSERT_TRUE((*t)->BeforeChange(0, 1).ok());
+  }
+  // QEMU opens read-write (adds a bitmap): it clears unknown autoclear bits.
+  std::string cmd = "qemu-img bitmap --add " + opts_.container_path + " other";
+  ASSERT_EQ(system(cmd.c_str()), 0);
+  EXPECT_FALSE(Peek()->private_record_vouched());
+  auto t = Tracker::Open(opts_, 1 * GiB);
+  ASSERT_FALSE(t.ok());
+  EXPECT_TRUE(t.status().IsCorruption());
 }
 
 // The in_use clearing argument of tracker.cc under fire: writers call

@@ -43,7 +43,7 @@ struct State {
   std::unique_ptr<cbt::Tracker> tracker;
   std::unique_ptr<cbt::PersistScheduler> scheduler;
 };
-State* state;
+State* state;  // cbt-durability defaults to power: see docs/crash-safety.md
 
 // Reports a failed engine call to nbdkit: one error line, errno into *err.
 int Fail(const Status& s, int* err) {
@@ -127,9 +127,10 @@ int cbt_config(nbdkit_next_config* next, nbdkit_backend* nxdata, const char* key
     } else if (strcmp(key, "cbt-durability") == 0) {
       if (strcmp(value, "none") == 0) {
         o.durability = cbt::Durability::kNone;
-      } else if (strcmp(value, "process") == 0 || strcmp(value, "power") == 0) {
-        nbdkit_error("cbt-durability=%s: not available yet; only 'none' is implemented", value);
-        return -1;
+      } else if (strcmp(value, "process") == 0) {
+        o.durability = cbt::Durability::kProcess;
+      } else if (strcmp(value, "power") == 0) {
+        o.durability = cbt::Durability::kPower;
       } else {
         nbdkit_error("cbt-durability=%s: must be none, process or power", value);
         return -1;
@@ -273,7 +274,8 @@ nbdkit_filter filter = [] {
       "cbt-granularity=SIZE     granularity of created bitmaps (default 64K)\n"
       "cbt-cluster-size=SIZE    cluster size of a created container (default 64K)\n"
       "cbt-persist-interval=SEC persist every SEC seconds while changes are pending\n"
-      "cbt-durability=MODE      none (QEMU semantics); process, power: not yet";
+      "cbt-durability=MODE      power (default: survive power loss), process\n"
+      "                         (survive kill -9) or none (QEMU's semantics)";
   f.get_ready = cbt_get_ready;
   f.after_fork = cbt_after_fork;
   f.cleanup = cbt_cleanup;

@@ -34,9 +34,14 @@ uint64_t DirectorySize(const std::vector<BitmapDirEntry>& entries) {
 
 uint64_t ExpectedTableSize(uint64_t virtual_size, uint32_t granularity_bits,
                            uint32_t cluster_bits) {
-  uint64_t bits = DivRoundUp(virtual_size, uint64_t{1} << granularity_bits);
+  // ceil(a / 2^shift) for any shift (no undefined shift by 64 or more).
+  auto div_pow2 = [](uint64_t a, uint32_t shift) -> uint64_t {
+    if (shift >= 64) return a != 0;
+    return (a >> shift) + ((a & ((uint64_t{1} << shift) - 1)) != 0);
+  };
+  uint64_t bits = div_pow2(virtual_size, granularity_bits);
   uint64_t bytes = DivRoundUp(bits, 8);
-  return DivRoundUp(bytes, uint64_t{1} << cluster_bits);
+  return div_pow2(bytes, cluster_bits);
 }
 
 Status ValidateBitmapName(std::string_view name) {

@@ -44,7 +44,11 @@ struct Geometry {
 // Bytes one entry takes in the directory: round_up(24 + extra + name, 8).
 uint64_t DirEntrySize(const BitmapDirEntry& e);
 uint64_t DirectorySize(const std::vector<BitmapDirEntry>& entries);
-// ceil(ceil(ceil(size / g) / 8) / cs): the exact table size QEMU demands.
+// ceil(ceil(ceil(size / g) / 8) / cs): the exact table size QEMU demands,
+// with g = 2^granularity_bits and cs = 2^cluster_bits. Defined for every
+// input (no overflow, no shift of 64 or more: a shift that large divides a
+// non-zero value to 1); meaningful for QEMU's ranges, granularity_bits 9..31
+// and cluster_bits 9..21, which callers validate separately.
 uint64_t ExpectedTableSize(uint64_t virtual_size, uint32_t granularity_bits, uint32_t cluster_bits);
 
 // User-input checks (InvalidArgument): name 1..1023 bytes without NUL;

@@ -42,6 +42,16 @@ TEST(BitmapDirTest, TableSizeFollowsQemuFormula) {
   EXPECT_TRUE(ValidateBitmapSize((2ull << 40) + 512, 9, 16).IsInvalidArgument());
 }
 
+TEST(BitmapDirTest, TableSizeIsDefinedForAnyInput) {
+  // Shifts of 64 or more (granularity_bits is a u8 on disk) divide to 1.
+  EXPECT_EQ(ExpectedTableSize(UINT64_MAX, 64, 9), 1u);
+  EXPECT_EQ(ExpectedTableSize(1, 255, 255), 1u);
+  EXPECT_EQ(ExpectedTableSize(0, 200, 200), 0u);
+  EXPECT_EQ(ExpectedTableSize(UINT64_MAX, 0, 0), uint64_t{1} << 61);
+  EXPECT_EQ(ExpectedTableSize(UINT64_MAX, 63, 63), 1u);
+  EXPECT_EQ(ExpectedTableSize(uint64_t{1} << 40, 31, 9), 1u);  // 512 bits: 64 B
+}
+
 TEST(BitmapDirTest, DirectoryRoundTrips) {
   std::vector<BitmapDirEntry> e(2);
   e[0].name = "x";

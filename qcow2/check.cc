@@ -1,7 +1,10 @@
 // qcow2 check/repair. See check.h.
 #include "qcow2/check.h"
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdio>
+#include <span>
 
 #include "common/endian.h"
 #include "qcow2/format.h"
@@ -19,81 +22,126 @@ uint64_t DivRoundUp(uint64_t a, uint64_t b) {
   return a / b + (a % b != 0);
 }
 
-// Reference counter over the file's clusters.
+// Records one finding; past kMaxCheckMessages only counts it.
+void Note(CheckReport* rep, std::string msg) {
+  if (rep->messages.size() < kMaxCheckMessages)
+    rep->messages.push_back(std::move(msg));
+  else
+    ++rep->messages_dropped;
+}
+
+// Reads out at offset as QEMU does: bytes past the end of the file read as
+// zeros (a metadata cluster in a last cluster the file only partly holds is
+// read zero padded). Failure: IOError only.
+Status ReadPadded(BlockIO* io, std::span<std::byte> out, uint64_t offset, uint64_t fsize) {
+  Status s = io->pread(out, offset);
+  if (!s.IsOutOfRange()) return s;
+  uint64_t have = offset < fsize ? std::min<uint64_t>(out.size(), fsize - offset) : 0;
+  std::fill(out.begin() + static_cast<ptrdiff_t>(have), out.end(), std::byte{0});
+  if (have) CBT_RETURN_IF_ERROR(io->pread(out.first(have), offset));
+  return Status::OK();
+}
+
+// Reference counter over the file's clusters, with qemu-img check's rules
+// (qcow2_inc_refcounts_imrt): a region that runs one cluster or more past
+// the end of the file is corruption and counts nothing; one that ends less
+// than a cluster past it counts every cluster (at most one beyond the
+// rounded-up file end); a count that reaches refcount_max is an overflow
+// (corruption) and stays there.
 class Refs {
  public:
-  Refs(uint64_t file_size, uint32_t cluster_bits, CheckReport* rep)
+  Refs(uint64_t file_size, uint32_t cluster_bits, uint32_t refcount_order, CheckReport* rep)
       : cbits_(cluster_bits),
+        fsize_(file_size),
         nclusters_(DivRoundUp(file_size, uint64_t{1} << cluster_bits)),
-        refs_(nclusters_, 0),
+        max_(refcount_order >= 5 ? UINT32_MAX : (uint32_t{1} << (1u << refcount_order)) - 1),
+        refs_(nclusters_ + 1, 0),
+        used_(nclusters_),
         rep_(rep) {}
   // Counts [offset, offset+bytes) cluster by cluster.
   void Add(uint64_t offset, uint64_t bytes, const std::string& what) {
     if (bytes == 0) return;
+    const uint64_t cs = uint64_t{1} << cbits_;
+    if (offset > UINT64_MAX - bytes || offset + bytes > fsize_ + cs - 1) {
+      ++rep_->corruptions;
+      Note(rep_, "ERROR " + what + ": reference to " + Hex(bytes) + " bytes at " + Hex(offset) +
+                     " exceeds the end of the file by one cluster or more");
+      return;
+    }
     uint64_t first = offset >> cbits_, last = (offset + bytes - 1) >> cbits_;
     for (uint64_t c = first; c <= last; ++c) {
-      if (c >= nclusters_) {
+      if (refs_[c] >= max_) {
         ++rep_->corruptions;
-        rep_->messages.push_back("ERROR " + what + ": reference to cluster at " + Hex(c << cbits_) +
-                                 " past the end of the file");
-        return;
+        Note(rep_, "ERROR " + what + ": refcount overflow for cluster at " + Hex(c << cbits_));
+        continue;
       }
       ++refs_[c];
+      used_ = std::max(used_, c + 1);
     }
   }
-  uint64_t size() const { return nclusters_; }
-  uint64_t at(uint64_t c) const { return c < nclusters_ ? refs_[c] : 0; }
+  // Clusters to compare: those of the file, plus the one past its end that
+  // a region ending less than a cluster past it may have touched.
+  uint64_t size() const { return used_; }
+  uint64_t at(uint64_t c) const { return c < refs_.size() ? refs_[c] : 0; }
 
  private:
   uint32_t cbits_;
+  uint64_t fsize_;
   uint64_t nclusters_;
+  uint32_t max_;  // refcount_max, capped to the counter width
   std::vector<uint32_t> refs_;
+  uint64_t used_;
   CheckReport* rep_;
 };
 
-// Walks one L1 table and its L2 tables.
+// Walks one L1 table and its L2 tables. Metadata past the end of the file
+// reads as zeros, as in QEMU (Refs has reported the region already).
 Status CountL1(Image& img, Refs& refs, uint64_t l1_off, uint32_t l1_size, const char* what,
                CheckReport* rep) {
   const Header& h = img.header();
   const uint64_t cs = h.cluster_size();
   refs.Add(l1_off, uint64_t{l1_size} * 8, what);
   if (l1_size == 0) return Status::OK();
-  // Snapshot L1 sizes are not validated at open: bound them (QEMU's limit)
-  // and by the file before allocating.
+  // Snapshot L1 sizes are not validated at open: bound them (QEMU's limit).
+  if (uint64_t{l1_size} * 8 > kMaxL1Bytes) {
+    ++rep->corruptions;
+    Note(rep, std::string("ERROR ") + what + " (" + std::to_string(l1_size) + " entries at " +
+                  Hex(l1_off) + ") too large");
+    return Status::OK();
+  }
+  // Entries past the end of the file are zeros: read (and allocate) only
+  // those the file holds.
   CBT_ASSIGN_OR_RETURN(uint64_t fsize, img.io()->size());
-  if (uint64_t{l1_size} * 8 > kMaxL1Bytes || l1_off > fsize ||
-      uint64_t{l1_size} * 8 > fsize - l1_off) {
-    ++rep->corruptions;
-    rep->messages.push_back(std::string("ERROR ") + what + " (" + std::to_string(l1_size) +
-                            " entries at " + Hex(l1_off) +
-                            ") too large or past the end of the file");
-    return Status::OK();
-  }
-  std::vector<std::byte> l1(uint64_t{l1_size} * 8);
-  Status s = img.io()->pread(l1, l1_off);
-  if (!s.ok()) {
-    ++rep->corruptions;
-    rep->messages.push_back(std::string("ERROR ") + what + " unreadable: " + s.message());
-    return Status::OK();
-  }
+  if (l1_off >= fsize) return Status::OK();
+  const uint64_t n = std::min<uint64_t>(l1_size, DivRoundUp(fsize - l1_off, 8));
+  std::vector<std::byte> l1(n * 8);
+  CBT_RETURN_IF_ERROR(ReadPadded(img.io(), l1, l1_off, fsize));
   const bool ext_l2 = h.incompatible & kIncompatExtendedL2;
   const bool data_file = h.incompatible & kIncompatDataFile;
   const uint64_t entry_bytes = ext_l2 ? 16 : 8;
   std::vector<std::byte> l2(cs);
-  for (uint32_t i = 0; i < l1_size; ++i) {
+  for (uint64_t i = 0; i < n; ++i) {
     uint64_t l2_off = LoadBE64(l1.data() + 8 * i) & kL1OffsetMask;
     if (!l2_off) continue;
     if (l2_off % cs) {
       ++rep->corruptions;
-      rep->messages.push_back("ERROR L2 table offset " + Hex(l2_off) + " not cluster aligned");
+      Note(rep, "ERROR L2 table offset " + Hex(l2_off) + " not cluster aligned");
       continue;
     }
     refs.Add(l2_off, cs, "L2 table");
     if (data_file) continue;  // guest data is in the other file: not counted
-    if (!img.io()->pread(l2, l2_off).ok()) continue;  // already reported past EOF
+    // An L2 table in a last cluster the file holds only in part is read
+    // zero padded (qemu-img check does); one wholly past EOF is all zeros.
+    if (l2_off >= fsize) continue;
+    CBT_RETURN_IF_ERROR(ReadPadded(img.io(), l2, l2_off, fsize));
     for (uint64_t j = 0; j < cs / entry_bytes; ++j) {
       uint64_t e = LoadBE64(l2.data() + j * entry_bytes);
       if (e & kOflagCompressed) {
+        if (e & kOflagCopied) {
+          ++rep->corruptions;
+          Note(rep, "ERROR compressed cluster entry " + Hex(e) + ": copied flag set");
+          e &= ~kOflagCopied;
+        }
         uint32_t x = 62 - (h.cluster_bits - 8);
         uint64_t off = e & ((uint64_t{1} << x) - 1);
         uint64_t sectors = ((e >> x) & ((uint64_t{1} << (62 - x)) - 1)) + 1;
@@ -116,7 +164,7 @@ Result<CheckReport> Check(Image& img, bool repair_leaks) {
   const Header& h = img.header();
   const uint64_t cs = h.cluster_size();
   CBT_ASSIGN_OR_RETURN(uint64_t fsize, img.io()->size());
-  Refs refs(fsize, h.cluster_bits, &rep);
+  Refs refs(fsize, h.cluster_bits, h.refcount_order, &rep);
   Refcounts& rc = img.refcounts();
 
   refs.Add(0, cs, "header");
@@ -132,7 +180,7 @@ Result<CheckReport> Check(Image& img, bool repair_leaks) {
     std::byte sh[40];
     if (!img.io()->pread(sh, off).ok()) {
       ++rep.corruptions;
-      rep.messages.push_back("ERROR snapshot table truncated");
+      Note(&rep, "ERROR snapshot table truncated");
       break;
     }
     uint64_t l1 = LoadBE64(sh);
@@ -155,17 +203,28 @@ Result<CheckReport> Check(Image& img, bool repair_leaks) {
   }
   if (img.autoclear_without_extension()) {
     ++rep.corruptions;
-    rep.messages.push_back("ERROR autoclear bit 0 (bitmaps) set without a bitmaps extension");
+    Note(&rep, "ERROR autoclear bit 0 (bitmaps) set without a bitmaps extension");
   }
 
-  // Compare over every cluster that is referenced or has a refcount.
-  uint64_t limit = std::max(refs.size(), rc.covered_clusters());
-  for (uint64_t c = 0; c < limit; ++c) {
-    if (c >= refs.size() && rc.table()[c / rc.entries_per_block()] == 0) {
-      c = (c / rc.entries_per_block() + 1) * rc.entries_per_block() - 1;
+  // Compare over the clusters of the file, as qemu-img check does: a
+  // refcount for a cluster past the end of the file is not looked at (it
+  // describes nothing; qemu-img reports nothing for it). Refcount blocks
+  // are read only for clusters inside the file, so the work is bounded by
+  // the file size, not by what the refcount table could describe.
+  const uint64_t epb = rc.entries_per_block();
+  for (uint64_t c = 0; c < refs.size(); ++c) {
+    auto got = rc.Get(c);
+    if (!got.ok()) {
+      if (!got.status().IsCorruption()) return got.status();
+      // Refcount block unreadable (wholly past the end of the file): its
+      // clusters' refcounts are unknown; say so once and skip the block.
+      ++rep.corruptions;
+      Note(&rep, "ERROR refcounts of clusters " + std::to_string(c) +
+                     ".. unreadable: " + got.status().message());
+      c = (c / epb + 1) * epb - 1;
       continue;
     }
-    CBT_ASSIGN_OR_RETURN(uint64_t r, rc.Get(c));
+    uint64_t r = *got;
     uint64_t n = refs.at(c);
     if (r) ++rep.allocated_clusters;
     if (r == n) continue;
@@ -173,18 +232,20 @@ Result<CheckReport> Check(Image& img, bool repair_leaks) {
                         " reference=" + std::to_string(n);
     if (r < n) {
       ++rep.corruptions;
-      rep.messages.push_back("ERROR " + where);
+      Note(&rep, "ERROR " + where);
     } else {
       ++rep.leaks;
-      rep.messages.push_back("Leaked " + where);
+      Note(&rep, "Leaked " + where);
       if (repair_leaks) {
         CBT_RETURN_IF_ERROR(rc.Set(c, n));
         ++rep.leaks_fixed;
-        rep.messages.push_back("Repaired " + where);
+        Note(&rep, "Repaired " + where);
       }
     }
   }
   if (rep.leaks_fixed) CBT_RETURN_IF_ERROR(img.io()->flush());
+  if (rep.messages_dropped)
+    rep.messages.push_back("... " + std::to_string(rep.messages_dropped) + " more");
   return rep;
 }
 

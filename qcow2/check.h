@@ -5,13 +5,22 @@
 // the crypto header, the bitmap directory, bitmap tables and bitmap data
 // clusters) and compares with the stored refcounts. refcount < references:
 // corruption (a cluster may be handed out twice); refcount > references: a
-// leak (harmless). References past the end of the file are corruption.
+// leak (harmless). As qemu-img check (QEMU 7.2) does: a reference region
+// that runs one cluster or more past the end of the file is corruption;
+// metadata (L1/L2 tables, refcount blocks) in a last cluster the file holds
+// only in part is read zero padded; a reference count that reaches the
+// refcount width's maximum is an overflow (corruption); only clusters inside
+// the file are compared, so a refcount for a cluster past the end of the
+// file is not reported. The work is bounded by the file size, not by what
+// the refcount table could describe, and at most kMaxCheckMessages messages
+// are kept (the rest are counted).
 // Repair fixes leaks only (lowers refcounts to the reference count), as
 // `qemu-img check -r leaks` does.
 //
 // Threading: not thread-safe; runs on one Image.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -21,12 +30,18 @@
 
 namespace cbt::qcow2 {
 
+// Messages kept in a CheckReport; further findings are counted only.
+inline constexpr size_t kMaxCheckMessages = 100;
+
 struct CheckReport {
   uint64_t corruptions = 0;
   uint64_t leaks = 0;
   uint64_t leaks_fixed = 0;
-  uint64_t allocated_clusters = 0;    // clusters with a non-zero refcount
-  std::vector<std::string> messages;  // one line per finding or repair
+  uint64_t allocated_clusters = 0;  // clusters with a non-zero refcount
+  // One line per finding or repair, the first kMaxCheckMessages of them,
+  // then "... N more" when messages_dropped is N > 0.
+  std::vector<std::string> messages;
+  uint64_t messages_dropped = 0;
 
   // qemu-img check's exit status: 0 clean, 2 corruption, 3 leaks only.
   // (1, "cannot open", is the caller's: Image::Open failed.)

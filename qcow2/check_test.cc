@@ -3,6 +3,11 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <regex>
+
+#include "common/endian.h"
+#include "qcow2/format.h"
 #include "qcow2/test_util.h"
 
 namespace cbt::qcow2 {
@@ -13,6 +18,37 @@ using testing::OpenFile;
 using testing::Sh;
 using testing::Spec;
 using testing::TempDir;
+
+// Writes bytes as a new file at path.
+void WriteFile(const std::string& path, const std::vector<std::byte>& bytes) {
+  auto f = NewFile(path);
+  ASSERT_NE(f, nullptr);
+  ASSERT_OK(f->pwrite(bytes, 0));
+  ASSERT_OK(f->flush());
+}
+
+// A number qemu-img check prints before `what` ("8 errors were found"), 0
+// when the line is absent.
+uint64_t QemuCount(const std::string& out, const std::string& what) {
+  std::smatch m;
+  if (!std::regex_search(out, m, std::regex("([0-9]+) " + what))) return 0;
+  return std::stoull(m[1]);
+}
+
+// A v3 header (header_length 112) into the first bytes of f.
+void PutHeader(std::vector<std::byte>& f, uint32_t cluster_bits, uint64_t size, uint32_t l1_size,
+               uint64_t l1_off, uint64_t rt_off, uint32_t rt_clusters, uint32_t refcount_order) {
+  StoreBE32(f.data(), kMagic);
+  StoreBE32(f.data() + 4, 3);
+  StoreBE32(f.data() + 20, cluster_bits);
+  StoreBE64(f.data() + 24, size);
+  StoreBE32(f.data() + 36, l1_size);
+  StoreBE64(f.data() + 40, l1_off);
+  StoreBE64(f.data() + 48, rt_off);
+  StoreBE32(f.data() + 56, rt_clusters);
+  StoreBE32(f.data() + 96, refcount_order);
+  StoreBE32(f.data() + 100, kOurHeaderLength);
+}
 
 TEST(CheckTest, FreshContainerIsClean) {
   TempDir d;
@@ -76,6 +112,98 @@ TEST(CheckTest, AgreesWithQemuOnQemuImages) {
   auto rep = Check(*img, false);
   ASSERT_TRUE(rep.ok());
   EXPECT_EQ(rep->ExitCode(), 0) << (rep->messages.empty() ? "" : rep->messages[0]);
+}
+
+// Fuzz finding commit-partial-l2: 4 KiB clusters, 64-bit refcounts, the L2
+// table in a last cluster the file holds 29 bytes of; its entries are
+// compressed (with the copied flag) and point far past the end of the file.
+// qemu-img check reads the partial cluster zero padded and finds 8 errors.
+std::vector<std::byte> PartialL2Image() {
+  std::vector<std::byte> f(0x4000 + 29, std::byte{0});
+  std::fill(f.begin() + 0x35d1, f.end(), std::byte{0xcd});
+  PutHeader(f, 12, 1 << 20, 1, 0x3000, 0x1000, 1, 6);
+  StoreBE64(f.data() + 0x1000, 0x2000);                                 // refcount table
+  for (int c = 0; c < 6; ++c) StoreBE64(f.data() + 0x2000 + 8 * c, 1);  // clusters 0..5
+  StoreBE64(f.data() + 0x3000, kOflagCopied | 0x4000);                  // L1 -> L2
+  return f;
+}
+
+TEST(CheckTest, L2TableInPartialLastClusterIsReadZeroPadded) {
+  CBT_REQUIRE_QEMU();
+  TempDir d;
+  std::string p = d / "partial-l2.qcow2";
+  WriteFile(p, PartialL2Image());
+  auto q = Sh("qemu-img check " + p);
+  ASSERT_EQ(q.exit_code, 2) << q.out;
+  auto img = Image::Open(OpenFile(p, false));
+  ASSERT_TRUE(img.ok()) << img.status().ToString();
+  auto rep = Check(**img, false);
+  ASSERT_TRUE(rep.ok()) << rep.status().ToString();
+  EXPECT_EQ(rep->ExitCode(), q.exit_code);
+  EXPECT_EQ(rep->corruptions, QemuCount(q.out, "errors were found"));
+  // Cluster 5 has refcount 1 but lies past the end of the file: qemu-img
+  // does not compare it, and neither do we.
+  EXPECT_EQ(rep->leaks, QemuCount(q.out, "leaked clusters"));
+  EXPECT_EQ(rep->leaks, 0u);
+}
+
+// Fuzz finding check-refcount-amplification: a 1 MiB file with 512-byte
+// clusters and 1-bit refcounts whose 65536 refcount table entries all name
+// the last cluster, a block of all ones. The table could describe 2^28
+// clusters; only the file's 2048 are compared.
+std::vector<std::byte> AmplificationImage() {
+  std::vector<std::byte> f(1 << 20, std::byte{0});
+  PutHeader(f, 9, 0, 0, 0, 0x200, 0x400, 0);
+  for (uint64_t i = 0; i < 0x400 * 512 / 8; ++i) StoreBE64(f.data() + 0x200 + 8 * i, 0xffe00);
+  std::fill(f.begin() + 0xffe00, f.end(), std::byte{0xff});
+  return f;
+}
+
+TEST(CheckTest, WorkIsBoundedByTheFileNotTheRefcountTable) {
+  CBT_REQUIRE_QEMU();
+  TempDir d;
+  std::string p = d / "amplification.qcow2";
+  WriteFile(p, AmplificationImage());
+  auto q = Sh("qemu-img check " + p);
+  ASSERT_EQ(q.exit_code, 2);
+  auto img = Image::Open(OpenFile(p, false));
+  ASSERT_TRUE(img.ok()) << img.status().ToString();
+  auto t0 = std::chrono::steady_clock::now();
+  auto rep = Check(**img, false);
+  auto secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ASSERT_TRUE(rep.ok()) << rep.status().ToString();
+  EXPECT_LT(secs, 5.0);
+  EXPECT_EQ(rep->ExitCode(), 2);
+  // 65535 refcount overflows (the block is referenced 65536 times, 1-bit
+  // refcounts hold 1) and 1022 leaks, as qemu-img says.
+  EXPECT_EQ(rep->leaks, QemuCount(q.out, "leaked clusters were found"));
+  EXPECT_EQ(rep->leaks, 1022u);
+  EXPECT_EQ(rep->corruptions, QemuCount(q.out, "errors were found"));
+  EXPECT_EQ(rep->corruptions, 65535u);
+  // Messages are capped; the rest are counted.
+  ASSERT_EQ(rep->messages.size(), kMaxCheckMessages + 1);
+  EXPECT_EQ(rep->messages_dropped, 65535u + 1022u - kMaxCheckMessages);
+  EXPECT_EQ(rep->messages.back(), "... " + std::to_string(rep->messages_dropped) + " more");
+}
+
+TEST(CheckTest, RefcountPastEndOfFileIsNotReportedLikeQemu) {
+  CBT_REQUIRE_QEMU();
+  TempDir d;
+  std::string p = d / "q.qcow2";
+  ASSERT_EQ(Sh("qemu-img create -q -f qcow2 " + p + " 64M").exit_code, 0);
+  {
+    auto img = std::move(Image::Open(OpenFile(p, true), {.writable = true})).value();
+    // Cluster 20 is far past the end of the (4-cluster) file.
+    ASSERT_OK(img->refcounts().Set(20, 1));
+    ASSERT_OK(img->io()->flush());
+  }
+  auto q = Sh("qemu-img check " + p);
+  EXPECT_EQ(q.exit_code, 0) << q.out;
+  auto img = std::move(Image::Open(OpenFile(p, false))).value();
+  auto rep = Check(*img, false);
+  ASSERT_TRUE(rep.ok());
+  EXPECT_EQ(rep->ExitCode(), q.exit_code);
+  EXPECT_EQ(rep->leaks, 0u);
 }
 
 }  // namespace

@@ -39,7 +39,12 @@ inline constexpr uint64_t kIncompatKnown = 0x1f;
 inline constexpr uint64_t kCompatLazyRefcounts = 1ull << 0;
 inline constexpr uint64_t kAutoclearBitmaps = 1ull << 0;
 inline constexpr uint64_t kAutoclearDataFileRaw = 1ull << 1;
-inline constexpr uint64_t kAutoclearKnown = 0x3;
+// cbt's own autoclear bit: set while cbt's crash-safety record (a private
+// header extension, engine/intent_map.h) describes every change. QEMU clears
+// unknown autoclear bits when it writes the file, which invalidates the
+// record exactly when it stops being true. Bit 62: far from QEMU's bits.
+inline constexpr uint64_t kAutoclearCbtIntent = 1ull << 62;
+inline constexpr uint64_t kAutoclearKnown = 0x3 | kAutoclearCbtIntent;
 
 // --- header extensions ---
 inline constexpr uint32_t kExtEnd = 0x00000000;

@@ -2,6 +2,7 @@
 #include "qcow2/header.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -160,6 +161,23 @@ Result<Header> ParseHeader(std::span<const std::byte> buf, std::string_view ctx)
     return Bad(ctx, "L1 table offset " + Hex(h.l1_table_offset) + " not cluster aligned");
   if (uint64_t{h.l1_size} * 8 > kMaxL1Bytes)
     return Bad(ctx, "L1 size " + std::to_string(h.l1_size) + " too large");
+  // QEMU 7.2 qcow2_do_open: the active L1 table must have an entry for
+  // every L2 table the virtual size needs (size_to_l1, with its uint64
+  // wrap-around kept), that count must fit an int, and the table's end must
+  // not pass INT64_MAX.
+  {
+    const uint32_t l2_bits = h.cluster_bits - ((h.incompatible & kIncompatExtendedL2) ? 4u : 3u);
+    const uint32_t shift = h.cluster_bits + l2_bits;
+    const uint64_t needed = (h.size + ((uint64_t{1} << shift) - 1)) >> shift;
+    if (needed > uint64_t{INT32_MAX})
+      return Bad(ctx, "image is too big (virtual size " + std::to_string(h.size) + ")");
+    if (h.l1_size < needed)
+      return Bad(ctx, "L1 table is too small (" + std::to_string(h.l1_size) + " entries; " +
+                          std::to_string(needed) + " needed for virtual size " +
+                          std::to_string(h.size) + ")");
+    if (uint64_t{INT64_MAX} - uint64_t{h.l1_size} * 8 < h.l1_table_offset)
+      return Bad(ctx, "L1 table offset " + Hex(h.l1_table_offset) + " invalid");
+  }
   if (uint64_t{h.refcount_table_clusters} * cs > kMaxRefcountTableBytes)
     return Bad(ctx, "refcount table too large");
   if (h.nb_snapshots && h.snapshots_offset % cs != 0)

@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cctype>
 #include <cstring>
 
 #include "common/endian.h"
@@ -208,6 +209,78 @@ TEST(HeaderTest, ForeignLayoutSwitchClearsBitFirst) {
   EXPECT_EQ(reopened->Bitmaps().size(), 2u);
   EXPECT_EQ(reopened->header().bitmaps_ext_offset, 112u);
   ASSERT_NE(reopened->header().FindExtension(0x77777777), nullptr);
+}
+
+// QEMU's qcow2_do_open rule: l1_size >= size_to_l1(size), which must fit an
+// int. Message fragment expected from both QEMU and us per case.
+TEST(HeaderTest, L1SizeMustCoverTheVirtualSize) {
+  Header h = Sample();  // 1 GiB, 64 KiB clusters: 2 L2 tables' worth
+  h.l1_size = 1;
+  auto st = ParseHeader(*SerializeHeader(h), "t").status();
+  EXPECT_TRUE(st.IsCorruption());
+  EXPECT_NE(st.message().find("L1 table is too small"), std::string::npos) << st.ToString();
+  h.l1_size = 2;
+  EXPECT_TRUE(ParseHeader(*SerializeHeader(h), "t").ok());
+  h.incompatible = kIncompatExtendedL2;  // 16-byte L2 entries: 4 needed
+  EXPECT_TRUE(ParseHeader(*SerializeHeader(h), "t").status().IsCorruption());
+  h.l1_size = 4;
+  EXPECT_TRUE(ParseHeader(*SerializeHeader(h), "t").ok());
+  h = Sample();
+  h.size = 0;
+  h.l1_size = 0;
+  EXPECT_TRUE(ParseHeader(*SerializeHeader(h), "t").ok());
+  h.l1_table_offset = uint64_t{1} << 63;  // table end past INT64_MAX
+  EXPECT_TRUE(ParseHeader(*SerializeHeader(h), "t").status().IsCorruption());
+}
+
+TEST(HeaderTest, L1SizeRulesAgreeWithQemu) {
+  CBT_REQUIRE_QEMU();
+  using testing::Sh;
+  testing::TempDir d;
+  struct Case {
+    uint32_t cluster_size;
+    uint64_t size;  // patched into the header
+    uint32_t l1_size;
+    const char* qemu_says;  // nullptr: opens
+  } cases[] = {
+      {65536, 1 << 20, 0, "L1 table is too small"},  // fuzz finding
+      {65536, 1 << 20, 1, nullptr},
+      {65536, (uint64_t{1} << 29) + 512, 1, "L1 table is too small"},
+      {512, uint64_t{1} << 46, 1, "Image is too big"},
+      {512, (uint64_t{1} << 46) - (1 << 15), 1, "L1 table is too small"},
+  };
+  int n = 0;
+  for (const Case& c : cases) {
+    std::string p = d / ("c" + std::to_string(n++));
+    ASSERT_EQ(Sh("qemu-img create -q -f qcow2 -o cluster_size=" + std::to_string(c.cluster_size) +
+                 " " + p + " 1M")
+                  .exit_code,
+              0);
+    {
+      auto f = testing::OpenFile(p, true);
+      std::byte b[8];
+      StoreBE64(b, c.size);
+      ASSERT_OK(f->pwrite(b, 24));
+      StoreBE32(b, c.l1_size);
+      ASSERT_OK(f->pwrite(std::span(b).first(4), 36));
+    }
+    auto q = Sh("qemu-img info " + p);
+    auto img = Image::Open(testing::OpenFile(p, false));
+    if (!c.qemu_says) {
+      EXPECT_EQ(q.exit_code, 0) << q.out;
+      EXPECT_TRUE(img.ok()) << img.status().ToString();
+      continue;
+    }
+    EXPECT_NE(q.exit_code, 0);
+    EXPECT_NE(q.out.find(c.qemu_says), std::string::npos) << q.out;
+    ASSERT_FALSE(img.ok()) << p;
+    EXPECT_TRUE(img.status().IsCorruption());
+    std::string msg = img.status().message();
+    std::string want = c.qemu_says;
+    want[0] = static_cast<char>(std::tolower(want[0]));  // "image is too big"
+    EXPECT_TRUE(msg.find(c.qemu_says) != std::string::npos || msg.find(want) != std::string::npos)
+        << msg;
+  }
 }
 
 }  // namespace

@@ -648,4 +648,81 @@ Status Image::RemoveExtension(uint32_t type) {
   return SwitchHeader(std::move(next));
 }
 
+Status Image::RewriteExtensionInPlace(uint32_t type, std::span<const std::byte> data) {
+  CBT_RETURN_IF_ERROR(RequireWritable("rewrite header extension"));
+  if (IsReservedExtension(type))
+    return Status::InvalidArgument(ctx_ + ": header extension " + Hex(type) + " is reserved");
+  HeaderExtension* ext = nullptr;
+  for (HeaderExtension& e : header_.extensions)
+    if (e.type == type) ext = &e;
+  if (!ext) return Status::NotFound(ctx_ + ": no header extension " + Hex(type));
+  if (ext->data.size() != data.size())
+    return Status::InvalidArgument(ctx_ + ": header extension " + Hex(type) + ": size " +
+                                   std::to_string(data.size()) + " differs from the stored " +
+                                   std::to_string(ext->data.size()));
+  // Find it where it sits on disk: QEMU may have reordered the extensions.
+  const std::vector<std::byte>& h = header_on_disk_;
+  uint64_t off = LoadBE32(h.data() + 100);  // header_length
+  uint64_t at = 0;
+  while (off + 8 <= h.size()) {
+    uint32_t t = LoadBE32(h.data() + off);
+    uint32_t len = LoadBE32(h.data() + off + 4);
+    if (t == 0) break;
+    if (t == type) {
+      if (len != data.size() || off + 8 + len > h.size()) break;
+      at = off + 8;
+      break;
+    }
+    off += 8 + ((uint64_t{len} + 7) & ~uint64_t{7});
+  }
+  if (at == 0) return Status::Corruption(ctx_ + ": header extension " + Hex(type) + " not found in cluster 0");
+  size_t first = data.size(), last = 0;
+  for (size_t i = 0; i < data.size(); ++i) {
+    if (h[at + i] != data[i]) {
+      if (first == data.size()) first = i;
+      last = i;
+    }
+  }
+  if (first == data.size()) return Status::OK();
+  CBT_RETURN_IF_ERROR(io_->pwrite(data.subspan(first, last - first + 1), at + first));
+  std::copy(data.begin(), data.end(), header_on_disk_.begin() + static_cast<ptrdiff_t>(at));
+  ext->data.assign(data.begin(), data.end());
+  return Status::OK();
+}
+
+Status Image::AdoptInconsistent(std::string_view name) {
+  int i = IndexOf(name);
+  if (i < 0) return Find(name).status();
+  if (!inconsistent_[i]) return Status::OK();
+  const BitmapDirEntry& e = entries_[i];
+  uint64_t want = ExpectedTableSize(virtual_size(), e.granularity_bits, header_.cluster_bits);
+  if (e.table_size != want)
+    return Status::Corruption(ctx_ + ": bitmap '" + e.name + "' has " +
+                              std::to_string(e.table_size) + " table entries, the disk needs " +
+                              std::to_string(want));
+  inconsistent_[i] = false;
+  return Status::OK();
+}
+
+Status Image::SetPrivateRecord(uint32_t type, std::vector<std::byte> data) {
+  CBT_RETURN_IF_ERROR(RequireWritable("set private record"));
+  if (IsReservedExtension(type))
+    return Status::InvalidArgument(ctx_ + ": header extension " + Hex(type) + " is reserved");
+  Header next = header_;
+  next.SetExtension(type, std::move(data));
+  next.autoclear |= kAutoclearCbtIntent;
+  return SwitchHeader(std::move(next));
+}
+
+Status Image::RemovePrivateRecord(uint32_t type) {
+  CBT_RETURN_IF_ERROR(RequireWritable("remove private record"));
+  Header next = header_;
+  bool had = next.RemoveExtension(type);
+  if (!had && !(next.autoclear & kAutoclearCbtIntent)) return Status::OK();
+  next.autoclear &= ~kAutoclearCbtIntent;
+  return SwitchHeader(std::move(next));
+}
+
+bool Image::private_record_vouched() const { return header_.autoclear & kAutoclearCbtIntent; }
+
 }  // namespace cbt::qcow2

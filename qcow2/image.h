@@ -172,6 +172,29 @@ class Image {
   Status SetExtension(uint32_t type, std::vector<std::byte> data);
   Status RemoveExtension(uint32_t type);
 
+  // A private record: header extension `type` vouched for by autoclear bit
+  // kAutoclearCbtIntent, set or removed together in one header switch
+  // (flushed). Programs that do not know the bit clear it when they write
+  // the file, so a record whose bit is clear must not be trusted.
+  Status SetPrivateRecord(uint32_t type, std::vector<std::byte> data);
+  Status RemovePrivateRecord(uint32_t type);
+  bool private_record_vouched() const;
+
+  // Rewrites the data of existing private extension `type` in place, at its
+  // current position in cluster 0, when the new data has the same length:
+  // only the bytes that differ are written (each sector they span is written
+  // whole by the device, so a torn write leaves every sector old or new).
+  // Not flushed. For records updated on the write path (engine/intent_map).
+  // Failure: NotFound (absent), InvalidArgument (length differs), IOError.
+  Status RewriteExtensionInPlace(uint32_t type, std::span<const std::byte> data);
+
+  // Treats bitmap `name`, found in_use when the file was opened, as
+  // consistent: the caller holds its own crash-safety record showing the
+  // stored bits are a subset of the truth, and will make them a superset and
+  // rewrite them. Checks the table size as for a consistent bitmap.
+  // Failure: NotFound, Corruption (table size wrong for the disk).
+  Status AdoptInconsistent(std::string_view name);
+
   // Total bytes written through this image so far.
   uint64_t bytes_written() const;
 

@@ -60,7 +60,18 @@ Result<std::vector<std::byte>*> Refcounts::Block(uint64_t b) {
   auto it = blocks_.find(b);
   if (it != blocks_.end()) return &it->second;
   std::vector<std::byte> blk(cs_);
-  CBT_RETURN_IF_ERROR(ReadMeta(io_, blk, table_[b], ctx_, "refcount block"));
+  Status s = io_->pread(blk, table_[b]);
+  if (s.IsOutOfRange()) {
+    // A block in a last cluster the file holds only in part reads zero
+    // padded, as in QEMU (the zeros are written on the first change). One
+    // that starts at or past the end of the file is truncation.
+    CBT_ASSIGN_OR_RETURN(uint64_t fsize, io_->size());
+    if (table_[b] >= fsize)
+      return Status::Corruption(ctx_ + ": refcount block at " + Hex(table_[b]) + " truncated");
+    uint64_t have = std::min<uint64_t>(cs_, fsize - table_[b]);
+    s = io_->pread(std::span(blk).first(have), table_[b]);
+  }
+  CBT_RETURN_IF_ERROR(s);
   return &blocks_.emplace(b, std::move(blk)).first->second;
 }
 

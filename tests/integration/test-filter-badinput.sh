@@ -37,6 +37,7 @@ expect_refusal "size mismatch" --filter="$FILTER" file "$T/small.raw" cbt-file="
 
 # Already opened for writing by another nbdkit ...
 start_nbdkit "$T/sock" "${base[@]}" cbt-bitmap=b0
+sum=$(md5sum <"$T/disk.cbt")
 expect_refusal "writ" "${base[@]}" cbt-bitmap=b0
 stop_nbdkit "$NBDKIT_PID"
 sum=$(md5sum <"$T/disk.cbt")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# cbt-durability=none (QEMU's semantics):
+# cbt-durability=none (QEMU's semantics; process/power: tests/crash/):
 #  - write, flush, kill -9 with nothing written after the flush: the bitmap is
 #    clean (no in-use) and exact;
 #  - kill -9 after unflushed writes: the next start refuses the bitmap and
@@ -7,7 +7,8 @@
 source "$(dirname "$0")/lib.sh"
 
 truncate -s 64M "$T/disk.raw"
-args=(--filter="$FILTER" file "$T/disk.raw" cbt-file="$T/disk.cbt" cbt-bitmap=b0 cbt-create=true)
+args=(--filter="$FILTER" file "$T/disk.raw" cbt-file="$T/disk.cbt" cbt-bitmap=b0 cbt-create=true
+      cbt-durability=none)
 
 start_nbdkit "$T/sock" "${args[@]}"
 # The final flush persists; the client then stays connected (no disconnect).
