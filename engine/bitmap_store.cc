@@ -4,18 +4,18 @@
 
 namespace cbt {
 
-Result<std::unique_ptr<DirtyBitmap>> NewBitmapLike(const qcow2::Image& img,
-                                                   std::string_view name, uint64_t disk_size) {
+Result<std::unique_ptr<DirtyBitmap>> NewBitmapLike(const qcow2::Image& img, std::string_view name,
+                                                   uint64_t disk_size) {
   CBT_ASSIGN_OR_RETURN(qcow2::BitmapInfo info, img.Find(name));
   if (disk_size == 0) disk_size = img.virtual_size();
-  CBT_ASSIGN_OR_RETURN(
-      std::unique_ptr<DirtyBitmap> b,
-      DirtyBitmap::Create(disk_size, info.granularity(), static_cast<uint32_t>(img.cluster_size())));
+  CBT_ASSIGN_OR_RETURN(std::unique_ptr<DirtyBitmap> b,
+                       DirtyBitmap::Create(disk_size, info.granularity(),
+                                           static_cast<uint32_t>(img.cluster_size())));
   if (info.consistent && b->chunk_count() != info.table_size)
-    return Status::InvalidArgument(
-        img.name() + ": bitmap '" + std::string(name) + "' has " +
-        std::to_string(info.table_size) + " table entries but a disk of " +
-        std::to_string(disk_size) + " bytes needs " + std::to_string(b->chunk_count()));
+    return Status::InvalidArgument(img.name() + ": bitmap '" + std::string(name) + "' has " +
+                                   std::to_string(info.table_size) +
+                                   " table entries but a disk of " + std::to_string(disk_size) +
+                                   " bytes needs " + std::to_string(b->chunk_count()));
   return b;
 }
 

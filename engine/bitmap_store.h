@@ -30,8 +30,7 @@ class DirtyBitmapSource final : public qcow2::BitmapDataSource {
 // A new, empty DirtyBitmap shaped like stored bitmap `name` of `img`
 // (granularity and cluster size) for a disk of `disk_size` bytes.
 // disk_size defaults to the image's virtual size.
-Result<std::unique_ptr<DirtyBitmap>> NewBitmapLike(const qcow2::Image& img,
-                                                   std::string_view name,
+Result<std::unique_ptr<DirtyBitmap>> NewBitmapLike(const qcow2::Image& img, std::string_view name,
                                                    uint64_t disk_size = 0);
 
 // Reads stored bitmap `name` into a new DirtyBitmap (see NewBitmapLike).

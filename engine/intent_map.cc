@@ -72,8 +72,9 @@ Result<std::unique_ptr<IntentMap>> IntentMap::Create(uint64_t disk_size, IntentM
     if (RecordBytes(RegionsFor(disk_size, bits)) <= max_bytes)
       return std::unique_ptr<IntentMap>(new IntentMap(disk_size, mode, boot, bits));
   }
-  return Status::InvalidArgument("crash-safety record: no room for it in the container's first "
-                                 "cluster; use a larger cluster size");
+  return Status::InvalidArgument(
+      "crash-safety record: no room for it in the container's first "
+      "cluster; use a larger cluster size");
 }
 
 Result<std::unique_ptr<IntentMap>> IntentMap::Parse(std::span<const std::byte> rec) {
@@ -106,7 +107,9 @@ Result<std::unique_ptr<IntentMap>> IntentMap::Parse(std::span<const std::byte> r
   return m;
 }
 
-size_t IntentMap::record_bytes() const { return RecordBytes(nregions_); }
+size_t IntentMap::record_bytes() const {
+  return RecordBytes(nregions_);
+}
 
 bool IntentMap::AllDurable(uint64_t first, uint64_t last) const {
   for (uint64_t r = first; r <= last; ++r)
@@ -114,7 +117,9 @@ bool IntentMap::AllDurable(uint64_t first, uint64_t last) const {
   return true;
 }
 
-void IntentMap::Want(uint64_t first, uint64_t last) { SetRange(wanted_.get(), first, last); }
+void IntentMap::Want(uint64_t first, uint64_t last) {
+  SetRange(wanted_.get(), first, last);
+}
 
 std::vector<uint64_t> IntentMap::Snapshot() const {
   std::vector<uint64_t> v(words());

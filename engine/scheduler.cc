@@ -26,8 +26,10 @@ void PersistScheduler::Run() {
     lock.unlock();
     // On failure the changes stay pending; the next round retries.
     Status s = tracker_.Persist();
-    if (s.ok()) spdlog::debug("periodic persist done");
-    else spdlog::error("periodic persist failed: {}", s.message());
+    if (s.ok())
+      spdlog::debug("periodic persist done");
+    else
+      spdlog::error("periodic persist failed: {}", s.message());
     lock.lock();
   }
 }

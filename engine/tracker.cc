@@ -22,27 +22,43 @@
 #include "engine/tracker.h"
 
 #include <spdlog/spdlog.h>
-
 #include <unistd.h>
 
 #include <bit>
+#include <cstdlib>
 #include <map>
 #include <thread>
 
 #include "common/posix_file.h"
 #include "engine/bitmap_store.h"
+#include "engine/volatile_io.h"
 #include "qcow2/lock.h"
 
 namespace cbt {
 
 namespace {
 
-uint64_t RoundUp512(uint64_t v) { return (v + 511) & ~uint64_t{511}; }
+uint64_t RoundUp512(uint64_t v) {
+  return (v + 511) & ~uint64_t{511};
+}
+
+// TEST ONLY: the crash torture simulates power cuts by routing container
+// writes through a volatile cache (engine/volatile_io.h). Off unless the
+// environment variable is set.
+Result<std::shared_ptr<BlockIO>> MaybeVolatile(std::unique_ptr<PosixFile> f) {
+  const char* j = std::getenv("CBT_TEST_VOLATILE_JOURNAL");
+  if (!j || !*j) return std::shared_ptr<BlockIO>(std::move(f));
+  spdlog::warn("TEST ONLY: container writes go through a volatile cache ({})", j);
+  CBT_ASSIGN_OR_RETURN(std::unique_ptr<VolatileBlockIO> v, VolatileBlockIO::Wrap(std::move(f), j));
+  return std::shared_ptr<BlockIO>(std::move(v));
+}
 
 std::string RecoveryHint(const std::string& file, const std::string& name) {
   return "bitmap '" + name + "' in " + file +
          " was not closed cleanly (in-use flag set) and cannot be trusted; remove it with "
-         "'cbt bitmap " + file + " " + name + " --remove' (then re-add it and take a full "
+         "'cbt bitmap " +
+         file + " " + name +
+         " --remove' (then re-add it and take a full "
          "backup), or use cbt-durability=process/power next time to survive crashes";
 }
 
@@ -76,8 +92,7 @@ Result<std::unique_ptr<Tracker>> Tracker::Prepare(const TrackerOptions& opts) {
 // page cache survived, so every record write landed).
 bool Tracker::RecordRecoverable() const {
   if (!found_record_) return false;
-  return found_record_->mode() == IntentMode::kPower ||
-         found_record_->boot_id() == CurrentBootId();
+  return found_record_->mode() == IntentMode::kPower || found_record_->boot_id() == CurrentBootId();
 }
 
 Tracker::~Tracker() = default;
@@ -86,8 +101,8 @@ Tracker::~Tracker() = default;
 // exist and may be created (Attach creates it).
 Status Tracker::OpenContainer() {
   const std::string& path = opts_.container_path;
-  auto file = PosixFile::Open(path, opts_.readonly ? PosixFile::Mode::kReadOnly
-                                                   : PosixFile::Mode::kReadWrite);
+  auto file = PosixFile::Open(
+      path, opts_.readonly ? PosixFile::Mode::kReadOnly : PosixFile::Mode::kReadWrite);
   if (!file.ok() && file.status().IsNotFound()) {
     if (!opts_.create || opts_.readonly)
       return Status::NotFound("cbt-file=" + path +
@@ -97,11 +112,13 @@ Status Tracker::OpenContainer() {
   if (!file.ok()) return file.status().WithContext("cbt-file");
   // QEMU's locks: refuse a file another writer (qemu-nbd, another nbdkit)
   // holds, and make QEMU tools refuse ours while we serve.
-  CBT_RETURN_IF_ERROR(qcow2::LockImage(
-      (*file)->fd(), path, opts_.readonly ? qcow2::LockMode::kReadOnly : qcow2::LockMode::kReadWrite));
+  CBT_RETURN_IF_ERROR(
+      qcow2::LockImage((*file)->fd(), path,
+                       opts_.readonly ? qcow2::LockMode::kReadOnly : qcow2::LockMode::kReadWrite));
   qcow2::OpenOptions oo;
   oo.writable = !opts_.readonly;
-  auto img = qcow2::Image::Open(std::shared_ptr<BlockIO>(std::move(file).value()), oo);
+  CBT_ASSIGN_OR_RETURN(std::shared_ptr<BlockIO> io, MaybeVolatile(std::move(file).value()));
+  auto img = qcow2::Image::Open(std::move(io), oo);
   if (!img.ok()) return img.status().WithContext("cbt-file");
   image_ = std::move(img).value();
   return Status::OK();
@@ -120,8 +137,8 @@ Status Tracker::CheckBitmaps() const {
       continue;
     }
     if (!info->enabled)
-      return Status::InvalidArgument("cbt-bitmap=" + name + ": the bitmap is disabled in " +
-                                     path + "; enable it with 'cbt bitmap " + path + " " + name +
+      return Status::InvalidArgument("cbt-bitmap=" + name + ": the bitmap is disabled in " + path +
+                                     "; enable it with 'cbt bitmap " + path + " " + name +
                                      " --enable' or choose another");
   }
   for (const qcow2::BitmapInfo& info : image_->Bitmaps()) {
@@ -133,9 +150,9 @@ Status Tracker::CheckBitmaps() const {
             "restarted since, so it may have lost records (cbt-durability=power survives that)");
       return Status::Corruption(RecoveryHint(path, info.name));
     }
-    if (!info.consistent)
-      spdlog::warn("{}: disabled bitmap '{}' is inconsistent (in-use); leaving it untouched",
-                   path, info.name);
+    if (!info.enabled && !info.consistent)
+      spdlog::warn("{}: disabled bitmap '{}' is inconsistent (in-use); leaving it untouched", path,
+                   info.name);
   }
   return Status::OK();
 }
@@ -151,7 +168,8 @@ Status Tracker::Attach(uint64_t disk_size) {
     qcow2::CreateOptions co;
     co.virtual_size = disk_size_;
     co.cluster_size = opts_.cluster_size;
-    auto img = qcow2::Image::Create(std::shared_ptr<BlockIO>(std::move(nf).value()), co);
+    CBT_ASSIGN_OR_RETURN(std::shared_ptr<BlockIO> io, MaybeVolatile(std::move(nf).value()));
+    auto img = qcow2::Image::Create(std::move(io), co);
     if (!img.ok()) {
       ::unlink(path.c_str());  // we made it; leave nothing half-built behind
       return img.status().WithContext("cbt-file=" + path + ": create");
@@ -260,10 +278,9 @@ Status Tracker::ArmLocked() {
   if (!intents_) {
     CBT_RETURN_IF_ERROR(image_->RemovePrivateRecord(kIntentExtensionType).WithContext("cbt-file"));
   } else {
-    Status s = image_->SetPrivateRecord(kIntentExtensionType,
-                                        intents_->Serialize(intents_->Snapshot()));
-    if (!s.ok())
-      return s.WithContext("cbt-file=" + opts_.container_path + ": crash-safety record");
+    Status s =
+        image_->SetPrivateRecord(kIntentExtensionType, intents_->Serialize(intents_->Snapshot()));
+    if (!s.ok()) return s.WithContext("cbt-file=" + opts_.container_path + ": crash-safety record");
     spdlog::debug("crash-safety record armed: {} regions of {} bytes", intents_->region_count(),
                   uint64_t{1} << intents_->region_bits());
   }

@@ -45,14 +45,14 @@ struct TrackerOptions {
   uint64_t granularity = 65536;      // for bitmaps we create
   uint32_t cluster_size = 65536;     // for a container we create
   Durability durability = Durability::kPower;
-  bool readonly = false;             // never write the container
+  bool readonly = false;  // never write the container
 };
 
 struct TrackerStats {
-  uint64_t persists = 0;        // Persist() calls that wrote something
-  uint64_t bytes_written = 0;   // container bytes written by persists
-  uint64_t in_use_sets = 0;     // times the P2 gate wrote in_use
-  uint64_t intent_writes = 0;   // crash-safety record writes (process/power)
+  uint64_t persists = 0;            // Persist() calls that wrote something
+  uint64_t bytes_written = 0;       // container bytes written by persists
+  uint64_t in_use_sets = 0;         // times the P2 gate wrote in_use
+  uint64_t intent_writes = 0;       // crash-safety record writes (process/power)
   uint64_t recovered_granules = 0;  // granules crash recovery added at open
 };
 

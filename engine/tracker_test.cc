@@ -147,7 +147,6 @@ TEST_F(TrackerTest, BitmapLeftInUseIsRefusedWithRecoveryHint) {
   EXPECT_NE(t.status().message().find("--remove"), std::string::npos);
 }
 
-
 // ---- crash-proof modes (process, power) ----
 
 TEST_F(TrackerTest, PowerModeRecordsTheRegionBeforeTheChange) {

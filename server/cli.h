@@ -50,5 +50,6 @@ int RunInfo(const std::vector<std::string>& args);
 int RunBitmap(const std::vector<std::string>& args);
 int RunMap(const std::vector<std::string>& args);
 int RunCheck(const std::vector<std::string>& args);
+int RunRecover(const std::vector<std::string>& args);
 
 }  // namespace cbt::cli

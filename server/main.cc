@@ -29,6 +29,7 @@ constexpr Command kCommands[] = {
      "add, remove, clear, enable, disable or merge bitmaps (as qemu-img bitmap)"},
     {"map", cbt::cli::RunMap, "list the dirty extents of a bitmap"},
     {"check", cbt::cli::RunCheck, "check (and repair) a qcow2 file (as qemu-img check)"},
+    {"recover", cbt::cli::RunRecover, "make a bitmap left in use by a crash usable again"},
 };
 
 void PrintUsage(FILE* out) {

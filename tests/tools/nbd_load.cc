@@ -116,10 +116,18 @@ int RunConnection(const Options& o, unsigned conn, uint64_t size) {
     nbd_completion_callback cb = {.callback = Done, .user_data = r, .free = nullptr};
     int64_t cookie;
     switch (r->op) {
-      case 'W': cookie = nbd_aio_pwrite(h, buf.data(), r->len, r->off, cb, 0); break;
-      case 'Z': cookie = nbd_aio_zero(h, r->len, r->off, cb, 0); break;
-      case 'T': cookie = nbd_aio_trim(h, r->len, r->off, cb, 0); break;
-      default: cookie = nbd_aio_flush(h, cb, 0); break;
+      case 'W':
+        cookie = nbd_aio_pwrite(h, buf.data(), r->len, r->off, cb, 0);
+        break;
+      case 'Z':
+        cookie = nbd_aio_zero(h, r->len, r->off, cb, 0);
+        break;
+      case 'T':
+        cookie = nbd_aio_trim(h, r->len, r->off, cb, 0);
+        break;
+      default:
+        cookie = nbd_aio_flush(h, cb, 0);
+        break;
     }
     if (cookie == -1) {
       fprintf(stderr, "nbd_load: submit: %s\n", nbd_get_error());
@@ -187,26 +195,40 @@ int main(int argc, char** argv) {
       if (i + 1 >= argc) Usage();
       return argv[++i];
     };
-    if (a == "--socket") o.socket = val();
-    else if (a == "--seed") o.seed = std::stoull(val());
-    else if (a == "--ops") o.ops = std::stoull(val());
-    else if (a == "--qd") o.qd = static_cast<unsigned>(std::stoul(val()));
-    else if (a == "--connections") o.connections = static_cast<unsigned>(std::stoul(val()));
-    else if (a == "--granularity") o.granularity = std::stoull(val());
-    else if (a == "--flush-every") o.flush_every = static_cast<unsigned>(std::stoul(val()));
-    else if (a == "--max-len") o.max_len = std::stoull(val());
+    if (a == "--socket")
+      o.socket = val();
+    else if (a == "--seed")
+      o.seed = std::stoull(val());
+    else if (a == "--ops")
+      o.ops = std::stoull(val());
+    else if (a == "--qd")
+      o.qd = static_cast<unsigned>(std::stoul(val()));
+    else if (a == "--connections")
+      o.connections = static_cast<unsigned>(std::stoul(val()));
+    else if (a == "--granularity")
+      o.granularity = std::stoull(val());
+    else if (a == "--flush-every")
+      o.flush_every = static_cast<unsigned>(std::stoul(val()));
+    else if (a == "--max-len")
+      o.max_len = std::stoull(val());
     else if (a == "--region") {
       std::string v = val();
       size_t c = v.find(':');
       if (c == std::string::npos) Usage();
       o.region_offset = std::stoull(v.substr(0, c));
       o.region_length = std::stoull(v.substr(c + 1));
-    } else if (a == "--expected") o.expected = val();
-    else if (a == "--log") o.log = val();
-    else if (a == "--allow-errors") o.allow_errors = true;
-    else if (a == "--no-final-flush") o.final_flush = false;
-    else if (a == "--hold-file") o.hold_file = val();
-    else Usage();
+    } else if (a == "--expected")
+      o.expected = val();
+    else if (a == "--log")
+      o.log = val();
+    else if (a == "--allow-errors")
+      o.allow_errors = true;
+    else if (a == "--no-final-flush")
+      o.final_flush = false;
+    else if (a == "--hold-file")
+      o.hold_file = val();
+    else
+      Usage();
   }
   if (o.socket.empty() || o.connections == 0 || o.qd == 0) Usage();
 

@@ -18,13 +18,20 @@ namespace {
 
 const char* ErrnoName(int e) {
   switch (e) {
-    case ENOSPC: return "ENOSPC";
-    case EIO: return "EIO";
-    case EPERM: return "EPERM";
-    case EINVAL: return "EINVAL";
-    case ESHUTDOWN: return "ESHUTDOWN";
-    case EROFS: return "EROFS";
-    default: return "E?";
+    case ENOSPC:
+      return "ENOSPC";
+    case EIO:
+      return "EIO";
+    case EPERM:
+      return "EPERM";
+    case EINVAL:
+      return "EINVAL";
+    case ESHUTDOWN:
+      return "ESHUTDOWN";
+    case EROFS:
+      return "EROFS";
+    default:
+      return "E?";
   }
 }
 
@@ -54,9 +61,15 @@ int main(int argc, char** argv) {
           buf.assign(len, static_cast<char>(0xa5));
           r = nbd_pwrite(h, buf.data(), len, off, 0);
           break;
-        case 'z': r = nbd_zero(h, len, off, 0); break;
-        case 't': r = nbd_trim(h, len, off, 0); break;
-        default: fprintf(stderr, "nbd_ops: bad op %s\n", op.c_str()); return 2;
+        case 'z':
+          r = nbd_zero(h, len, off, 0);
+          break;
+        case 't':
+          r = nbd_trim(h, len, off, 0);
+          break;
+        default:
+          fprintf(stderr, "nbd_ops: bad op %s\n", op.c_str());
+          return 2;
       }
     } else {
       fprintf(stderr, "nbd_ops: bad op %s\n", op.c_str());

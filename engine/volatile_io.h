@@ -1,0 +1,53 @@
+// VolatileBlockIO: a TEST-ONLY BlockIO decorator that simulates a disk cache
+// lost in a power cut, for the crash torture (tests/crash/).
+//
+// Writes are not passed down until flush(): they are kept in memory (reads
+// see them, in order) and appended to a journal file. flush() applies them
+// in order, flushes the file and empties the journal. After the process is
+// killed, tests/tools/powercut_replay.cc applies an arbitrary subset of the
+// journal (reordered, torn at 512-byte sectors) to the real file: what a
+// power cut may leave of writes that no flush covered.
+//
+// Enabled only when the environment variable CBT_TEST_VOLATILE_JOURNAL names
+// the journal file (engine/tracker.cc); never in normal use.
+// Journal: "CBTJCONT" then records [u64 offset][u64 length][data], little
+// endian. Threading: one mutex around everything.
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "common/block_io.h"
+
+namespace cbt {
+
+class VolatileBlockIO final : public BlockIO {
+ public:
+  // Failure: IOError creating the journal.
+  static Result<std::unique_ptr<VolatileBlockIO>> Wrap(std::unique_ptr<BlockIO> inner,
+                                                       const std::string& journal);
+  ~VolatileBlockIO() override;
+
+  Status pread(std::span<std::byte> out, uint64_t offset) override;
+  Status pwrite(std::span<const std::byte> in, uint64_t offset) override;
+  Status flush() override;
+  Result<uint64_t> size() override;
+  Status resize(uint64_t new_size) override;
+  const char* name() const override { return inner_->name(); }
+
+ private:
+  VolatileBlockIO(std::unique_ptr<BlockIO> inner, int fd) : inner_(std::move(inner)), fd_(fd) {}
+  Status ApplyLocked();
+  struct Pending {
+    uint64_t offset;
+    std::vector<std::byte> data;
+  };
+  std::mutex mu_;  // guards everything below
+  std::unique_ptr<BlockIO> inner_;
+  int fd_;
+  std::vector<Pending> pending_;
+};
+
+}  // namespace cbt
