@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # fio (nbd engine, unix socket, QD16) against nbdkit's file plugin with and
-# without the cbt filter, and against qemu-nbd serving a qcow2 with an
+# without the cbt filter (each durability mode), and against qemu-nbd serving a qcow2 with an
 # enabled persistent bitmap. All servers run side by side on their own
 # preallocated disks; each round runs every workload on every server in turn,
 # and the table reports the median of the rounds, with ratios to the bare
@@ -34,37 +34,47 @@ fio_run() {
 }
 warm() { fio_run warm "$1" write 1M --runtime=0 --time_based=0; }
 
-for n in bare cbt qemu; do
+for n in bare none process power qemu; do
   truncate -s 1G "$d/$n.raw"
   dd if=/dev/zero of="$d/$n.raw" bs=1M count=1024 conv=notrunc status=none
 done
 start "$d/bare.sock" nbdkit -f -U "$d/bare.sock" file "$d/bare.raw"
-start "$d/cbt.sock" nbdkit -f -U "$d/cbt.sock" --filter="$filter" file "$d/cbt.raw" \
-  cbt-file="$d/cbt.cbt" cbt-bitmap=b0 cbt-create=true
-warm "$d/cbt.sock"  # steady state: every granule already dirty and persisted
+for m in none process power; do  # one steady-state cbt server per durability mode
+  start "$d/$m.sock" nbdkit -f -U "$d/$m.sock" --filter="$filter" file "$d/$m.raw" \
+    cbt-file="$d/$m.cbt" cbt-bitmap=b0 cbt-create=true cbt-durability=$m
+  warm "$d/$m.sock"  # every granule dirty and persisted
+done
 qemu-img create -q -f qcow2 -o preallocation=metadata "$d/q.qcow2" 1G
 qemu-img bitmap --add "$d/q.qcow2" b0
-start "$d/q.sock" qemu-nbd -t -f qcow2 -k "$d/q.sock" "$d/q.qcow2"
-warm "$d/q.sock"
+start "$d/qemu.sock" qemu-nbd -t -f qcow2 -k "$d/qemu.sock" "$d/q.qcow2"
+warm "$d/qemu.sock"
+
+# First touches: a new container on a fresh 64 GiB sparse disk (1M granules,
+# 1024 intent regions), so most writes of the run hit a clean granule.
+fresh() {  # fresh NAME [filter args...]
+  local name=$1; shift
+  rm -f "$d/fresh.cbt" "$d/fresh.raw" "$d/fresh.sock"; truncate -s 64G "$d/fresh.raw"
+  if [ $# -gt 0 ]; then
+    start "$d/fresh.sock" nbdkit -f -U "$d/fresh.sock" --filter="$filter" file "$d/fresh.raw" \
+      cbt-file="$d/fresh.cbt" cbt-bitmap=b0 cbt-create=true "$@"
+  else
+    start "$d/fresh.sock" nbdkit -f -U "$d/fresh.sock" file "$d/fresh.raw"
+  fi
+  fio_run "$name" "$d/fresh.sock" randwrite 4k --size=64G
+  stop "$srv"
+}
 
 for r in $(seq "$rounds"); do
   fio_run bare_rand "$d/bare.sock" randwrite 4k
-  fio_run cbt_rand "$d/cbt.sock" randwrite 4k
-  fio_run qemu_rand "$d/q.sock" randwrite 4k
+  for m in none process power; do fio_run ${m}_rand "$d/$m.sock" randwrite 4k; done
+  fio_run qemu_rand "$d/qemu.sock" randwrite 4k
   fio_run bare_seq "$d/bare.sock" write 1M
-  fio_run cbt_seq "$d/cbt.sock" write 1M
+  fio_run power_seq "$d/power.sock" write 1M
   fio_run bare_fsync "$d/bare.sock" randwrite 4k --fsync=8
-  fio_run cbt_fsync "$d/cbt.sock" randwrite 4k --fsync=8
-  # First touches: a new container on a 64 GiB sparse disk per round.
-  rm -f "$d/fresh.cbt" "$d/fresh.raw"; truncate -s 64G "$d/fresh.raw"
-  start "$d/fresh.sock" nbdkit -f -U "$d/fresh.sock" --filter="$filter" file "$d/fresh.raw" \
-    cbt-file="$d/fresh.cbt" cbt-bitmap=b0 cbt-create=true
-  fio_run fresh_rand "$d/fresh.sock" randwrite 4k --size=64G
-  stop "$srv"
-  rm -f "$d/fresh.sock" "$d/fresh.raw"; truncate -s 64G "$d/fresh.raw"
-  start "$d/fresh.sock" nbdkit -f -U "$d/fresh.sock" file "$d/fresh.raw"
-  fio_run freshbare_rand "$d/fresh.sock" randwrite 4k --size=64G
-  stop "$srv"
+  fio_run none_fsync "$d/none.sock" randwrite 4k --fsync=8
+  fio_run power_fsync "$d/power.sock" randwrite 4k --fsync=8
+  fresh freshbare_rand
+  for m in none process power; do fresh fresh${m}_rand cbt-durability=$m; done
 done
 
 med() {  # median of column $2 in $d/$1.res
@@ -80,14 +90,17 @@ echo
 echo "| run | IOPS | MiB/s | ratio to bare |"
 echo "|---|---|---|---|"
 row "bare file plugin, 4k randwrite" bare_rand bare_rand
-row "cbt, steady state, 4k randwrite" cbt_rand bare_rand
+for m in none process power; do row "cbt $m, steady state, 4k randwrite" ${m}_rand bare_rand; done
 row "qemu-nbd qcow2 + persistent bitmap, 4k randwrite" qemu_rand bare_rand
-row "bare, 64 GiB sparse disk, 4k randwrite" freshbare_rand freshbare_rand
-row "cbt, fresh bitmap (first touches), 64 GiB sparse disk" fresh_rand freshbare_rand
+row "bare, fresh 64 GiB sparse disk, 4k randwrite" freshbare_rand freshbare_rand
+for m in none process power; do
+  row "cbt $m, first touches (fresh bitmap), 4k randwrite" fresh${m}_rand freshbare_rand
+done
 row "bare, 1M seq write" bare_seq bare_seq
-row "cbt, 1M seq write" cbt_seq bare_seq
+row "cbt power, 1M seq write" power_seq bare_seq
 row "bare, 4k randwrite, fsync=8" bare_fsync bare_fsync
-row "cbt, 4k randwrite, fsync=8" cbt_fsync bare_fsync
+row "cbt none, 4k randwrite, fsync=8" none_fsync bare_fsync
+row "cbt power, 4k randwrite, fsync=8" power_fsync bare_fsync
 echo
-awk -v a="$(med cbt_rand 1)" -v b="$(med qemu_rand 1)" 'BEGIN { printf "cbt steady / qemu-nbd: %.2f\n", a / b }'
+awk -v a="$(med power_rand 1)" -v b="$(med qemu_rand 1)" 'BEGIN { printf "cbt power steady / qemu-nbd: %.2f\n", a / b }'
 echo "per-round raw results: $(for f in "$d"/*.res; do printf '%s=[%s] ' "$(basename "$f" .res)" "$(cut -d' ' -f1 "$f" | xargs | tr ' ' ',')"; done)"

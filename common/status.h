@@ -147,7 +147,10 @@ class [[nodiscard]] Result {
 // `lhs = value of expr`, or returns its Status from the enclosing function.
 #define CBT_ASSIGN_OR_RETURN(lhs, expr) \
   CBT_ASSIGN_OR_RETURN_IMPL_(CBT_CONCAT_(cbt_result_, __LINE__), lhs, expr)
+// `lhs` may be a declaration ("int x"), so it cannot be parenthesised.
+// NOLINTBEGIN(bugprone-macro-parentheses)
 #define CBT_ASSIGN_OR_RETURN_IMPL_(tmp, lhs, expr) \
   auto tmp = (expr);                               \
   if (!tmp.ok()) return std::move(tmp).status();   \
   lhs = std::move(tmp).value()
+// NOLINTEND(bugprone-macro-parentheses)

@@ -446,6 +446,7 @@ Status Image::Commit(const std::vector<BitmapSpec>& specs) {
     plans.push_back(std::move(p));
   }
   std::vector<BitmapDirEntry> new_entries;
+  new_entries.reserve(plans.size());
   for (const auto& p : plans) new_entries.push_back(p.entry);
   CBT_RETURN_IF_ERROR(ValidateDirectory(new_entries, g, ctx_));
 

@@ -56,6 +56,7 @@ Status LockImage(int fd, const std::string& path, LockMode mode) {
                           kPermNames[p] + "; stop it first");
   }
   std::vector<int> bytes;
+  bytes.reserve(perms.size() + unshared.size());
   for (int p : perms) bytes.push_back(kPermBase + p);
   for (int p : unshared) bytes.push_back(kSharedBase + p);
   for (int b : bytes) {

@@ -26,8 +26,10 @@ skip() { echo "SKIP: $*"; exit 77; }
 need() { for t in "$@"; do command -v "$t" >/dev/null || skip "$t is not installed"; done; }
 
 # A filter built with ASan needs the runtime preloaded into nbdkit.
+# (No `ldd | grep -q`: with pipefail, grep exiting early can SIGPIPE ldd and
+# make the test silently run without the preload.)
 NBDKIT_ENV=()
-if ldd "$FILTER" 2>/dev/null | grep -q libasan; then
+if [[ "$(ldd "$FILTER" 2>/dev/null || true)" == *libasan* ]]; then
   NBDKIT_ENV=(env "LD_PRELOAD=$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
               "ASAN_OPTIONS=detect_leaks=0:abort_on_error=1")
 fi
@@ -42,8 +44,11 @@ start_nbdkit() {
   NBDKIT_PID=$!
   PIDS+=("$NBDKIT_PID")
   local i
+  # The pid file is written before .after_fork; a served handshake means the
+  # filter has attached (and done any start-up writes).
   for i in $(seq 200); do
-    [ -s "$sock.pid" ] && [ -S "$sock" ] && return 0
+    [ -s "$sock.pid" ] && [ -S "$sock" ] &&
+      timeout 10 nbdinfo --size "nbd+unix:///?socket=$sock" >/dev/null 2>&1 && return 0
     kill -0 "$NBDKIT_PID" 2>/dev/null || { cat "$T/nbdkit.log" >&2; fail "nbdkit exited at start"; }
     sleep 0.05
   done

@@ -4,10 +4,11 @@
 source "$(dirname "$0")/lib.sh"
 
 truncate -s 64M "$T/disk.raw"
+snapshot() { cp "$T/disk.cbt" "$T/before.cbt"; sum=$(md5sum <"$T/disk.cbt"); }
 truncate -s 32M "$T/small.raw"
 qemu-img create -q -f qcow2 "$T/disk.cbt" 64M
 qemu-img bitmap --add "$T/disk.cbt" b0
-sum=$(md5sum <"$T/disk.cbt")
+snapshot
 
 # expect_refusal PATTERN NBDKIT-ARGS... : nbdkit must exit non-zero within 30 s
 # printing PATTERN, and disk.cbt must be unchanged.
@@ -21,7 +22,8 @@ expect_refusal() {
   [ $rc -ne 0 ] || fail "nbdkit exited 0: $*"
   [ $rc -ne 124 ] || fail "nbdkit accepted (still serving after 20 s): $*"
   grep -q -- "$pattern" "$T/err" || fail "expected '$pattern', got: $(cat "$T/err")"
-  [ "$(md5sum <"$T/disk.cbt")" = "$sum" ] || fail "container changed by: $*"
+  [ "$(md5sum <"$T/disk.cbt")" = "$sum" ] ||
+    fail "container changed by: $* (changed bytes: $(cmp -l "$T/before.cbt" "$T/disk.cbt" | head -5 | tr '\n' ' '))"
   echo "ok: $(grep -m1 -- "$pattern" "$T/err")"
 }
 
@@ -37,15 +39,15 @@ expect_refusal "size mismatch" --filter="$FILTER" file "$T/small.raw" cbt-file="
 
 # Already opened for writing by another nbdkit ...
 start_nbdkit "$T/sock" "${base[@]}" cbt-bitmap=b0
-sum=$(md5sum <"$T/disk.cbt")
+snapshot
 expect_refusal "writ" "${base[@]}" cbt-bitmap=b0
 stop_nbdkit "$NBDKIT_PID"
-sum=$(md5sum <"$T/disk.cbt")
+snapshot
 # ... or by qemu-nbd.
 qemu-nbd -t -f qcow2 -k "$T/qsock" "$T/disk.cbt" 2>/dev/null &
 qpid=$!; PIDS+=("$qpid")
 for i in $(seq 100); do [ -S "$T/qsock" ] && break; sleep 0.05; done
-sum=$(md5sum <"$T/disk.cbt")  # qemu-nbd's own open sets in_use
+snapshot  # qemu-nbd's own open sets in_use
 expect_refusal "writ" "${base[@]}" cbt-bitmap=b0
 kill "$qpid"; wait "$qpid" 2>/dev/null || true
 
@@ -66,6 +68,6 @@ while off + 8 <= 65536:
     off += 8 + (n + 7) // 8 * 8
 open(p, "wb").write(b)
 PY
-sum=$(md5sum <"$T/disk.cbt")
+snapshot
 expect_refusal "not cluster aligned\\|directory" "${base[@]}" cbt-bitmap=b0
 echo "OK: all bad input refused, container unchanged"
