@@ -36,7 +36,8 @@ std::string InconsistentMessage(const std::string& file, const std::string& bitm
   return "bitmap '" + bitmap + "' in " + file +
          " is inconsistent (marked in use by a program that did not close it cleanly), so " +
          op + " is refused; its contents cannot be trusted. Remove it with 'cbt bitmap " + file +
-         " " + bitmap + " --remove' and add a new one (a later 'cbt recover' will offer more)";
+         " " + bitmap + " --remove', or make it usable with 'cbt recover " + file + " --bitmap " +
+         bitmap + "' (from cbt's crash-safety record) or '--mark-all' (everything dirty)";
 }
 
 BitmapEditor::BitmapEditor(qcow2::Image& img) : img_(img) {

@@ -48,6 +48,11 @@ int RunCheck(const std::vector<std::string>& args) {
   if (!r.ok()) return Fail(r.status());
   const qcow2::CheckReport& rep = *r;
   const int code = rep.ExitCode();
+  // Bitmaps left in use by an unclean stop: not an image error (qemu-img
+  // check exits 0 too), but unusable until recovered or removed.
+  std::vector<std::string> inconsistent;
+  for (const qcow2::BitmapInfo& b : opened->image->Bitmaps())
+    if (!b.consistent) inconsistent.push_back(b.name);
 
   if (common.format() == OutputFormat::kJson) {
     PrintJson({{"filename", file},
@@ -58,6 +63,7 @@ int RunCheck(const std::vector<std::string>& args) {
                {"leaks-fixed", rep.leaks_fixed},
                {"allocated-clusters", rep.allocated_clusters},
                {"messages", rep.messages},
+               {"inconsistent-bitmaps", inconsistent},
                {"exit-code", code}});
     return code;
   }
@@ -75,6 +81,10 @@ int RunCheck(const std::vector<std::string>& args) {
                  "Run 'cbt check --repair "
               << file << "' to free them.\n";
   if (code == 0) std::cout << "No errors were found on the image.\n";
+  for (const std::string& n : inconsistent)
+    std::cout << "Bitmap '" << n << "' is inconsistent (left in use by an unclean stop): run 'cbt "
+              << "recover " << file << " --bitmap " << n << "' (add --mark-all without cbt's "
+              << "crash-safety record), or remove it.\n";
   std::cout << rep.allocated_clusters << " clusters allocated\n";
   return code;
 }

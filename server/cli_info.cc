@@ -19,7 +19,8 @@ constexpr char kDescription[] =
     "Shows FILE's virtual size, cluster size and data file, and for every bitmap\n"
     "its name, granularity, flags (in-use, auto), dirty bytes and whether it is\n"
     "consistent. An inconsistent bitmap (in-use left set by a program that did\n"
-    "not close the file) has no trustworthy contents: only --remove works on it.\n"
+    "not close the file) has no trustworthy contents: only --remove and cbt recover\n"
+    "work on it.\n"
     "Opens FILE read-only.";
 
 struct Row {
@@ -107,7 +108,7 @@ int RunInfo(const std::vector<std::string>& args) {
     for (const auto& f : Flags(r.info)) flags += (flags.empty() ? "" : ",") + f;
     if (flags.empty()) flags = "-";
     std::string dirty = r.dirty ? HumanSize(*r.dirty) : "?";
-    std::string state = !r.info.consistent ? "inconsistent (only --remove works)"
+    std::string state = !r.info.consistent ? "inconsistent (see cbt recover)"
                         : r.info.enabled   ? "enabled"
                                            : "disabled";
     std::printf("  %-*s  %12llu  %-12s  %14s  %s\n", static_cast<int>(w), r.info.name.c_str(),

@@ -23,6 +23,8 @@ crash_after_writes() {  # crash_after_writes DURABILITY SEED
 
 crash_after_writes none 71
 "$CBT" info "$T/disk.cbt" | grep -q inconsistent || fail "cbt info does not say inconsistent"
+"$CBT" check "$T/disk.cbt" >"$T/check.out" || fail "cbt check exit $? on an image whose only problem is an in-use bitmap"
+grep -q "cbt recover .*--bitmap b0" "$T/check.out" || fail "cbt check does not point at cbt recover: $(cat "$T/check.out")"
 "$CBT" recover "$T/disk.cbt" --bitmap b0 >"$T/out" 2>&1 && fail "recover without a record succeeded"
 grep -q -- "--mark-all" "$T/out" || fail "no hint: $(cat "$T/out")"
 "$CBT" recover "$T/disk.cbt" --bitmap b0 --mark-all || fail "recover --mark-all failed"
