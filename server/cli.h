@@ -39,6 +39,14 @@ void AddCommonOptions(po::options_description& desc, CommonOptions& common);
 // Applies -v (spdlog debug level); checks --output.
 void ApplyCommonOptions(const CommonOptions& common);
 
+// The common shape of a subcommand taking one FILE: adds the common options
+// to `desc`, parses args (FILE positional), prints the help and returns true
+// when -h was given (the caller exits 0), applies -v/--output, and throws
+// UsageError when FILE is missing.
+bool ParseFileCommand(const std::vector<std::string>& args, po::options_description& desc,
+                      CommonOptions& common, std::string& file, const char* synopsis,
+                      const char* description);
+
 // Prints "Usage: <synopsis>\n\n<description>\n\n<options>" to stdout.
 void PrintHelp(const std::string& synopsis, const std::string& description,
                const po::options_description& desc);

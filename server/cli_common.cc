@@ -55,4 +55,23 @@ void ParseCommandLine(const std::vector<std::string>& args,
   po::notify(vm);
 }
 
+bool ParseFileCommand(const std::vector<std::string>& args, po::options_description& desc,
+                      CommonOptions& common, std::string& file, const char* synopsis,
+                      const char* description) {
+  AddCommonOptions(desc, common);
+  po::options_description hidden;
+  hidden.add_options()("file", po::value(&file));
+  po::positional_options_description pos;
+  pos.add("file", 1);
+  po::variables_map vm;
+  ParseCommandLine(args, desc, hidden, pos, vm);
+  if (common.help) {
+    PrintHelp(synopsis, description, desc);
+    return true;
+  }
+  ApplyCommonOptions(common);
+  if (file.empty()) throw UsageError("missing FILE");
+  return false;
+}
+
 }  // namespace cbt::cli

@@ -14,7 +14,6 @@
 #include "common/posix_file.h"
 #include "qcow2/image.h"
 #include "server/cli.h"
-#include "server/cli_parse.h"
 #include "server/size_parse.h"
 
 namespace cbt::cli {
@@ -43,19 +42,7 @@ int RunCreate(const std::vector<std::string>& args) {
        "cluster size, a power of two from 512 to 2M (default 64K)")
       ("data-file", po::value(&data_file)->value_name("RAW"),
        "link the raw disk RAW as external data file");
-  AddCommonOptions(desc, common);
-  po::options_description hidden;
-  hidden.add_options()("file", po::value(&file));
-  po::positional_options_description pos;
-  pos.add("file", 1);
-  po::variables_map vm;
-  ParseCommandLine(args, desc, hidden, pos, vm);
-  if (common.help) {
-    PrintHelp(kSynopsis, kDescription, desc);
-    return kExitOk;
-  }
-  ApplyCommonOptions(common);
-  if (file.empty()) throw UsageError("missing FILE");
+  if (ParseFileCommand(args, desc, common, file, kSynopsis, kDescription)) return kExitOk;
 
   qcow2::CreateOptions opts;
   if (!data_file.empty()) {

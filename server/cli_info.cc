@@ -6,7 +6,6 @@
 
 #include "server/bitmap_io.h"
 #include "server/cli.h"
-#include "server/cli_parse.h"
 #include "server/image_open.h"
 #include "server/size_parse.h"
 
@@ -41,19 +40,7 @@ int RunInfo(const std::vector<std::string>& args) {
   CommonOptions common;
   std::string file;
   po::options_description desc("Options");
-  AddCommonOptions(desc, common);
-  po::options_description hidden;
-  hidden.add_options()("file", po::value(&file));
-  po::positional_options_description pos;
-  pos.add("file", 1);
-  po::variables_map vm;
-  ParseCommandLine(args, desc, hidden, pos, vm);
-  if (common.help) {
-    PrintHelp(kSynopsis, kDescription, desc);
-    return kExitOk;
-  }
-  ApplyCommonOptions(common);
-  if (file.empty()) throw UsageError("missing FILE");
+  if (ParseFileCommand(args, desc, common, file, kSynopsis, kDescription)) return kExitOk;
 
   Result<OpenedImage> opened = OpenImage(file, /*writable=*/false);
   if (!opened.ok()) return Fail(opened.status());

@@ -7,7 +7,6 @@
 #include "engine/bitmap_store.h"
 #include "server/bitmap_ops.h"
 #include "server/cli.h"
-#include "server/cli_parse.h"
 #include "server/image_open.h"
 #include "server/size_parse.h"
 
@@ -34,19 +33,7 @@ int RunMap(const std::vector<std::string>& args) {
       ("offset", po::value(&offset_text)->value_name("N"), "start of the range (default 0)")
       ("length", po::value(&length_text)->value_name("N"),
        "length of the range (default: to the end of the disk)");
-  AddCommonOptions(desc, common);
-  po::options_description hidden;
-  hidden.add_options()("file", po::value(&file));
-  po::positional_options_description pos;
-  pos.add("file", 1);
-  po::variables_map vm;
-  ParseCommandLine(args, desc, hidden, pos, vm);
-  if (common.help) {
-    PrintHelp(kSynopsis, kDescription, desc);
-    return kExitOk;
-  }
-  ApplyCommonOptions(common);
-  if (file.empty()) throw UsageError("missing FILE");
+  if (ParseFileCommand(args, desc, common, file, kSynopsis, kDescription)) return kExitOk;
   if (bitmap.empty()) throw UsageError("missing --bitmap NAME");
   uint64_t offset = 0;
   std::optional<uint64_t> length;

@@ -14,7 +14,6 @@
 #include "engine/bitmap_store.h"
 #include "engine/tracker.h"
 #include "server/cli.h"
-#include "server/cli_parse.h"
 #include "server/image_open.h"
 
 namespace cbt::cli {
@@ -97,19 +96,7 @@ int RunRecover(const std::vector<std::string>& args) {
   po::options_description desc("Options");
   desc.add_options()("bitmap,B", po::value(&bitmap)->value_name("NAME"), "the bitmap (required)")(
       "mark-all", po::bool_switch(&mark_all), "mark the whole disk dirty");
-  AddCommonOptions(desc, common);
-  po::options_description hidden;
-  hidden.add_options()("file", po::value(&file));
-  po::positional_options_description pos;
-  pos.add("file", 1);
-  po::variables_map vm;
-  ParseCommandLine(args, desc, hidden, pos, vm);
-  if (common.help) {
-    PrintHelp(kSynopsis, kDescription, desc);
-    return kExitOk;
-  }
-  ApplyCommonOptions(common);
-  if (file.empty()) throw UsageError("missing FILE");
+  if (ParseFileCommand(args, desc, common, file, kSynopsis, kDescription)) return kExitOk;
   if (bitmap.empty()) throw UsageError("missing --bitmap NAME");
   {
     Result<OpenedImage> opened = OpenImage(file, /*writable=*/false);
