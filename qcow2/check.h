@@ -14,8 +14,18 @@
 // file is not reported. The work is bounded by the file size, not by what
 // the refcount table could describe, and at most kMaxCheckMessages messages
 // are kept (the rest are counted).
-// Repair fixes leaks only (lowers refcounts to the reference count), as
-// `qemu-img check -r leaks` does.
+// Repair (`cbt check --repair`) first drops the bitmaps that cannot be
+// trusted, then frees leaks (repair.h), then counts again: the report then
+// describes the repaired file, as `qemu-img check -r all` does after
+// "Double checking the fixed image now".
+//
+// A bitmap cannot be trusted when one of its clusters (the directory
+// cluster(s) holding its entry, its table, its data) is referenced more than
+// once (shared with other metadata, another bitmap, or itself), has refcount
+// 0 while referenced, or lies wholly past the end of the file. A shared
+// bitmap cluster is corruption even when its refcount covers every
+// reference (bitmap clusters are never shared; qemu-img check -r all
+// raises the refcount, which hides the overlap).
 //
 // Threading: not thread-safe; runs on one Image.
 #pragma once
@@ -33,11 +43,25 @@ namespace cbt::qcow2 {
 // Messages kept in a CheckReport; further findings are counted only.
 inline constexpr size_t kMaxCheckMessages = 100;
 
+// A bitmap whose on-disk metadata cannot be trusted, and why ("its data
+// cluster 0x50000 is also used by bitmap 'b' table").
+struct UntrustedBitmap {
+  std::string name;
+  std::string reason;
+};
+
 struct CheckReport {
+  // What the file holds when Check returns (after a repair: a fresh count
+  // of the repaired file).
   uint64_t corruptions = 0;
   uint64_t leaks = 0;
-  uint64_t leaks_fixed = 0;
   uint64_t allocated_clusters = 0;  // clusters with a non-zero refcount
+  std::vector<UntrustedBitmap> untrusted_bitmaps;
+  // What a repair did: corruption findings that dropping bitmaps resolved,
+  // leaked clusters freed (those the drop left included), bitmaps dropped.
+  uint64_t corruptions_fixed = 0;
+  uint64_t leaks_fixed = 0;
+  std::vector<std::string> dropped_bitmaps;
   // One line per finding or repair, the first kMaxCheckMessages of them,
   // then "... N more" when messages_dropped is N > 0.
   std::vector<std::string> messages;
@@ -45,12 +69,12 @@ struct CheckReport {
 
   // qemu-img check's exit status: 0 clean, 2 corruption, 3 leaks only.
   // (1, "cannot open", is the caller's: Image::Open failed.)
-  int ExitCode() const { return corruptions ? 2 : (leaks > leaks_fixed ? 3 : 0); }
+  int ExitCode() const { return corruptions ? 2 : (leaks ? 3 : 0); }
 };
 
-// Checks an open image. repair_leaks REQUIRES image.writable(); the repaired
-// refcounts are flushed. Failure: IOError while reading/writing; Corruption
+// Checks an open image. repair REQUIRES image.writable(); everything it
+// changes is flushed. Failure: IOError while reading/writing; Corruption
 // only when the structure cannot be walked at all.
-Result<CheckReport> Check(Image& image, bool repair_leaks);
+Result<CheckReport> Check(Image& image, bool repair);
 
 }  // namespace cbt::qcow2

@@ -3,8 +3,10 @@
 
 #include <gtest/gtest.h>
 
-#include <chrono>
 #include <cctype>
+#include <chrono>
+#include <map>
+#include <memory>
 
 #include "common/endian.h"
 #include "qcow2/format.h"
@@ -13,11 +15,14 @@
 namespace cbt::qcow2 {
 namespace {
 
+using testing::HaveTool;
 using testing::NewFile;
 using testing::OpenFile;
+using testing::SetBits;
 using testing::Sh;
 using testing::Spec;
 using testing::TempDir;
+using testing::VectorSource;
 
 // Writes bytes as a new file at path.
 void WriteFile(const std::string& path, const std::vector<std::byte>& bytes) {
@@ -90,17 +95,229 @@ TEST(CheckTest, LeakFromStaleExtensionIsFoundAndRepaired) {
   EXPECT_EQ(q.exit_code, 0) << q.out;
 }
 
-TEST(CheckTest, DoubleReferenceIsCorruption) {
+TEST(CheckTest, DirectoryWithRefcountZeroIsCorruptionAndRepairDropsItsBitmap) {
   TempDir d;
   std::string p = d / "c";
   auto img = std::move(Image::Create(NewFile(p), CreateOptions{64 << 20, 65536, ""})).value();
   ASSERT_OK(img->Commit({Spec("b0", 16)}));
   // Lower the refcount of the directory cluster to 0: referenced but free.
   ASSERT_OK(img->refcounts().Set(img->header().bitmaps->directory_offset / 65536, 0));
-  auto rep = Check(*img, true);
+  auto rep = Check(*img, false);
   ASSERT_TRUE(rep.ok());
   EXPECT_EQ(rep->ExitCode(), 2);
   EXPECT_EQ(rep->corruptions, 1u);
+  ASSERT_EQ(rep->untrusted_bitmaps.size(), 1u);
+  EXPECT_NE(rep->untrusted_bitmaps[0].reason.find("directory cluster"), std::string::npos);
+  rep = Check(*img, true);
+  ASSERT_TRUE(rep.ok()) << rep.status().ToString();
+  EXPECT_EQ(rep->ExitCode(), 0);
+  EXPECT_EQ(rep->dropped_bitmaps, std::vector<std::string>{"b0"});
+  EXPECT_EQ(rep->corruptions_fixed, 1u);
+  EXPECT_TRUE(img->Bitmaps().empty());
+  img.reset();
+  if (HaveTool("qemu-img")) {
+    auto q = Sh("qemu-img check " + p);
+    EXPECT_EQ(q.exit_code, 0) << q.out;
+  }
+}
+
+// --- Repair: untrusted bitmaps are dropped, the others kept intact. ---
+
+// A 64 MiB container with bitmaps a, b, c (64 KiB granularity), each with
+// its own bits set (one data cluster each).
+void MakeThreeBitmaps(const std::string& p) {
+  auto img = std::move(Image::Create(NewFile(p), CreateOptions{64 << 20, 65536, ""})).value();
+  std::vector<std::unique_ptr<VectorSource>> src;
+  for (int i = 0; i < 3; ++i) {
+    src.push_back(std::make_unique<VectorSource>(std::vector<std::byte>(128), 65536));
+    for (uint64_t bit : {uint64_t(i), uint64_t(100 + 7 * i), uint64_t(1000 - i)})
+      src.back()->SetBit(bit);
+  }
+  ASSERT_OK(
+      img->Commit({Spec("a", 16, true, "", src[0].get()), Spec("b", 16, true, "", src[1].get()),
+                   Spec("c", 16, false, "", src[2].get())}));
+}
+
+std::map<std::string, std::vector<uint64_t>> AllBits(const std::string& p) {
+  std::map<std::string, std::vector<uint64_t>> out;
+  auto img = Image::Open(OpenFile(p, false));
+  EXPECT_TRUE(img.ok()) << img.status().ToString();
+  if (!img.ok()) return out;
+  for (const BitmapInfo& b : (*img)->Bitmaps()) {
+    Status s = (*img)->ReadBitmap(
+        b.name, [](uint64_t, std::span<const std::byte>) { return Status::OK(); });
+    if (s.ok()) out[b.name] = SetBits(**img, b.name);  // else: unreadable (past EOF)
+  }
+  return out;
+}
+
+// Writes a big-endian u64 at off.
+void Poke64(const std::string& p, uint64_t off, uint64_t v) {
+  std::byte b[8];
+  StoreBE64(b, v);
+  auto f = OpenFile(p, true);
+  ASSERT_NE(f, nullptr);
+  ASSERT_OK(f->pwrite(b, off));
+  ASSERT_OK(f->flush());
+}
+
+struct Layout {
+  uint64_t table[3];
+  uint64_t data[3];
+  uint64_t l1;
+};
+Layout GetLayout(const std::string& p) {
+  auto img = std::move(Image::Open(OpenFile(p, false))).value();
+  Layout l{};
+  for (size_t i = 0; i < 3; ++i) {
+    l.table[i] = img->dir_entries()[i].table_offset;
+    l.data[i] = img->table(i)[0] & kTableEntryOffsetMask;
+  }
+  l.l1 = img->header().l1_table_offset;
+  return l;
+}
+
+// Runs Check(repair) on p; expects `dropped` dropped, a clean result, the
+// other bitmaps' bits unchanged, and qemu-img check/info to agree.
+void ExpectRepairDrops(const std::string& p, const std::vector<std::string>& dropped) {
+  auto before = AllBits(p);
+  {
+    auto img = std::move(Image::Open(OpenFile(p, false))).value();
+    auto rep = Check(*img, false);
+    ASSERT_TRUE(rep.ok()) << rep.status().ToString();
+    EXPECT_EQ(rep->ExitCode(), 2);
+    std::vector<std::string> untrusted;
+    for (const auto& u : rep->untrusted_bitmaps) untrusted.push_back(u.name);
+    EXPECT_EQ(untrusted, dropped);
+  }
+  auto img = std::move(Image::Open(OpenFile(p, true), {.writable = true})).value();
+  auto rep = Check(*img, true);
+  ASSERT_TRUE(rep.ok()) << rep.status().ToString();
+  EXPECT_EQ(rep->ExitCode(), 0) << ::testing::PrintToString(rep->messages);
+  EXPECT_EQ(rep->dropped_bitmaps, dropped);
+  EXPECT_GE(rep->corruptions_fixed, 1u);
+  EXPECT_TRUE(rep->untrusted_bitmaps.empty());
+  for (const std::string& n : dropped) {
+    bool said = false;
+    for (const auto& m : rep->messages) said |= m.rfind("Dropped bitmap '" + n + "': its ", 0) == 0;
+    EXPECT_TRUE(said) << n;
+  }
+  img.reset();
+  auto after = AllBits(p);
+  for (const std::string& n : dropped) before.erase(n);
+  EXPECT_EQ(after, before);
+  // A second repair has nothing to do.
+  img = std::move(Image::Open(OpenFile(p, true), {.writable = true})).value();
+  rep = Check(*img, true);
+  ASSERT_TRUE(rep.ok());
+  EXPECT_EQ(rep->ExitCode(), 0);
+  EXPECT_EQ(rep->leaks_fixed + rep->corruptions_fixed, 0u);
+  img.reset();
+  if (!HaveTool("qemu-img")) return;
+  auto q = Sh("qemu-img check " + p);
+  EXPECT_EQ(q.exit_code, 0) << q.out;
+  EXPECT_EQ(Sh("qemu-img info " + p).exit_code, 0);
+}
+
+TEST(CheckRepairTest, DataClusterOnAnotherBitmapsTableDropsBoth) {
+  // Which of the two was written last is unknown: a's bits may be b's
+  // table, or b's table a's (zeroed) bits. Both go; c stays.
+  TempDir d;
+  std::string p = d / "c";
+  MakeThreeBitmaps(p);
+  Layout l = GetLayout(p);
+  Poke64(p, l.table[0], l.table[1]);
+  if (HaveTool("qemu-img")) {
+    EXPECT_EQ(Sh("qemu-img check " + p).exit_code, 2);
+  }
+  ExpectRepairDrops(p, {"a", "b"});
+}
+
+TEST(CheckRepairTest, DataClusterOnOtherMetadataDropsOnlyThatBitmap) {
+  TempDir d;
+  std::string p = d / "c";
+  MakeThreeBitmaps(p);
+  Layout l = GetLayout(p);
+  Poke64(p, l.table[0], l.l1);  // a's data cluster is the L1 table
+  ExpectRepairDrops(p, {"a"});
+}
+
+TEST(CheckRepairTest, DataClusterWithRefcountZeroDropsOnlyThatBitmap) {
+  TempDir d;
+  std::string p = d / "c";
+  MakeThreeBitmaps(p);
+  Layout l = GetLayout(p);
+  {
+    auto img = std::move(Image::Open(OpenFile(p, true), {.writable = true})).value();
+    ASSERT_OK(img->refcounts().Set(l.data[1] / 65536, 0));
+    ASSERT_OK(img->io()->flush());
+  }
+  ExpectRepairDrops(p, {"b"});
+}
+
+TEST(CheckRepairTest, DataClusterPastTheEndDropsOnlyThatBitmap) {
+  TempDir d;
+  std::string p = d / "c";
+  MakeThreeBitmaps(p);
+  Layout l = GetLayout(p);
+  Poke64(p, l.table[2], uint64_t{1} << 40);
+  ExpectRepairDrops(p, {"c"});
+}
+
+TEST(CheckRepairTest, SharedClusterWhoseRefcountCoversBothIsStillCorruption) {
+  // What qemu-img check -r all leaves: it raises the refcount to 2, and
+  // then calls the file clean although a and b still share a cluster.
+  TempDir d;
+  std::string p = d / "c";
+  MakeThreeBitmaps(p);
+  Layout l = GetLayout(p);
+  Poke64(p, l.table[0], l.table[1]);
+  {
+    auto img = std::move(Image::Open(OpenFile(p, true), {.writable = true})).value();
+    ASSERT_OK(img->refcounts().Set(l.table[1] / 65536, 2));
+    ASSERT_OK(img->refcounts().Set(l.data[0] / 65536, 0));
+    ASSERT_OK(img->io()->flush());
+  }
+  if (HaveTool("qemu-img")) {
+    EXPECT_EQ(Sh("qemu-img check " + p).exit_code, 0);
+  }
+  ExpectRepairDrops(p, {"a", "b"});
+}
+
+TEST(CheckRepairTest, OtherCorruptionIsReportedAndNothingIsDropped) {
+  TempDir d;
+  std::string p = d / "c";
+  MakeThreeBitmaps(p);
+  Layout l = GetLayout(p);
+  auto img = std::move(Image::Open(OpenFile(p, true), {.writable = true})).value();
+  ASSERT_OK(img->refcounts().Set(l.data[0] / 65536, 0));  // a's: attributable
+  ASSERT_OK(img->refcounts().Set(l.l1 / 65536, 0));       // the image's: not
+  ASSERT_OK(img->io()->flush());
+  img.reset();
+  std::vector<std::byte> before;
+  {
+    auto f = OpenFile(p, false);
+    before.resize(f->size().value());
+    ASSERT_OK(f->pread(before, 0));
+  }
+  img = std::move(Image::Open(OpenFile(p, true), {.writable = true})).value();
+  auto rep = Check(*img, true);
+  ASSERT_TRUE(rep.ok()) << rep.status().ToString();
+  EXPECT_EQ(rep->ExitCode(), 2);
+  EXPECT_EQ(rep->corruptions, 2u);
+  EXPECT_TRUE(rep->dropped_bitmaps.empty());
+  ASSERT_EQ(rep->untrusted_bitmaps.size(), 1u);
+  EXPECT_EQ(rep->untrusted_bitmaps[0].name, "a");
+  bool said = false;
+  for (const auto& m : rep->messages) said |= m.rfind("Not dropping bitmap 'a'", 0) == 0;
+  EXPECT_TRUE(said);
+  EXPECT_EQ(img->Bitmaps().size(), 3u);
+  img.reset();
+  std::vector<std::byte> after(before.size());
+  auto f = OpenFile(p, false);
+  EXPECT_EQ(f->size().value(), before.size());
+  ASSERT_OK(f->pread(after, 0));
+  EXPECT_TRUE(after == before) << "a refused repair changed the file";
 }
 
 TEST(CheckTest, AgreesWithQemuOnQemuImages) {

@@ -383,7 +383,7 @@ Status Image::FreeBitmapClusters(const BitmapDirEntry& e, const std::vector<uint
   return refcounts_->Free(e.table_offset, DivRoundUp(uint64_t{e.table_size} * 8, cluster_size()));
 }
 
-Status Image::Commit(const std::vector<BitmapSpec>& specs) {
+Status Image::Commit(const std::vector<BitmapSpec>& specs, OldClusters old) {
   CBT_RETURN_IF_ERROR(RequireWritable("bitmap commit"));
   if (header_.version != 3)
     return Status::NotSupported(ctx_ + ": cannot store dirty bitmaps in qcow2 v2 files");
@@ -506,6 +506,7 @@ Status Image::Commit(const std::vector<BitmapSpec>& specs) {
   for (size_t i = 0; i < plans.size(); ++i)
     if (plans[i].kept >= 0) inc[i] = inconsistent_[plans[i].kept];
   inconsistent_ = std::move(inc);
+  if (old == OldClusters::kLeave) return Status::OK();
   Status st;
   if (old_ext)
     st = refcounts_->Free(old_ext->directory_offset, DivRoundUp(old_ext->directory_size, cs));
@@ -676,7 +677,8 @@ Status Image::RewriteExtensionInPlace(uint32_t type, std::span<const std::byte> 
     }
     off += 8 + ((uint64_t{len} + 7) & ~uint64_t{7});
   }
-  if (at == 0) return Status::Corruption(ctx_ + ": header extension " + Hex(type) + " not found in cluster 0");
+  if (at == 0)
+    return Status::Corruption(ctx_ + ": header extension " + Hex(type) + " not found in cluster 0");
   size_t first = data.size(), last = 0;
   for (size_t i = 0; i < data.size(); ++i) {
     if (h[at + i] != data[i]) {
@@ -724,6 +726,8 @@ Status Image::RemovePrivateRecord(uint32_t type) {
   return SwitchHeader(std::move(next));
 }
 
-bool Image::private_record_vouched() const { return header_.autoclear & kAutoclearCbtIntent; }
+bool Image::private_record_vouched() const {
+  return header_.autoclear & kAutoclearCbtIntent;
+}
 
 }  // namespace cbt::qcow2

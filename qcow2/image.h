@@ -76,6 +76,12 @@ struct BitmapSpec {
   const BitmapDataSource* data = nullptr;
 };
 
+// What Commit() does with the old directory and the clusters of dropped
+// bitmaps once the new set is in place. kLeave is for repair (repair.cc):
+// there they may be shared with other structures or have wrong refcounts,
+// so freeing them could corrupt; they are left to the caller's leak repair.
+enum class OldClusters { kFree, kLeave };
+
 struct OpenOptions {
   bool writable = false;
 };
@@ -141,7 +147,7 @@ class Image {
   // a spec naming an unknown bitmap, an inconsistent bitmap changed, one
   // stored table reused twice), NotSupported (qcow2 v2), IOError. On failure
   // the file still holds the old set (maybe with leaked clusters).
-  Status Commit(const std::vector<BitmapSpec>& specs);
+  Status Commit(const std::vector<BitmapSpec>& specs, OldClusters old = OldClusters::kFree);
 
   // Sets or clears in_use on the named bitmaps by rewriting the 4-byte flags
   // field of their directory entries in place (one sector each: atomic).

@@ -78,6 +78,8 @@ def parse_log(path):
     """Returns (acked, sent) granule sets of successful / all changes."""
     sent, acked = {}, set()
     ack_ok = set()
+    if not os.path.exists(path):  # killed before the client connected: no requests
+        return acked, set()
     with open(path) as f:
         for line in f:
             p = line.split()

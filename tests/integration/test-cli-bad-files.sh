@@ -113,6 +113,38 @@ grep -q 'repaired' "$T/out" || { cat "$T/out"; fail "--repair does not say what 
 qcheck leaky.cbt
 cbt_ok check leaky.cbt
 
+# Bitmaps that cannot be trusted (reference-level damage on a file that
+# opens): aa's data cluster is ab's table, so both are suspect; ac shares
+# nothing. cbt check exits 2 like qemu-img check and names them; --repair
+# drops aa and ab (saying so), frees what they held, and exits 0; then
+# qemu-img check exits 0, qemu-img info opens the file and QEMU reads ac
+# exactly as before. (qemu-img check -r all would instead raise the
+# refcount and keep aa, its bits read from ab's table.)
+need nbdinfo qemu-nbd jq
+cp good.cbt shared.cbt
+cbt_ok bitmap shared.cbt ac --add
+qemu-io -f qcow2 -c 'write 8M 128k' shared.cbt >/dev/null
+ac_before=$(qemu_map shared.cbt ac)
+eval "$($POKE shared.cbt where)"
+F=shared.cbt put "$TABLE0" 8 "$TABLE1"
+qrc=0; qemu-img check shared.cbt >/dev/null 2>&1 || qrc=$?
+[ "$qrc" = 2 ] || fail "setup: qemu-img check should see the overlap, exit $qrc"
+crc=0; "$CBT" check shared.cbt >"$T/out" 2>&1 || crc=$?
+[ "$crc" = 2 ] || { cat "$T/out"; fail "cbt check on shared clusters exited $crc"; }
+expect_in "$(cat "$T/out")" "Bitmap 'aa' cannot be trusted" "Bitmap 'ab' cannot be trusted"
+crc=0; "$CBT" check --repair shared.cbt >"$T/out" 2>&1 || crc=$?
+check_no_sanitizer "$T/out"
+[ "$crc" = 0 ] || { cat "$T/out"; fail "cbt check --repair exited $crc"; }
+expect_in "$(cat "$T/out")" "Dropped bitmap 'aa': its data cluster" \
+  "Dropped bitmap 'ab': its table cluster" "found and repaired" "No errors were found"
+qcheck shared.cbt
+qemu-img info shared.cbt >"$T/info" || fail "qemu-img info cannot open the repaired file"
+grep -q 'name: ac' "$T/info" || fail "ac lost by the repair"
+! grep -qE 'name: a[ab]' "$T/info" || fail "an untrusted bitmap survived the repair"
+[ "$(qemu_map shared.cbt ac)" = "$ac_before" ] || fail "ac changed by the repair"
+cbt_ok check shared.cbt
+echo "ok untrusted bitmaps dropped, the other intact"
+
 # Not a file / no such file.
 cbt_err 1 info "$T"
 cbt_err 1 info nonexistent.qcow2
