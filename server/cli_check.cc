@@ -4,7 +4,6 @@
 
 #include "qcow2/check.h"
 #include "server/cli.h"
-#include "server/cli_parse.h"
 #include "server/image_open.h"
 #include "server/output.h"
 
@@ -32,19 +31,7 @@ int RunCheck(const std::vector<std::string>& args) {
   po::options_description desc("Options");
   desc.add_options()("repair,r", po::bool_switch(&repair),
                      "drop untrusted bitmaps, free leaked clusters");
-  AddCommonOptions(desc, common);
-  po::options_description hidden;
-  hidden.add_options()("file", po::value(&file));
-  po::positional_options_description pos;
-  pos.add("file", 1);
-  po::variables_map vm;
-  ParseCommandLine(args, desc, hidden, pos, vm);
-  if (common.help) {
-    PrintHelp(kSynopsis, kDescription, desc);
-    return kExitOk;
-  }
-  ApplyCommonOptions(common);
-  if (file.empty()) throw UsageError("missing FILE");
+  if (ParseFileCommand(args, desc, common, file, kSynopsis, kDescription)) return kExitOk;
 
   Result<OpenedImage> opened = OpenImage(file, /*writable=*/repair);
   if (!opened.ok()) return Fail(opened.status());
