@@ -56,6 +56,11 @@ TEST(LockTest, WeRefuseFileQemuNbdHolds) {
   std::string sock = d / "s.sock", pid = d / "pid";
   ASSERT_EQ(Sh("qemu-nbd -t -f qcow2 -k " + sock + " --pid-file=" + pid + " --fork " + p).exit_code,
             0);
+  // Whatever happens below, never leave the daemon running.
+  struct KillOnExit {
+    std::string pidfile;
+    ~KillOnExit() { Sh("test -s " + pidfile + " && kill $(cat " + pidfile + ") 2>/dev/null"); }
+  } guard{pid};
   auto f = PosixFile::Open(p, PosixFile::Mode::kReadOnly);
   Status s = LockImage((*f)->fd(), p, LockMode::kReadOnly);
   EXPECT_TRUE(s.IsBusy()) << s.ToString();
