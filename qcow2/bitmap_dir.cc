@@ -5,22 +5,15 @@
 #include <set>
 
 #include "common/endian.h"
+#include "qcow2/util.h"
 
 namespace cbt::qcow2 {
 
-namespace {
-std::string Hex(uint64_t v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
-uint64_t RoundUp8(uint64_t v) {
-  return (v + 7) & ~uint64_t{7};
-}
-uint64_t DivRoundUp(uint64_t a, uint64_t b) {
-  return a / b + (a % b != 0);
-}
-}  // namespace
+using internal::DivRoundUp;
+using internal::Hex;
+using internal::RoundUp8;
+
+namespace {}  // namespace
 
 uint64_t DirEntrySize(const BitmapDirEntry& e) {
   return RoundUp8(kDirEntryHeaderSize + e.extra_data.size() + e.name.size());

@@ -15,12 +15,6 @@ namespace cbt::qcow2 {
 
 namespace check_internal {
 
-std::string Hex(uint64_t v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
-
 void Note(CheckReport* rep, std::string msg) {
   if (rep->messages.size() < kMaxCheckMessages)
     rep->messages.push_back(std::move(msg));
@@ -29,10 +23,6 @@ void Note(CheckReport* rep, std::string msg) {
 }
 
 namespace {
-
-uint64_t DivRoundUp(uint64_t a, uint64_t b) {
-  return a / b + (a % b != 0);
-}
 
 // Reads out at offset as QEMU does: bytes past the end of the file read as
 // zeros (a metadata cluster in a last cluster the file only partly holds is

@@ -12,6 +12,7 @@
 #include "common/status.h"
 #include "qcow2/check.h"
 #include "qcow2/image.h"
+#include "qcow2/util.h"
 
 namespace cbt::qcow2::check_internal {
 
@@ -58,6 +59,7 @@ Status CompareRefcounts(Image& img, const Counted& counted, bool repair_leaks, C
 
 // Records one finding; past kMaxCheckMessages only counts it.
 void Note(CheckReport* rep, std::string msg);
-std::string Hex(uint64_t v);
+using internal::DivRoundUp;
+using internal::Hex;
 
 }  // namespace cbt::qcow2::check_internal

@@ -9,23 +9,17 @@
 
 #include "common/endian.h"
 #include "qcow2/format.h"
+#include "qcow2/util.h"
 
 namespace cbt::qcow2 {
 
-namespace {
+using internal::Hex;
+using internal::RoundUp8;
 
-std::string Hex(uint64_t v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
+namespace {
 
 Status Bad(std::string_view ctx, const std::string& what) {
   return Status::Corruption(std::string(ctx) + ": qcow2 header: " + what);
-}
-
-uint64_t RoundUp8(uint64_t v) {
-  return (v + 7) & ~uint64_t{7};
 }
 
 // Known feature names for messages when the file has no feature table.

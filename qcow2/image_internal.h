@@ -1,4 +1,5 @@
-// Small helpers shared by image.cc and image_inplace.cc. Internal to qcow2/.
+// Helpers shared by image.cc and image_inplace.cc (the generic ones are in
+// qcow2/util.h). Internal to qcow2/.
 #pragma once
 
 #include <algorithm>
@@ -11,18 +12,9 @@
 #include "common/block_io.h"
 #include "qcow2/format.h"
 #include "qcow2/image.h"
+#include "qcow2/util.h"
 
 namespace cbt::qcow2::internal {
-
-inline std::string Hex(uint64_t v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
-
-inline uint64_t DivRoundUp(uint64_t a, uint64_t b) {
-  return a / b + (a % b != 0);
-}
 
 // A metadata read; a short read means the file is truncated there.
 inline Status ReadMeta(BlockIO* io, std::span<std::byte> out, uint64_t off, const std::string& ctx,
@@ -31,10 +23,6 @@ inline Status ReadMeta(BlockIO* io, std::span<std::byte> out, uint64_t off, cons
   if (s.IsOutOfRange())
     return Status::Corruption(ctx + ": " + what + " at " + Hex(off) + " truncated");
   return s;
-}
-
-inline bool AllZero(std::span<const std::byte> b) {
-  return std::all_of(b.begin(), b.end(), [](std::byte x) { return x == std::byte{0}; });
 }
 
 // Extensions the library manages itself (never set through SetExtension).

@@ -6,15 +6,13 @@
 
 #include "common/endian.h"
 #include "qcow2/format.h"
+#include "qcow2/util.h"
 
 namespace cbt::qcow2 {
 
+using internal::Hex;
+
 namespace {
-std::string Hex(uint64_t v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
 
 // A short read of metadata means the file is truncated: Corruption.
 Status ReadMeta(BlockIO* io, std::span<std::byte> out, uint64_t off, const std::string& ctx,
