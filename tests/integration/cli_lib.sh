@@ -10,20 +10,9 @@ CBT=${1:-}
 CBT=$(readlink -f "$CBT")
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
-T=$(mktemp -d /tmp/cbt-cli-test.XXXXXX)
-PIDS=()
-cleanup() {
-  local p
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$T"
-}
-trap cleanup EXIT
+CBT_TEST_PREFIX=cbt-cli-test
+source "$HERE/common.sh"
 cd "$T"
-
-fail() { echo "FAIL: $*" >&2; exit 1; }
-skip() { echo "SKIP: $*"; exit 77; }
-need() { local t; for t in "$@"; do command -v "$t" >/dev/null || skip "$t is not installed"; done; }
 [ -x "$CBT" ] || fail "cbt binary not found: $CBT"
 
 # cbt_ok ARGS... : runs cbt, fails the test if it does not exit 0.
@@ -58,19 +47,6 @@ expect_in() {
   for n in "$@"; do
     case "$text" in *"$n"*) ;; *) fail "'$n' missing from: $text" ;; esac
   done
-}
-
-# qemu_map FILE BITMAP : the bitmap as QEMU reads it (qemu-nbd -r -B, nbdinfo
-# --map), as merged [{"start","length","dirty"}]. nbdinfo's JSON is a list of
-# {"offset","length","type","description"}; type bit 0 = dirty.
-qemu_map() {
-  timeout 30 nbdinfo --json --map="qemu:dirty-bitmap:$2" -- \
-    [ qemu-nbd -r -f qcow2 -B "$2" "$1" ] | merge_extents
-}
-merge_extents() {
-  jq -c 'map({start: .offset, length: .length, dirty: ((.type % 2) == 1)})
-         | reduce .[] as $e ([]; if length > 0 and .[-1].dirty == $e.dirty
-                                  then .[-1].length += $e.length else . + [$e] end)'
 }
 
 # cbt_map FILE BITMAP [ARGS...] : cbt's map, compact.

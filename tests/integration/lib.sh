@@ -1,6 +1,5 @@
-# Shared helpers for the integration tests (sourced, bash).
-# Every test gets its own temp dir; the EXIT trap kills only the processes
-# this test started (by pid) and removes the dir.
+# Helpers for the filter's integration tests (sourced, bash): nbdkit start
+# and stop, the built tools. Temp dir, cleanup and maps: common.sh.
 set -euo pipefail
 
 : "${CBT_BUILD:?CBT_BUILD must point at the build directory}"
@@ -9,21 +8,9 @@ CBT="$CBT_BUILD/server/cbt"
 NBD_LOAD="$CBT_BUILD/tests/nbd_load"
 NBD_OPS="$CBT_BUILD/tests/nbd_ops"
 
-T=$(mktemp -d /tmp/cbt-test.XXXXXX)
-PIDS=()
-MOUNTS=()
-cleanup() {
-  local p
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  for p in "${MOUNTS[@]}"; do umount "$p" 2>/dev/null || true; done
-  rm -rf "$T"
-}
-trap cleanup EXIT
-
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+# Filter tests also show the end of nbdkit's log when they fail.
 fail() { echo "FAIL: $*" >&2; [ -s "$T/nbdkit.log" ] && tail -5 "$T/nbdkit.log" >&2; exit 1; }
-skip() { echo "SKIP: $*"; exit 77; }
-need() { for t in "$@"; do command -v "$t" >/dev/null || skip "$t is not installed"; done; }
 
 # A filter built with ASan needs the runtime preloaded into nbdkit.
 # (No `ldd | grep -q`: with pipefail, grep exiting early can SIGPIPE ldd and
@@ -73,21 +60,8 @@ kill9_nbdkit() {
   wait "$1" 2>/dev/null || true
 }
 
-# qemu_map FILE BITMAP : the bitmap as QEMU reads it, as merged
-# [{"start","length","dirty"}] (qemu-nbd -r -B, nbdinfo --map).
-qemu_map() {
-  timeout 60 nbdinfo --json --map="qemu:dirty-bitmap:$2" -- \
-    [ qemu-nbd -r -f qcow2 -B "$2" "$1" ] |
-    jq -c 'map({start: .offset, length: .length, dirty: (.type == 1)})
-           | reduce .[] as $e ([]; if length > 0 and .[-1].dirty == $e.dirty
-                                    then .[-1].length += $e.length else . + [$e] end)'
-}
-
-# normalize FILE : the same merge on an extents file
-normalize() {
-  jq -c 'reduce .[] as $e ([]; if length > 0 and .[-1].dirty == $e.dirty
-                               then .[-1].length += $e.length else . + [$e] end)' "$1"
-}
+# normalize FILE : an extents file (nbd_load --expected) merged like qemu_map
+normalize() { merge_runs <"$1"; }
 
 # bitmap_flags FILE BITMAP : qemu-img's flags list, e.g. ["auto"] (-U: we may hold it)
 bitmap_flags() {

@@ -1,0 +1,38 @@
+# What every integration test shares (sourced by lib.sh and cli_lib.sh).
+# Each test gets its own temp dir $T; the EXIT trap kills only the processes
+# the test started (by pid, from $PIDS), unmounts what it mounted ($MOUNTS)
+# and removes the dir. A missing tool skips the test (exit 77) with the
+# reason printed.
+set -euo pipefail
+
+T=$(mktemp -d "/tmp/${CBT_TEST_PREFIX:-cbt-test}.XXXXXX")
+PIDS=()
+MOUNTS=()
+cleanup() {
+  local p
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  for p in "${MOUNTS[@]}"; do umount "$p" 2>/dev/null || true; done
+  rm -rf "$T"
+}
+trap cleanup EXIT
+
+fail() { echo "FAIL: $*" >&2; exit 1; }
+skip() { echo "SKIP: $*"; exit 77; }
+need() { local t; for t in "$@"; do command -v "$t" >/dev/null || skip "$t is not installed"; done; }
+
+# merge_runs : on stdin a JSON list of {"start","length","dirty"}; prints it
+# compact with adjacent extents of the same state merged.
+merge_runs() {
+  jq -c 'reduce .[] as $e ([]; if length > 0 and .[-1].dirty == $e.dirty
+                               then .[-1].length += $e.length else . + [$e] end)'
+}
+
+# qemu_map FILE BITMAP : the bitmap as QEMU reads it (qemu-nbd -r -B, nbdinfo
+# --map), as merged [{"start","length","dirty"}]. nbdinfo's JSON is a list of
+# {"offset","length","type","description"}; type bit 0 = dirty.
+qemu_map() {
+  timeout 30 nbdinfo --json --map="qemu:dirty-bitmap:$2" -- \
+    [ qemu-nbd -r -f qcow2 -B "$2" "$1" ] |
+    jq -c 'map({start: .offset, length: .length, dirty: ((.type % 2) == 1)})' | merge_runs
+}
