@@ -151,11 +151,22 @@ void DirtyBitmap::SetSummary(uint64_t word_index) {
   }
 }
 
+// Always a read-modify-write, never "load, and skip if already set": the
+// protocol with TakeChangedChunks needs every marker's note to be ordered
+// against the persister's exchange on the same word. All RMWs of one atomic
+// are totally ordered (its modification order), so one of two holds:
+//  - the note comes first: the exchange reads it (or a later RMW of the
+//    release sequence it heads) and synchronises with it, so the data bits
+//    this marker set before the note are visible to the persister's read of
+//    the chunk, which follows the exchange;
+//  - the exchange comes first: the note leaves the bit set for the next take.
+// A plain load that sees the bit set gives no such order (the store-buffer
+// pattern: it may read the value from before the exchange while the
+// persister reads the data from before the mark), and a persist could then
+// miss the change and clear in_use over it.
 void DirtyBitmap::NoteChunkChanged(uint64_t word_index) {
   uint64_t c = word_index >> words_per_chunk_shift_;
-  uint64_t bit = uint64_t{1} << (c & 63);
-  Word& w = changed_[c >> 6];
-  if ((w.load(std::memory_order_acquire) & bit) == 0) w.fetch_or(bit, std::memory_order_acq_rel);
+  changed_[c >> 6].fetch_or(uint64_t{1} << (c & 63), std::memory_order_acq_rel);
 }
 
 // ---- queries -------------------------------------------------------------
@@ -375,6 +386,8 @@ void DirtyBitmap::LoadChunk(uint64_t idx, std::span<const std::byte> in) {
 std::vector<uint64_t> DirtyBitmap::TakeChangedChunks() {
   std::vector<uint64_t> out;
   for (uint64_t i = 0; i < changed_words_; ++i) {
+    // Skipping a word that reads zero is safe: a note not yet visible here
+    // stays set for the next take (see NoteChunkChanged).
     if (changed_[i].load(std::memory_order_acquire) == 0) continue;
     uint64_t w = changed_[i].exchange(0, std::memory_order_acq_rel);
     while (w) {

@@ -24,8 +24,17 @@ void PersistScheduler::Run() {
   while (!cv_.wait_for(lock, interval_, [this] { return stop_; })) {
     if (!tracker_.HasPendingChanges()) continue;
     lock.unlock();
-    // On failure the changes stay pending; the next round retries.
-    Status s = tracker_.Persist();
+    // On failure the changes stay pending; the next round retries. An
+    // exception (bad_alloc) must not escape the thread: std::terminate would
+    // take nbdkit down without its final persist.
+    Status s;
+    try {
+      s = tracker_.Persist();
+    } catch (const std::exception& e) {
+      s = Status::IOError(std::string("exception: ") + e.what(), ENOMEM);
+    } catch (...) {
+      s = Status::IOError("unknown exception", EIO);
+    }
     if (s.ok())
       spdlog::debug("periodic persist done");
     else
