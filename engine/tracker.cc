@@ -32,6 +32,7 @@
 #include "common/posix_file.h"
 #include "engine/bitmap_store.h"
 #include "engine/volatile_io.h"
+#include "qcow2/check.h"
 #include "qcow2/lock.h"
 
 namespace cbt {
@@ -120,6 +121,9 @@ Status Tracker::OpenContainer() {
   CBT_ASSIGN_OR_RETURN(std::shared_ptr<BlockIO> io, MaybeVolatile(std::move(file).value()));
   auto img = qcow2::Image::Open(std::move(io), oo);
   if (!img.ok()) return img.status().WithContext("cbt-file");
+  // P4: overlapping metadata or refcounts below the references would let a
+  // persist allocate a cluster holding live bits (or the refcount table).
+  if (!opts_.readonly) CBT_RETURN_IF_ERROR(qcow2::CheckBeforeWrite(**img).WithContext("cbt-file"));
   image_ = std::move(img).value();
   return Status::OK();
 }
@@ -251,6 +255,9 @@ Status Tracker::Recover() {
   for (auto& b : bitmaps_) after += b->DirtyGranules();
   in_use_on_disk_ = true;
   CBT_RETURN_IF_ERROR(Persist().WithContext("crash recovery"));
+  // Make the cleared in_use durable too: the record found at open is
+  // replaced at the first change, and in_use must never outlive it on disk.
+  CBT_RETURN_IF_ERROR(image_->io()->flush().WithContext("crash recovery"));
   stats_.recovered_granules = after - before;
   spdlog::warn("{}: recovered from an unclean stop: {} granules added from {} recorded region(s)",
                opts_.container_path, after - before, found_record_->RecordedRanges().size());

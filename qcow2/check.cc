@@ -200,7 +200,9 @@ Result<Counted> CountReferences(Image& img, const CountOptions& opts, CheckRepor
 
   // Bitmap clusters first, so that every reference to them is recorded.
   const auto& entries = img.dir_entries();
-  const bool count_dir = h.bitmaps && (h.autoclear & kAutoclearBitmaps) && !opts.skip_directory;
+  // Image::Open keeps the extension only when bit 0 vouches for it, or when
+  // the caller adopted a stale one (which it will write back).
+  const bool count_dir = h.bitmaps && !opts.skip_directory;
   uint64_t entry_off = h.bitmaps ? h.bitmaps->directory_offset : 0;
   for (size_t i = 0; i < entries.size(); ++i) {
     const uint64_t size = DirEntrySize(entries[i]);
@@ -340,6 +342,23 @@ Result<CheckReport> Check(Image& img, bool repair) {
   if (rep.messages_dropped)
     rep.messages.push_back("... " + std::to_string(rep.messages_dropped) + " more");
   return rep;
+}
+
+Status CheckBeforeWrite(Image& img) {
+  CBT_ASSIGN_OR_RETURN(CheckReport rep, Check(img, /*repair=*/false));
+  if (rep.corruptions == 0) return Status::OK();
+  std::string first;
+  for (const std::string& m : rep.messages) {
+    if (m.rfind("ERROR", 0) == 0) {
+      first = m;
+      break;
+    }
+  }
+  if (first.empty() && !rep.messages.empty()) first = rep.messages.front();
+  return Status::Corruption(
+      img.name() + ": refusing to write: " + std::to_string(rep.corruptions) +
+      " metadata error(s), a write could overwrite live data (first: " + first +
+      "); see 'cbt check " + img.name() + "', repair with 'cbt check " + img.name() + " --repair'");
 }
 
 }  // namespace cbt::qcow2

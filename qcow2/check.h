@@ -77,4 +77,12 @@ struct CheckReport {
 // only when the structure cannot be walked at all.
 Result<CheckReport> Check(Image& image, bool repair);
 
+// For every writer, before its first write (P4): refuses an image whose
+// metadata overlaps or whose refcounts are lower than its references
+// (corruptions in Check's sense), since the next allocation could hand out
+// a cluster that holds live bits, a table or the refcount table itself.
+// Leaks are harmless and accepted. Failure: Corruption naming the first
+// finding and 'cbt check --repair'; IOError.
+Status CheckBeforeWrite(Image& image);
+
 }  // namespace cbt::qcow2

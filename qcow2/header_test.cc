@@ -170,7 +170,7 @@ TEST(HeaderTest, TornHeaderNeverLeavesBitWithoutDirectory) {
   EXPECT_EQ(header_writes, 2);
 }
 
-TEST(HeaderTest, ForeignLayoutSwitchClearsBitFirst) {
+TEST(HeaderTest, ForeignLayoutSwitchNeverClearsTheBitmapsBit) {
   // A header whose bitmaps extension is not first (QEMU's layout).
   auto mem = std::make_shared<MemBlockIO>();
   ASSERT_TRUE(Image::Create(mem, CreateOptions{64 << 20, 65536, ""}).ok());
@@ -196,15 +196,18 @@ TEST(HeaderTest, ForeignLayoutSwitchClearsBitFirst) {
   auto img = std::move(Image::Open(log, {.writable = true})).value();
   EXPECT_EQ(img->header().bitmaps_ext_offset, 112u + 608);
   ASSERT_OK(img->Commit({Spec("a", 16, true, "a"), Spec("b", 16)}));
-  // Find the big header write: the autoclear bit must be clear in it, and
-  // cleared on disk (flushed) before it.
-  int big = -1;
-  for (size_t i = 0; i < log->ops.size(); ++i)
-    if (!log->ops[i].flush && log->ops[i].offset == 0 && log->ops[i].data.size() > 512) big = i;
-  ASSERT_GE(big, 2);
-  EXPECT_FALSE(LoadBE64(log->ops[big].data.data() + kOffAutoclear) & kAutoclearBitmaps);
-  EXPECT_TRUE(log->ops[big - 1].flush);
-  EXPECT_EQ(log->ops[big - 2].offset, kOffAutoclear);
+  // No write into the header ever clears autoclear bit 0 (QEMU's dance
+  // does, and a crash there loses every bitmap), and header sector 0 is
+  // only ever written whole.
+  int sector0_writes = 0;
+  for (const auto& op : log->ops) {
+    if (op.flush || op.offset >= 512) continue;
+    EXPECT_EQ(op.offset, 0u);
+    ASSERT_GE(op.data.size(), 512u);
+    EXPECT_TRUE(LoadBE64(op.data.data() + kOffAutoclear) & kAutoclearBitmaps);
+    ++sector0_writes;
+  }
+  EXPECT_GE(sector0_writes, 2);  // through an intermediate header
   auto reopened = std::move(Image::Open(mem)).value();
   EXPECT_EQ(reopened->Bitmaps().size(), 2u);
   EXPECT_EQ(reopened->header().bitmaps_ext_offset, 112u);

@@ -3,17 +3,33 @@
 // write path and header extensions.
 //
 // Design note: header switches.
-//  Our header layout puts the bitmaps extension directly after the 112-byte
-//  header, so switching directories changes only bytes 0..143: one sector,
-//  one write, atomic on every device we care about. SwitchHeader() compares
-//  the new serialised header with the bytes on disk; when every changed byte
-//  is in sector 0 it writes sector 0 alone. Otherwise (the first rewrite of a
-//  header laid out by QEMU, or a private extension that changed size past
-//  sector 0) it follows QEMU's order: clear autoclear bit 0 (one field),
-//  flush, write the whole header with the bit clear, flush, set the bit,
-//  flush. A crash inside that window leaves the bitmaps ignored by QEMU and us
-//  (their clusters leak), never a bit that vouches for a half-written
-//  extension (P13, P4).
+//  A device writes a 512-byte sector whole or not at all; nothing larger is
+//  atomic. Our layout puts the bitmaps extension directly after the 112-byte
+//  header, so a directory switch changes only bytes 0..143: one sector, one
+//  write. SwitchHeader() compares the new serialised header with the bytes on
+//  disk and with what each of the two headers READS (fixed fields, the
+//  extension chain up to its end marker, the backing file name):
+//   (A) only sector 0 changes: write it.
+//   (C) bytes past sector 0 change, but the new header does not read them
+//       (a removed extension): write sector 0; the rest is dead.
+//   (B) the new header reads changed bytes past sector 0 that the header on
+//       disk does not read (an extension added after its end marker): write
+//       them, flush, then write sector 0.
+//   (D) both read changed bytes past sector 0 (an extension rewritten in
+//       place, QEMU's layout with the bitmaps extension after the feature
+//       table): first switch (C) to an intermediate header that fits in
+//       sector 0 (the new one without feature names or private records, so
+//       every bitmap stays), then (B) to the new one.
+//  Each step is flushed before the next. A crash at any point leaves the
+//  old, the intermediate or the new header, each complete, and autoclear
+//  bit 0 never leaves the bitmaps extension it vouches for: no crash point
+//  hides the bitmaps. (QEMU instead clears bit 0 around a multi-sector
+//  rewrite; a crash inside that window loses every bitmap.) A header whose
+//  backing/data file names leave no room for the intermediate is refused
+//  (NotSupported) rather than rewritten unsafely.
+//  Found on open, a bitmaps extension without bit 0 (written by a program
+//  that does not know bitmaps) is refused for writing unless the caller
+//  adopts it for recovery (OpenOptions::adopt_stale_bitmaps).
 //
 // Crash analysis of Commit (directory switch):
 //  1. new data clusters, tables, directory written to fresh clusters whose
@@ -51,6 +67,7 @@ uint64_t Image::bytes_written() const {
 Result<std::unique_ptr<Image>> Image::Open(std::shared_ptr<BlockIO> io, const OpenOptions& opts) {
   if (!io) return Status::InvalidArgument("qcow2 open: no file");
   std::unique_ptr<Image> img(new Image(std::move(io), opts.writable));
+  img->adopt_stale_ = opts.adopt_stale_bitmaps && opts.writable;
   CBT_RETURN_IF_ERROR(img->Load());
   return img;
 }
@@ -72,10 +89,21 @@ Status Image::Load() {
   refcounts_.emplace(std::move(rc));
 
   const bool bit = header_.version == 3 && (header_.autoclear & kAutoclearBitmaps);
-  if (header_.bitmaps && !bit) {
-    // Written by a program that does not know bitmaps: QEMU ignores the
-    // extension and drops it on the next header write. So do we.
+  if (header_.bitmaps && !bit && !adopt_stale_) {
+    // Written by a program that does not know bitmaps (or a header rewrite
+    // by one that clears bit 0 around it was interrupted): the bitmaps may
+    // miss changes. QEMU ignores the extension and drops it on its next
+    // header write, and with it every bitmap, silently. We never write over
+    // it (P4): a read-only open shows no bitmaps; a writable one is refused
+    // unless the caller adopts the bitmaps for recovery.
     stale_ext_ = true;
+    if (writable_)
+      return Status::Corruption(
+          ctx_ + ": the bitmaps extension (" + std::to_string(header_.bitmaps->nb_bitmaps) +
+          " bitmap(s)) is not vouched for by autoclear bit 0: a program that does not know "
+          "bitmaps wrote the file, or a header rewrite was interrupted, so the bitmaps may "
+          "miss changes; 'cbt recover " +
+          ctx_ + " --mark-all' keeps them with every granule dirty (the next backup is full)");
     header_.bitmaps.reset();
   } else if (!header_.bitmaps && bit) {
     bit_without_ext_ = true;  // cleared on our next header write (P4)
@@ -94,6 +122,16 @@ Status Image::Load() {
       CBT_ASSIGN_OR_RETURN(auto t, ParseTable(tb, e.table_size, header_.cluster_bits, what));
       tables_.push_back(std::move(t));
       inconsistent_.push_back(e.in_use());
+    }
+    if (!bit) {
+      // Adopted stale bitmaps: untrusted, like bitmaps left in use. Their
+      // in_use flag is set in our model, so that a directory switch (which
+      // sets bit 0 again) stores them as in use: never as consistent.
+      stale_ext_ = true;
+      for (size_t i = 0; i < entries_.size(); ++i) {
+        entries_[i].flags |= kBitmapFlagInUse;
+        inconsistent_[i] = true;
+      }
     }
   }
   // A writer must clear autoclear bits it does not know before changing
@@ -275,6 +313,62 @@ Status Image::ReadBitmap(std::string_view name, const SlotSink& sink) {
   return Status::OK();
 }
 
+namespace {
+
+// The byte ranges [begin, end) of cluster 0 that parsing the header in `h`
+// reads: the fixed header and the extension chain up to and including its end
+// marker, and the backing file name. Walks only inside h (a chain running past
+// it reads to its end).
+std::vector<std::pair<uint64_t, uint64_t>> HeaderReadSet(std::span<const std::byte> h) {
+  std::vector<std::pair<uint64_t, uint64_t>> out;
+  if (h.size() < kV2HeaderLength) return {{0, h.size()}};
+  const uint32_t version = LoadBE32(h.data() + 4);
+  uint64_t off =
+      version >= 3 && h.size() >= kV3MinHeaderLength ? LoadBE32(h.data() + 100) : kV2HeaderLength;
+  while (off + 8 <= h.size()) {
+    const uint32_t type = LoadBE32(h.data() + off);
+    const uint64_t len = LoadBE32(h.data() + off + 4);
+    off += 8;
+    if (type == kExtEnd) break;
+    off += RoundUp8(len);
+  }
+  out.emplace_back(0, std::min<uint64_t>(off, h.size()));
+  const uint64_t boff = LoadBE64(h.data() + 8);
+  const uint64_t blen = LoadBE32(h.data() + 16);
+  if (boff && blen && boff < h.size()) out.emplace_back(boff, std::min(boff + blen, h.size()));
+  return out;
+}
+
+// Does any byte at offset >= from differ between a and b (b past a's end
+// counts as different) inside one of the ranges?
+bool DiffersIn(std::span<const std::byte> a, std::span<const std::byte> b, uint64_t from,
+               const std::vector<std::pair<uint64_t, uint64_t>>& ranges) {
+  for (auto [lo, hi] : ranges) {
+    for (uint64_t i = std::max(lo, from); i < hi && i < b.size(); ++i)
+      if (i >= a.size() || a[i] != b[i]) return true;
+  }
+  return false;
+}
+
+// Extensions a header cannot do without for a moment (they change how the
+// image is read). The others (feature names, private records) may be left
+// out of a short-lived intermediate header.
+bool IsEssentialExtension(uint32_t type) {
+  return type == kExtDataFile || type == kExtBackingFormat || type == kExtCrypto;
+}
+
+}  // namespace
+
+Status Image::WriteHeaderBytes(std::span<const std::byte> bytes, uint64_t from, uint64_t to) {
+  if (from >= to) return Status::OK();
+  CBT_RETURN_IF_ERROR(io_->pwrite(bytes.subspan(from, to - from), from));
+  if (header_on_disk_.size() < to) header_on_disk_.resize(to);
+  std::copy(bytes.begin() + static_cast<ptrdiff_t>(from),
+            bytes.begin() + static_cast<ptrdiff_t>(to),
+            header_on_disk_.begin() + static_cast<ptrdiff_t>(from));
+  return Status::OK();
+}
+
 Status Image::SwitchHeader(Header next) {
   next.refcount_table_offset = refcounts_->table_offset();
   next.refcount_table_clusters = refcounts_->table_clusters();
@@ -287,43 +381,56 @@ Status Image::SwitchHeader(Header next) {
   // The refcount-table fields may have been switched on disk by Refcounts.
   StoreBE64(header_on_disk_.data() + kOffRefcountTableOffset, next.refcount_table_offset);
   StoreBE32(header_on_disk_.data() + kOffRefcountTableOffset + 8, next.refcount_table_clusters);
-  size_t last_diff = 0;
-  bool any = false;
-  for (size_t i = 0; i < bytes.size(); ++i) {
-    if (i >= header_on_disk_.size() || header_on_disk_[i] != bytes[i]) {
-      last_diff = i;
-      any = true;
-    }
-  }
-  if (!any) {
+  const std::span<const std::byte> old(header_on_disk_);
+  const auto all = std::vector<std::pair<uint64_t, uint64_t>>{{0, bytes.size()}};
+  if (!DiffersIn(old, bytes, 0, all)) {
     header_ = std::move(next);
     return Status::OK();
   }
-  if (last_diff < kSectorSize) {
-    // Every changed byte is in sector 0: one atomic write (P13).
-    CBT_RETURN_IF_ERROR(io_->pwrite(std::span(bytes).first(kSectorSize), 0));
+  // Sector 0 is written in one piece, which a device applies whole: the
+  // switch happens there. What lies past it must be in place before (if the
+  // new header reads it) and must not be read by the header on disk while it
+  // changes (else a crash shows that header a torn mix). See the design note.
+  const bool tail_changes = DiffersIn(old, bytes, kSectorSize, all);
+  const bool old_reads_tail = DiffersIn(old, bytes, kSectorSize, HeaderReadSet(old));
+  const bool new_reads_tail = DiffersIn(old, bytes, kSectorSize, HeaderReadSet(bytes));
+  if (!tail_changes || !new_reads_tail) {
+    // (A) only sector 0 changes, or (C) what changes past it is read by the
+    // new header no more: one sector write switches.
+    CBT_RETURN_IF_ERROR(WriteHeaderBytes(bytes, 0, kSectorSize));
+    CBT_RETURN_IF_ERROR(io_->flush());
+    // (C) what follows is read by nothing now; keep the disk equal to our
+    // model (unflushed: nothing depends on it).
+    if (tail_changes) CBT_RETURN_IF_ERROR(WriteHeaderBytes(bytes, kSectorSize, bytes.size()));
+  } else if (!old_reads_tail) {
+    // (B) the new tail lies where the header on disk does not read: write
+    // it, make it durable, then switch sector 0.
+    CBT_RETURN_IF_ERROR(WriteHeaderBytes(bytes, kSectorSize, bytes.size()));
+    CBT_RETURN_IF_ERROR(io_->flush());
+    CBT_RETURN_IF_ERROR(WriteHeaderBytes(bytes, 0, kSectorSize));
     CBT_RETURN_IF_ERROR(io_->flush());
   } else {
-    // Layout change beyond sector 0: QEMU's dance, bit 0 clear meanwhile.
-    std::byte f[8];
-    uint64_t old_ac = LoadBE64(header_on_disk_.data() + kOffAutoclear);
-    if (old_ac & kAutoclearBitmaps) {
-      StoreBE64(f, old_ac & ~kAutoclearBitmaps);
-      CBT_RETURN_IF_ERROR(io_->pwrite(f, kOffAutoclear));
-      CBT_RETURN_IF_ERROR(io_->flush());
-    }
-    std::vector<std::byte> cleared = bytes;
-    StoreBE64(cleared.data() + kOffAutoclear, next.autoclear & ~kAutoclearBitmaps);
-    CBT_RETURN_IF_ERROR(io_->pwrite(cleared, 0));
+    // (D) both read the changing tail. Go through a header that fits in
+    // sector 0: the new one without its optional extensions (feature names,
+    // private records). old -> mid is (C), mid -> next is (B). A crash
+    // leaves old, mid or next; mid has every bitmap of next.
+    Header mid = next;
+    std::erase_if(mid.extensions,
+                  [](const HeaderExtension& e) { return !IsEssentialExtension(e.type); });
+    if (next.extensions.size() != mid.extensions.size())
+      mid.autoclear &= ~kAutoclearCbtIntent;  // a private record it leaves out is not vouched
+    CBT_ASSIGN_OR_RETURN(std::vector<std::byte> mbytes, SerializeHeader(mid));
+    if (mbytes.size() > kSectorSize)
+      return Status::NotSupported(
+          ctx_ +
+          ": cannot rewrite the header safely: the backing file and data file names "
+          "do not leave room in its first sector for an intermediate header (shorten "
+          "them, or rewrite the header with qemu-img)");
+    CBT_RETURN_IF_ERROR(WriteHeaderBytes(mbytes, 0, kSectorSize));
     CBT_RETURN_IF_ERROR(io_->flush());
-    if (next.autoclear & kAutoclearBitmaps) {
-      StoreBE64(f, next.autoclear);
-      CBT_RETURN_IF_ERROR(io_->pwrite(f, kOffAutoclear));
-      CBT_RETURN_IF_ERROR(io_->flush());
-    }
+    header_ = std::move(mid);
+    return SwitchHeader(std::move(next));
   }
-  if (header_on_disk_.size() < bytes.size()) header_on_disk_.resize(bytes.size());
-  std::copy(bytes.begin(), bytes.end(), header_on_disk_.begin());
   header_ = std::move(next);
   return Status::OK();
 }

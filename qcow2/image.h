@@ -84,6 +84,11 @@ enum class OldClusters { kFree, kLeave };
 
 struct OpenOptions {
   bool writable = false;
+  // For recovery only (cbt recover --mark-all), with writable: load a
+  // bitmaps extension whose autoclear bit 0 is clear instead of refusing
+  // the open. Its bitmaps are inconsistent (in use): they can only be
+  // dropped or rewritten whole.
+  bool adopt_stale_bitmaps = false;
 };
 
 struct CreateOptions {
@@ -102,8 +107,9 @@ class Image {
  public:
   // Opens a qcow2 file. Reads and validates the header, the refcount table,
   // the bitmap directory and every bitmap table (QEMU's rules: a file QEMU
-  // refuses is refused here too). An extension without autoclear bit 0 is
-  // ignored as QEMU does (its clusters are leaks).
+  // refuses is refused here too). A bitmaps extension without autoclear
+  // bit 0 is ignored read-only, as QEMU does, and refused writable
+  // (Corruption naming 'cbt recover --mark-all'), unless adopted (OpenOptions).
   // Failure: Corruption (says what and where; truncation included),
   // NotSupported (unknown incompatible features; when writable also the
   // dirty/corrupt bits), IOError.
@@ -209,7 +215,8 @@ class Image {
   Refcounts& refcounts() { return *refcounts_; }
   const std::vector<BitmapDirEntry>& dir_entries() const { return entries_; }
   const std::vector<uint64_t>& table(size_t i) const { return tables_[i]; }
-  // Set when autoclear bit 0 and the extension disagree on disk (P4).
+  // Set when the bitmaps extension lacks autoclear bit 0 on disk (P4):
+  // read-only, the bitmaps are hidden; adopted, they are all inconsistent.
   bool stale_bitmaps_extension() const { return stale_ext_; }
   bool autoclear_without_extension() const { return bit_without_ext_; }
 
@@ -222,9 +229,12 @@ class Image {
   int IndexOf(std::string_view name) const;
   Status RequireWritable(const char* op) const;
   Status RequireConsistent(size_t i) const;
-  // Writes `next` as the new header, atomically when only sector 0 changes,
-  // else with QEMU's autoclear dance; flushes. See image.cc.
+  // Writes `next` as the new header; every crash point leaves a whole old,
+  // intermediate or new header (image.cc's design note); flushes.
   Status SwitchHeader(Header next);
+  // Writes bytes[from, to) of a serialised header at the same offsets and
+  // records them in header_on_disk_. Not flushed.
+  Status WriteHeaderBytes(std::span<const std::byte> bytes, uint64_t from, uint64_t to);
   Result<uint64_t> AllocateZeroedCluster();
   Status FreeBitmapClusters(const BitmapDirEntry& e, const std::vector<uint64_t>& table);
 
@@ -238,6 +248,7 @@ class Image {
   std::vector<std::vector<uint64_t>> tables_;
   std::vector<bool> inconsistent_;  // in_use when opened (someone else's)
   bool stale_ext_ = false;
+  bool adopt_stale_ = false;
   bool bit_without_ext_ = false;
 };
 

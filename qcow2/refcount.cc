@@ -246,6 +246,12 @@ Status Refcounts::GrowTable(uint64_t b) {
   return Free(old_off, old_clusters);
 }
 
+// XXX: a run that must cross the first cluster of a range with no refcount
+// block yet cannot be placed (NewBlock puts the block there, the run moves
+// past it and meets the next such range): runs longer than a block's range
+// (entries_per_block clusters) in uncovered space fail "did not converge".
+// Only tiny clusters with large tables reach that (512-byte clusters, a
+// bitmap table over 128 KiB); the operation fails cleanly, nothing changes.
 Result<uint64_t> Refcounts::Allocate(uint64_t n) {
   for (int round = 0;; ++round) {
     if (round > 64) return Status::IOError(ctx_ + ": refcount allocation did not converge");

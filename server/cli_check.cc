@@ -33,7 +33,7 @@ int RunCheck(const std::vector<std::string>& args) {
                      "drop untrusted bitmaps, free leaked clusters");
   if (ParseFileCommand(args, desc, common, file, kSynopsis, kDescription)) return kExitOk;
 
-  Result<OpenedImage> opened = OpenImage(file, /*writable=*/repair);
+  Result<OpenedImage> opened = OpenImage(file, repair ? Access::kRepair : Access::kReadOnly);
   if (!opened.ok()) return Fail(opened.status());
   Result<qcow2::CheckReport> r = qcow2::Check(*opened->image, repair);
   if (!r.ok()) return Fail(r.status());

@@ -29,7 +29,7 @@ constexpr char kDescription[] =
     "A bitmap that is not in use is left alone.";
 
 int MarkAll(const std::string& file, const std::string& name, const CommonOptions& common) {
-  Result<OpenedImage> opened = OpenImage(file, /*writable=*/true);
+  Result<OpenedImage> opened = OpenImage(file, Access::kRecover);
   if (!opened.ok()) return Fail(opened.status());
   qcow2::Image& img = *opened->image;
   Result<qcow2::BitmapInfo> info = img.Find(name);

@@ -1,14 +1,15 @@
 #include "server/image_open.h"
 
+#include <spdlog/spdlog.h>
 #include <sys/stat.h>
 
-#include <spdlog/spdlog.h>
-
+#include "qcow2/check.h"
 #include "qcow2/lock.h"
 
 namespace cbt::cli {
 
-Result<OpenedImage> OpenImage(const std::string& path, bool writable) {
+Result<OpenedImage> OpenImage(const std::string& path, Access access) {
+  const bool writable = access != Access::kReadOnly;
   OpenedImage out;
   out.path = path;
   CBT_ASSIGN_OR_RETURN(
@@ -20,13 +21,16 @@ Result<OpenedImage> OpenImage(const std::string& path, bool writable) {
   CBT_RETURN_IF_ERROR(qcow2::LockImage(
       out.file->fd(), path, writable ? qcow2::LockMode::kReadWrite : qcow2::LockMode::kReadOnly));
   spdlog::debug("opened {} {}", path, writable ? "read-write" : "read-only");
-  CBT_ASSIGN_OR_RETURN(out.image,
-                       qcow2::Image::Open(out.file, qcow2::OpenOptions{.writable = writable}));
+  qcow2::OpenOptions oo{.writable = writable, .adopt_stale_bitmaps = access == Access::kRecover};
+  CBT_ASSIGN_OR_RETURN(out.image, qcow2::Image::Open(out.file, oo));
+  if (access == Access::kWrite || access == Access::kRecover)
+    CBT_RETURN_IF_ERROR(qcow2::CheckBeforeWrite(*out.image));
   return out;
 }
 
 bool SameFile(const std::string& a, const std::string& b) {
-  struct stat sa {}, sb {};
+  struct stat sa {
+  }, sb{};
   if (::stat(a.c_str(), &sa) != 0 || ::stat(b.c_str(), &sb) != 0) return false;
   return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
 }

@@ -18,10 +18,20 @@ struct OpenedImage {
   std::unique_ptr<qcow2::Image> image;
 };
 
-// Opens `path` read-only or writable. Failure: the PosixFile or Image::Open
-// error (NotFound, Corruption, NotSupported, IOError), Busy if another
-// program holds a conflicting lock.
-Result<OpenedImage> OpenImage(const std::string& path, bool writable);
+enum class Access {
+  kReadOnly,
+  kWrite,    // refused (Corruption) unless qcow2::CheckBeforeWrite passes
+  kRecover,  // kWrite, and a stale bitmaps extension is adopted (recover)
+  kRepair,   // writable without the check (check --repair)
+};
+
+// Opens `path`. Failure: the PosixFile or Image::Open error (NotFound,
+// Corruption, NotSupported, IOError), Busy if another program holds a
+// conflicting lock, Corruption from qcow2::CheckBeforeWrite.
+Result<OpenedImage> OpenImage(const std::string& path, Access access);
+inline Result<OpenedImage> OpenImage(const std::string& path, bool writable) {
+  return OpenImage(path, writable ? Access::kWrite : Access::kReadOnly);
+}
 
 // True when a and b name the same file (same device and inode).
 bool SameFile(const std::string& a, const std::string& b);
