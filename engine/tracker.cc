@@ -184,6 +184,11 @@ Status Tracker::OpenContainer() {
     if (!opts_.create || opts_.readonly)
       return Status::NotFound("cbt-file=" + path +
                               ": no such file; add cbt-create=true to create it");
+    // Attach creates it after nbdkit forks: find what would stop it now.
+    const size_t slash = path.find_last_of('/');
+    const std::string dir = slash == std::string::npos ? "." : path.substr(0, slash + 1);
+    if (::access(dir.c_str(), W_OK | X_OK) != 0)
+      return Status::FromErrno(errno, "cbt-file=" + path + ": cannot create it in " + dir);
     return Status::OK();
   }
   if (!file.ok()) return file.status().WithContext("cbt-file");

@@ -259,7 +259,7 @@ void* cbt_open(nbdkit_next_open* next, nbdkit_context* ctx, int readonly, const 
 
 // The first connection attaches the tracker to its export; later ones
 // must be for the same export (one container tracks one disk).
-int cbt_prepare(nbdkit_next* next, void* handle, int readonly) noexcept {
+int cbt_prepare(nbdkit_next* next, void* handle, int readonly_export) noexcept {
   int err = 0;
   return Guard(&err, [&]() -> int {
     const char* name = static_cast<const char*>(handle);
@@ -280,6 +280,8 @@ int cbt_prepare(nbdkit_next* next, void* handle, int readonly) noexcept {
     int64_t size = next->get_size(next);
     if (size == -1) return -1;  // the plugin said why
     const auto usize = static_cast<uint64_t>(size);
+    // A zero-sized disk cannot change either (and qcow2 has no bitmaps for it).
+    const bool readonly = readonly_export || usize == 0;
     cbt::Tracker& t = *state->tracker;
     if (state->tracking.load() || (state->attached_ro && readonly)) {
       if (usize != t.disk_size()) {
