@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include <bit>
+#include <cerrno>
 #include <cstdlib>
 #include <map>
 #include <thread>
@@ -54,16 +55,71 @@ Result<std::shared_ptr<BlockIO>> MaybeVolatile(std::unique_ptr<PosixFile> f) {
   return std::shared_ptr<BlockIO>(std::move(v));
 }
 
-std::string RecoveryHint(const std::string& file, const std::string& name) {
-  return "bitmap '" + name + "' in " + file +
-         " was not closed cleanly (in-use flag set) and cannot be trusted; remove it with "
-         "'cbt bitmap " +
-         file + " " + name +
-         " --remove' (then re-add it and take a full "
-         "backup), or use cbt-durability=process/power next time to survive crashes";
+// The refusal of a bitmap left in use. Suggests the crash-safe modes only to
+// a server that does not run in one already.
+std::string RecoveryHint(const std::string& file, const std::string& name, Durability mode) {
+  std::string s = "bitmap '" + name + "' in " + file +
+                  " was not closed cleanly (in-use flag set) and cannot be trusted; make it "
+                  "usable with 'cbt recover " +
+                  file + " --bitmap " + name +
+                  " --mark-all' (everything becomes dirty: the next incremental backup copies "
+                  "the whole disk), or remove it with 'cbt bitmap " +
+                  file + " " + name + " --remove'";
+  if (mode == Durability::kNone)
+    s += "; cbt-durability=power (the default) or process survives crashes without this";
+  return s;
+}
+
+Status CheckSize(const qcow2::Image& img, const std::string& path, uint64_t disk_size) {
+  if (img.virtual_size() == RoundUp512(disk_size)) return Status::OK();
+  return Status::InvalidArgument(
+      "cbt-file=" + path + ": size mismatch: the container tracks a disk of " +
+      std::to_string(img.virtual_size()) + " bytes but this disk has " + std::to_string(disk_size) +
+      " bytes; use the container made for this disk (or create a new one)");
 }
 
 }  // namespace
+
+// Every container write passes here. Closed (writes refused with EROFS)
+// until Attach(size): nbdkit says whether an export is read-only only when a
+// client connects, so everything before that, and everything for a
+// read-only export, cannot write by construction.
+class Tracker::WriteGate final : public BlockIO {
+ public:
+  explicit WriteGate(std::shared_ptr<BlockIO> io) : io_(std::move(io)) {}
+  void Open() { open_.store(true); }
+  bool refused() const { return refused_.load(); }
+
+  Status pread(std::span<std::byte> out, uint64_t offset) override {
+    return io_->pread(out, offset);
+  }
+  Status pwrite(std::span<const std::byte> in, uint64_t offset) override {
+    if (!open_.load()) return Refuse();
+    return io_->pwrite(in, offset);
+  }
+  Status flush() override {
+    if (!open_.load()) return Refuse();
+    return io_->flush();
+  }
+  Result<uint64_t> size() override { return io_->size(); }
+  Status resize(uint64_t new_size) override {
+    if (!open_.load()) return Refuse();
+    return io_->resize(new_size);
+  }
+  const char* name() const override { return io_->name(); }
+
+ private:
+  Status Refuse() {
+    refused_.store(true);
+    return Status::IOError(std::string(io_->name()) +
+                               ": not written: the container stays read-only until a "
+                               "writable client connects",
+                           EROFS);
+  }
+  std::shared_ptr<BlockIO> io_;
+  std::atomic<bool> open_{false};
+  std::atomic<bool> refused_{false};
+};
 
 Result<std::unique_ptr<Tracker>> Tracker::Open(const TrackerOptions& opts, uint64_t disk_size) {
   CBT_ASSIGN_OR_RETURN(std::unique_ptr<Tracker> t, Prepare(opts));
@@ -76,16 +132,21 @@ Result<std::unique_ptr<Tracker>> Tracker::Prepare(const TrackerOptions& opts) {
     return Status::InvalidArgument("cbt-bitmap: at least one bitmap is required");
   std::unique_ptr<Tracker> t(new Tracker(opts));
   CBT_RETURN_IF_ERROR(t->OpenContainer());
-  if (t->image_) {
-    const std::vector<std::byte>* rec = t->image_->GetExtension(kIntentExtensionType);
-    if (rec && t->image_->private_record_vouched()) {
-      auto m = IntentMap::Parse(*rec);
-      if (!m.ok()) return m.status().WithContext("cbt-file=" + opts.container_path);
-      t->found_record_ = std::move(m).value();
-    }
-    CBT_RETURN_IF_ERROR(t->CheckBitmaps());
-  }
+  if (t->image_) CBT_RETURN_IF_ERROR(t->LoadContainerState());
   return t;
+}
+
+// The crash-safety record found in the open container, and the bitmaps'
+// state (P4).
+Status Tracker::LoadContainerState() {
+  found_record_.reset();
+  const std::vector<std::byte>* rec = image_->GetExtension(kIntentExtensionType);
+  if (rec && image_->private_record_vouched()) {
+    auto m = IntentMap::Parse(*rec);
+    if (!m.ok()) return m.status().WithContext("cbt-file=" + opts_.container_path);
+    found_record_ = std::move(m).value();
+  }
+  return CheckBitmaps();
 }
 
 // A crash left in_use set; our record can rebuild a superset if it was
@@ -98,28 +159,56 @@ bool Tracker::RecordRecoverable() const {
 
 Tracker::~Tracker() = default;
 
-// Opens and locks an existing container; leaves image_ empty when it does not
-// exist and may be created (Attach creates it).
+// Opens and locks an existing container, through the closed write gate;
+// leaves image_ empty when it does not exist and may be created (Attach
+// creates it).
 Status Tracker::OpenContainer() {
   const std::string& path = opts_.container_path;
-  auto file = PosixFile::Open(
-      path, opts_.readonly ? PosixFile::Mode::kReadOnly : PosixFile::Mode::kReadWrite);
+  bool ro = opts_.readonly;
+  auto file = PosixFile::Open(path, ro ? PosixFile::Mode::kReadOnly : PosixFile::Mode::kReadWrite);
+  if (!file.ok() && !ro) {
+    const int e = file.status().err();
+    if (e == EACCES || e == EROFS || e == EPERM) {
+      // We may not write it: enough for a read-only export (AttachReadOnly);
+      // Attach(size) refuses it.
+      auto rf = PosixFile::Open(path, PosixFile::Mode::kReadOnly);
+      if (rf.ok()) {
+        spdlog::debug("{}: not writable here ({}); opened read-only", path,
+                      file.status().message());
+        file = std::move(rf);
+        ro = true;
+        container_readonly_ = true;
+      }
+    }
+  }
   if (!file.ok() && file.status().IsNotFound()) {
     if (!opts_.create || opts_.readonly)
       return Status::NotFound("cbt-file=" + path +
                               ": no such file; add cbt-create=true to create it");
+    // Attach creates it after nbdkit forks: find what would stop it now.
+    const size_t slash = path.find_last_of('/');
+    const std::string dir = slash == std::string::npos ? "." : path.substr(0, slash + 1);
+    if (::access(dir.c_str(), W_OK | X_OK) != 0)
+      return Status::FromErrno(errno, "cbt-file=" + path + ": cannot create it in " + dir);
     return Status::OK();
   }
   if (!file.ok()) return file.status().WithContext("cbt-file");
   // QEMU's locks: refuse a file another writer (qemu-nbd, another nbdkit)
   // holds, and make QEMU tools refuse ours while we serve.
-  CBT_RETURN_IF_ERROR(
-      qcow2::LockImage((*file)->fd(), path,
-                       opts_.readonly ? qcow2::LockMode::kReadOnly : qcow2::LockMode::kReadWrite));
+  CBT_RETURN_IF_ERROR(qcow2::LockImage(
+      (*file)->fd(), path, ro ? qcow2::LockMode::kReadOnly : qcow2::LockMode::kReadWrite));
   qcow2::OpenOptions oo;
-  oo.writable = !opts_.readonly;
+  oo.writable = !ro;
   CBT_ASSIGN_OR_RETURN(std::shared_ptr<BlockIO> io, MaybeVolatile(std::move(file).value()));
-  auto img = qcow2::Image::Open(std::move(io), oo);
+  gate_ = std::make_shared<WriteGate>(std::move(io));
+  auto img = qcow2::Image::Open(gate_, oo);
+  if (!img.ok() && oo.writable && gate_->refused()) {
+    // The writable open wants to write: validate a read-only open now, and
+    // open for writing in Attach(size), once we know a client may write.
+    oo.writable = false;
+    img = qcow2::Image::Open(gate_, oo);
+    reopen_writable_ = true;
+  }
   if (!img.ok()) return img.status().WithContext("cbt-file");
   // P4: overlapping metadata or refcounts below the references would let a
   // persist allocate a cluster holding live bits (or the refcount table).
@@ -149,10 +238,12 @@ Status Tracker::CheckBitmaps() const {
     if (info.enabled && !info.consistent && !RecordRecoverable()) {
       if (found_record_)
         return Status::Corruption(
-            RecoveryHint(path, info.name) +
+            RecoveryHint(path, info.name, opts_.durability) +
             "; its crash-safety record was written in process mode and the machine has "
-            "restarted since, so it may have lost records (cbt-durability=power survives that)");
-      return Status::Corruption(RecoveryHint(path, info.name));
+            "restarted since, so it may have lost records" +
+            (opts_.durability == Durability::kPower ? ""
+                                                    : " (cbt-durability=power survives that)"));
+      return Status::Corruption(RecoveryHint(path, info.name, opts_.durability));
     }
     if (!info.enabled && !info.consistent)
       spdlog::warn("{}: disabled bitmap '{}' is inconsistent (in-use); leaving it untouched", path,
@@ -161,10 +252,45 @@ Status Tracker::CheckBitmaps() const {
   return Status::OK();
 }
 
-Status Tracker::Attach(uint64_t disk_size) {
+Status Tracker::AttachReadOnly(uint64_t disk_size) {
   disk_size_ = disk_size;
   const std::string& path = opts_.container_path;
+  if (!image_) {
+    spdlog::info("{} does not exist and is not created for a read-only export", path);
+    return Status::OK();
+  }
+  CBT_RETURN_IF_ERROR(CheckSize(*image_, path, disk_size_));
+  for (const qcow2::BitmapInfo& info : image_->Bitmaps())
+    if (info.enabled && !info.consistent)
+      spdlog::info(
+          "{}: bitmap '{}' is in use from an unclean stop; left as found for the next "
+          "writable server to recover",
+          path, info.name);
+  return Status::OK();
+}
+
+Status Tracker::Attach(uint64_t disk_size) {
+  if (opts_.readonly) return AttachReadOnly(disk_size);  // nothing will be marked or written
+  const std::string& path = opts_.container_path;
+  if (container_readonly_)
+    return Status::IOError("cbt-file=" + path +
+                               ": the container is read-only here (no write permission or a "
+                               "read-only file system); a writable export needs a writable "
+                               "container, or serve the export read-only (nbdkit -r)",
+                           EROFS);
+  disk_size_ = disk_size;
   bool created = false;
+  if (gate_) {
+    gate_->Open();
+    if (reopen_writable_) {
+      image_.reset();
+      auto img = qcow2::Image::Open(gate_, qcow2::OpenOptions{.writable = true});
+      if (!img.ok()) return img.status().WithContext("cbt-file");
+      image_ = std::move(img).value();
+      reopen_writable_ = false;
+      CBT_RETURN_IF_ERROR(LoadContainerState());
+    }
+  }
   if (!image_) {
     auto nf = PosixFile::Open(path, PosixFile::Mode::kCreateExclusive);
     if (!nf.ok()) return nf.status().WithContext("cbt-file");
@@ -183,13 +309,7 @@ Status Tracker::Attach(uint64_t disk_size) {
     spdlog::info("created container {} for a disk of {} bytes", path, disk_size_);
   }
 
-  if (image_->virtual_size() != RoundUp512(disk_size_))
-    return Status::InvalidArgument(
-        "cbt-file=" + path + ": size mismatch: the container tracks a disk of " +
-        std::to_string(image_->virtual_size()) + " bytes but this disk has " +
-        std::to_string(disk_size_) +
-        " bytes; use the container made for this disk (or create a new one)");
-  if (opts_.readonly) return Status::OK();  // nothing will be marked or written
+  CBT_RETURN_IF_ERROR(CheckSize(*image_, path, disk_size_));
 
   // Bitmaps our own crash left in_use: take them back (CheckBitmaps made
   // sure the record covers them); Recover() below makes them a superset.
@@ -241,7 +361,9 @@ Status Tracker::Attach(uint64_t disk_size) {
     durable_.push_back(std::move(d));
   }
   if (recovering) CBT_RETURN_IF_ERROR(Recover());
-  return ArmRecord();
+  CBT_RETURN_IF_ERROR(ArmRecord());
+  attached_rw_ = true;
+  return Status::OK();
 }
 
 // After a crash: every granule of every recorded region becomes dirty, the
@@ -259,8 +381,12 @@ Status Tracker::Recover() {
   // replaced at the first change, and in_use must never outlive it on disk.
   CBT_RETURN_IF_ERROR(image_->io()->flush().WithContext("crash recovery"));
   stats_.recovered_granules = after - before;
+  // RecordedRanges merges adjacent regions: count the regions themselves.
+  const uint64_t region = uint64_t{1} << found_record_->region_bits();
+  uint64_t regions = 0;
+  for (auto [off, len] : found_record_->RecordedRanges()) regions += (len + region - 1) / region;
   spdlog::warn("{}: recovered from an unclean stop: {} granules added from {} recorded region(s)",
-               opts_.container_path, after - before, found_record_->RecordedRanges().size());
+               opts_.container_path, after - before, regions);
   return Status::OK();
 }
 

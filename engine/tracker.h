@@ -67,12 +67,22 @@ class Tracker {
   // Busy (someone else holds the container), IOError.
   static Result<std::unique_ptr<Tracker>> Open(const TrackerOptions& opts, uint64_t disk_size);
 
-  // The same in two steps, for nbdkit, which learns the disk size only after
-  // it forks. Prepare opens, locks and validates an existing container (or
-  // checks that one may be created) and starts no threads; Attach does the
+  // The same in two steps, for nbdkit, which learns the disk size (and
+  // whether the export is read-only) only when the first client connects.
+  // Prepare opens, locks and validates an existing container (or checks that
+  // one may be created), writes nothing and starts no threads. A container
+  // the process may not write (mode 0444, read-only file system) is opened
+  // read-only; only a read-only Attach can use it. Attach(size) does the
   // rest. Errors as for Open.
   static Result<std::unique_ptr<Tracker>> Prepare(const TrackerOptions& opts);
   Status Attach(uint64_t disk_size);
+  // For a read-only export (nbdkit -r): checks the size of an existing
+  // container and nothing else. Nothing is created, recovered or written,
+  // ever; the container stays as found. A later Attach(size) (a writable
+  // client) may follow and does the rest.
+  Status AttachReadOnly(uint64_t disk_size);
+  // False until an Attach(size) succeeded: Persist and Close write nothing.
+  bool attached_for_writing() const { return attached_rw_; }
   ~Tracker();
 
   // Call before forwarding a write, zero or trim of [offset, offset+length).
@@ -96,8 +106,10 @@ class Tracker {
   TrackerStats stats() const;
 
  private:
+  class WriteGate;
   explicit Tracker(const TrackerOptions& opts) : opts_(opts) {}
   Status OpenContainer();
+  Status LoadContainerState();
   Status CheckBitmaps() const;
   Status EnsureInUse();
   Status EnsureRecorded(uint64_t first_region, uint64_t last_region);
@@ -109,6 +121,17 @@ class Tracker {
 
   const TrackerOptions opts_;
   uint64_t disk_size_ = 0;  // set by Attach
+
+  // Open path. Every container write goes through gate_, which refuses them
+  // until Attach(size): Prepare and AttachReadOnly cannot write by
+  // construction. container_readonly_: opened read-only because the process
+  // may not write the file. reopen_writable_: the writable open wanted to
+  // write (qcow2 clears unknown autoclear bits), so Prepare validated a
+  // read-only open and Attach(size) opens it for writing.
+  std::shared_ptr<WriteGate> gate_;
+  bool container_readonly_ = false;
+  bool reopen_writable_ = false;
+  bool attached_rw_ = false;
 
   // Guards image_, in_use_on_disk_ and stats_. Held across container I/O,
   // never across BeforeChange's marking.

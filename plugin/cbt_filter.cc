@@ -6,9 +6,15 @@
 // Lifecycle (nbdkit 1.32, see docs/filter.md):
 //   config/config_complete  parse and check parameters (before fork)
 //   get_ready               open, lock and validate the container (errors
-//                           still reach the terminal; nothing forked yet)
-//   after_fork              learn the disk size through a shared context,
-//                           attach the tracker, start the periodic persister
+//                           still reach the terminal; nothing forked yet;
+//                           nothing written: -r is not known yet)
+//   open/prepare            per connection. The first one attaches the
+//                           tracker to its export (size known only here,
+//                           per export): read-only for a read-only export,
+//                           for writing otherwise; starts the persister.
+//                           Another export name is refused. An attach error
+//                           fails the connection and shuts the server down
+//                           with a non-zero exit status.
 //   pwrite/zero/trim        Tracker::BeforeChange, then next->...
 //   flush                   Tracker::Persist, then next->flush
 //   finalize                Tracker::Persist (client disconnect; also runs on
@@ -16,14 +22,22 @@
 //   cleanup                 stop the persister, final persist, close
 // Nothing is done in static destructors: they also run in the pre-fork
 // parent, which must never touch the container.
+#include <dlfcn.h>
 #include <nbdkit-filter.h>
 #include <spdlog/spdlog.h>
+#include <strings.h>
+#include <unistd.h>
 
+#include <atomic>
 #include <bit>
+#include <cerrno>
 #include <chrono>
+#include <cinttypes>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <string>
 
@@ -35,13 +49,22 @@ namespace {
 
 using cbt::Status;
 
-// Filter state. Written during config (single-threaded) and after_fork;
-// read-only afterwards except through the Tracker's own locking.
+// Filter state. opts and persist_interval are written during config
+// (single-threaded); tracker in get_ready. The attach state is written in
+// .prepare under attach_mu; `tracking` is also read without it.
 struct State {
   cbt::TrackerOptions opts;
   unsigned persist_interval = 0;  // seconds; 0 = off
   std::unique_ptr<cbt::Tracker> tracker;
   std::unique_ptr<cbt::PersistScheduler> scheduler;
+
+  std::mutex attach_mu;
+  bool have_export = false;  // export_name is the tracked export
+  std::string export_name;   // canonical name, as the plugin sees it
+  bool attached_ro = false;  // AttachReadOnly done (a read-only client came first)
+  std::string fatal;         // attach failed: the server is shutting down
+  // Attached for writing: flush, finalize and cleanup persist.
+  std::atomic<bool> tracking{false};
 };
 State* state;  // cbt-durability defaults to power: see docs/crash-safety.md
 
@@ -71,6 +94,33 @@ int Guard(int* err, F&& f) noexcept {
   return -1;
 }
 
+// nbdkit 1.32 has no way for a filter to set the exit status, and exits 0
+// after nbdkit_shutdown(). This makes the process exit with EXIT_FAILURE
+// once nbdkit's main has cleaned up (socket, temp dirs): an atexit handler,
+// kept alive past nbdkit's dlclose of the filter by RTLD_NODELETE.
+void ExitFailureAtExit() noexcept {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    Dl_info info{};
+    if (dladdr(reinterpret_cast<void*>(&ExitFailureAtExit), &info) && info.dli_fname)
+      dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
+    atexit([] {
+      fflush(nullptr);
+      _exit(EXIT_FAILURE);
+    });
+  });
+}
+
+// A failure after the fork that makes the whole server useless (the first
+// client's export cannot be tracked): tell that client, stop serving, exit
+// non-zero. A --run command sees its connection fail instead of hanging.
+void FatalAtConnect(const std::string& msg) noexcept {
+  state->fatal = msg;
+  nbdkit_error("cbt: %s; shutting down", msg.c_str());
+  ExitFailureAtExit();
+  nbdkit_shutdown();
+}
+
 void cbt_load() noexcept {
   state = new (std::nothrow) State;
   cbt::plugin::InstallNbdkitLogger();
@@ -79,6 +129,25 @@ void cbt_load() noexcept {
 void cbt_unload() noexcept {
   delete state;
   state = nullptr;
+}
+
+// nbdkit_parse_bool's words, without its error message (ours names the
+// parameter): 1 true, 0 false, -1 neither.
+int ParseBool(const char* v) {
+  for (const char* t : {"1", "true", "t", "yes", "y", "on"})
+    if (strcasecmp(v, t) == 0) return 1;
+  for (const char* f : {"0", "false", "f", "no", "n", "off"})
+    if (strcasecmp(v, f) == 0) return 0;
+  return -1;
+}
+
+// A size (nbdkit_parse_size syntax: a number with an optional k/M/G...
+// suffix). Errors name the parameter and what it allows.
+int64_t ParseSize(const char* key, const char* value, const char* allowed) {
+  int64_t r = -1;
+  if (*value >= '0' && *value <= '9') r = nbdkit_parse_size(value);
+  if (r == -1) nbdkit_error("%s=%s: must be a size: %s", key, value, allowed);
+  return r;
 }
 
 int cbt_config(nbdkit_next_config* next, nbdkit_backend* nxdata, const char* key,
@@ -91,6 +160,10 @@ int cbt_config(nbdkit_next_config* next, nbdkit_backend* nxdata, const char* key
   return Guard(&err, [&]() -> int {
     cbt::TrackerOptions& o = state->opts;
     if (strcmp(key, "cbt-file") == 0) {
+      if (!*value) {
+        nbdkit_error("cbt-file=: the path must not be empty (cbt-file=PATH, the qcow2 container)");
+        return -1;
+      }
       char* p = nbdkit_absolute_path(value);
       if (!p) return -1;
       o.container_path = p;
@@ -102,11 +175,14 @@ int cbt_config(nbdkit_next_config* next, nbdkit_backend* nxdata, const char* key
       }
       o.bitmaps.emplace_back(value);
     } else if (strcmp(key, "cbt-create") == 0) {
-      int b = nbdkit_parse_bool(value);
-      if (b == -1) return -1;
+      int b = ParseBool(value);
+      if (b == -1) {
+        nbdkit_error("cbt-create=%s: must be true or false (also yes/no, on/off, 1/0)", value);
+        return -1;
+      }
       o.create = b;
     } else if (strcmp(key, "cbt-granularity") == 0) {
-      int64_t g = nbdkit_parse_size(value);
+      int64_t g = ParseSize(key, value, "a power of two from 512 to 2G, e.g. 64K");
       if (g == -1) return -1;
       if (g < 512 || g > (int64_t{1} << 31) || !std::has_single_bit(static_cast<uint64_t>(g))) {
         nbdkit_error("cbt-granularity=%s: must be a power of two from 512 to 2G", value);
@@ -114,7 +190,7 @@ int cbt_config(nbdkit_next_config* next, nbdkit_backend* nxdata, const char* key
       }
       o.granularity = static_cast<uint64_t>(g);
     } else if (strcmp(key, "cbt-cluster-size") == 0) {
-      int64_t c = nbdkit_parse_size(value);
+      int64_t c = ParseSize(key, value, "a power of two from 512 to 2M, e.g. 64K");
       if (c == -1) return -1;
       if (c < 512 || c > (2 << 20) || !std::has_single_bit(static_cast<uint64_t>(c))) {
         nbdkit_error("cbt-cluster-size=%s: must be a power of two from 512 to 2M", value);
@@ -122,8 +198,11 @@ int cbt_config(nbdkit_next_config* next, nbdkit_backend* nxdata, const char* key
       }
       o.cluster_size = static_cast<uint32_t>(c);
     } else if (strcmp(key, "cbt-persist-interval") == 0) {
-      if (nbdkit_parse_unsigned("cbt-persist-interval", value, &state->persist_interval) == -1)
+      if (!*value ||
+          nbdkit_parse_unsigned("cbt-persist-interval", value, &state->persist_interval) == -1) {
+        nbdkit_error("cbt-persist-interval=%s: must be a number of seconds (0 = off)", value);
         return -1;
+      }
     } else if (strcmp(key, "cbt-durability") == 0) {
       if (strcmp(value, "none") == 0) {
         o.durability = cbt::Durability::kNone;
@@ -170,29 +249,64 @@ int cbt_get_ready(int /*thread_model*/) noexcept {
   });
 }
 
-int cbt_after_fork(nbdkit_backend* backend) noexcept {
+void* cbt_open(nbdkit_next_open* next, nbdkit_context* ctx, int readonly, const char* exportname,
+               int /*is_tls*/) noexcept {
+  if (next(ctx, readonly, exportname) == -1) return nullptr;
+  // The handle is the export name (canonical: nbdkit resolved "" to the
+  // plugin's default export), for .prepare. Interned: lives until .close.
+  return const_cast<char*>(nbdkit_strdup_intern(exportname));
+}
+
+// The first connection attaches the tracker to its export; later ones
+// must be for the same export (one container tracks one disk).
+int cbt_prepare(nbdkit_next* next, void* handle, int readonly_export) noexcept {
   int err = 0;
   return Guard(&err, [&]() -> int {
-    // A shared read-only context just to learn the disk size.
-    nbdkit_next* n = nbdkit_next_context_open(backend, 1, "", 1);
-    if (!n) {
-      nbdkit_error("cbt: cannot open the underlying plugin to learn the disk size");
+    const char* name = static_cast<const char*>(handle);
+    std::lock_guard lock(state->attach_mu);
+    if (!state->fatal.empty()) {
+      nbdkit_error("cbt: not serving: %s", state->fatal.c_str());
       return -1;
     }
-    int64_t size = n->prepare(n) == -1 ? -1 : n->get_size(n);
-    n->finalize(n);
-    nbdkit_next_context_close(n);
-    if (size < 0) {
-      nbdkit_error("cbt: cannot get the disk size from the underlying plugin");
+    if (state->have_export && state->export_name != name) {
+      nbdkit_error(
+          "cbt: export \"%s\" refused: this server tracks the changes of export \"%s\" "
+          "only (cbt-file=%s holds the bitmaps of one disk); connect to \"%s\", or serve "
+          "\"%s\" from another nbdkit with its own cbt-file",
+          name, state->export_name.c_str(), state->opts.container_path.c_str(),
+          state->export_name.c_str(), name);
       return -1;
     }
-    if (Status s = state->tracker->Attach(static_cast<uint64_t>(size)); !s.ok()) {
-      nbdkit_error("cbt: %s", s.message().c_str());
+    int64_t size = next->get_size(next);
+    if (size == -1) return -1;  // the plugin said why
+    const auto usize = static_cast<uint64_t>(size);
+    // A zero-sized disk cannot change either (and qcow2 has no bitmaps for it).
+    const bool readonly = readonly_export || usize == 0;
+    cbt::Tracker& t = *state->tracker;
+    if (state->tracking.load() || (state->attached_ro && readonly)) {
+      if (usize != t.disk_size()) {
+        nbdkit_error("cbt: export \"%s\" now has %" PRIu64 " bytes; tracking started with %" PRIu64
+                     " (the size must not change)",
+                     name, usize, t.disk_size());
+        return -1;
+      }
+      return 0;
+    }
+    Status s = readonly ? t.AttachReadOnly(usize) : t.Attach(usize);
+    if (!s.ok()) {
+      FatalAtConnect(s.message());
       return -1;
     }
+    state->have_export = true;
+    state->export_name = name;
+    if (readonly) {
+      state->attached_ro = true;
+      return 0;
+    }
+    state->tracking.store(true);
     if (state->persist_interval) {
-      state->scheduler = std::make_unique<cbt::PersistScheduler>(
-          *state->tracker, std::chrono::seconds(state->persist_interval));
+      state->scheduler =
+          std::make_unique<cbt::PersistScheduler>(t, std::chrono::seconds(state->persist_interval));
       state->scheduler->Start();
     }
     return 0;
@@ -204,12 +318,12 @@ void cbt_cleanup(nbdkit_backend* /*backend*/) noexcept {
   int err = 0;
   Guard(&err, [&]() -> int {
     if (state->scheduler) state->scheduler->Stop();
-    if (state->tracker) {
+    if (state->tracker && state->tracking.load()) {
       // Clean shutdown (P3): persist and clear in_use.
       Status s = state->tracker->Close();
       if (!s.ok()) nbdkit_error("cbt: final persist failed: %s", s.message().c_str());
-      state->tracker.reset();
     }
+    state->tracker.reset();  // not attached for writing: nothing to write
     return 0;
   });
 }
@@ -218,14 +332,24 @@ int cbt_finalize(nbdkit_next* next, void* /*handle*/) noexcept {
   int err = 0;
   return Guard(&err, [&]() -> int {
     // Client disconnect: persist everything (all connections share one tracker).
-    if (Status s = state->tracker->Persist(); !s.ok()) return Fail(s, &err);
+    if (state->tracking.load())
+      if (Status s = state->tracker->Persist(); !s.ok()) return Fail(s, &err);
     return next->finalize(next);
   });
+}
+
+// Only a connection that attached (or found) the tracker for writing can
+// write; nbdkit refuses writes on read-only ones before they get here.
+int NotTracking(int* err) {
+  nbdkit_error("cbt: write refused: tracking is attached read-only");
+  *err = EROFS;
+  return -1;
 }
 
 int cbt_pwrite(nbdkit_next* next, void* /*handle*/, const void* buf, uint32_t count,
                uint64_t offset, uint32_t flags, int* err) noexcept {
   return Guard(err, [&]() -> int {
+    if (!state->tracking.load()) return NotTracking(err);
     if (Status s = state->tracker->BeforeChange(offset, count); !s.ok()) return Fail(s, err);
     return next->pwrite(next, buf, count, offset, flags, err);
   });
@@ -234,6 +358,7 @@ int cbt_pwrite(nbdkit_next* next, void* /*handle*/, const void* buf, uint32_t co
 int cbt_zero(nbdkit_next* next, void* /*handle*/, uint32_t count, uint64_t offset, uint32_t flags,
              int* err) noexcept {
   return Guard(err, [&]() -> int {
+    if (!state->tracking.load()) return NotTracking(err);
     if (Status s = state->tracker->BeforeChange(offset, count); !s.ok()) return Fail(s, err);
     return next->zero(next, count, offset, flags, err);
   });
@@ -242,6 +367,7 @@ int cbt_zero(nbdkit_next* next, void* /*handle*/, uint32_t count, uint64_t offse
 int cbt_trim(nbdkit_next* next, void* /*handle*/, uint32_t count, uint64_t offset, uint32_t flags,
              int* err) noexcept {
   return Guard(err, [&]() -> int {
+    if (!state->tracking.load()) return NotTracking(err);
     if (Status s = state->tracker->BeforeChange(offset, count); !s.ok()) return Fail(s, err);
     return next->trim(next, count, offset, flags, err);
   });
@@ -251,7 +377,8 @@ int cbt_flush(nbdkit_next* next, void* /*handle*/, uint32_t flags, int* err) noe
   return Guard(err, [&]() -> int {
     // Bitmap first, then data: a crash in between leaves bits for data that
     // may not be durable (a superset), never the reverse.
-    if (Status s = state->tracker->Persist(); !s.ok()) return Fail(s, err);
+    if (state->tracking.load())
+      if (Status s = state->tracker->Persist(); !s.ok()) return Fail(s, err);
     return next->flush(next, flags, err);
   });
 }
@@ -277,7 +404,8 @@ nbdkit_filter filter = [] {
       "cbt-durability=MODE      power (default: survive power loss), process\n"
       "                         (survive kill -9) or none (QEMU's semantics)";
   f.get_ready = cbt_get_ready;
-  f.after_fork = cbt_after_fork;
+  f.open = cbt_open;
+  f.prepare = cbt_prepare;
   f.cleanup = cbt_cleanup;
   f.finalize = cbt_finalize;
   f.pwrite = cbt_pwrite;

@@ -9,7 +9,7 @@ Each iteration:
      it is sent and when it is acknowledged;
   3. kill -9 of nbdkit at a random instant (optionally followed by a
      simulated power cut, see --power-cut);
-  4. restart (the filter recovers at open) and clean stop;
+  4. restart, one client (the filter recovers when it attaches) and clean stop;
   5. verify:
      - zero missed granules: every granule of every acknowledged change, and
        every granule whose content differs from before the run, is dirty;
@@ -180,12 +180,16 @@ def iteration(a, i, rng, work):
         seed = str(rng.randrange(1 << 30))
         for j in (cont + ".journal", disk + ".journal"):
             subprocess.run([a.powercut, j, seed], check=True, timeout=60)
-    # Restart: the filter recovers at open; then a clean stop persists.
+    # Restart: the filter recovers when the first client connects; then a
+    # clean stop persists.
     if a.power_cut:
         args = [x for x in args if not x.startswith("--filter=" + a.volatile)
                 and not x.startswith("volatile-journal=")]
         env.pop("CBT_TEST_VOLATILE_JOURNAL", None)
     srv = Server(args, sock, nlog, env)
+    # The filter attaches (and recovers) when the first client connects.
+    subprocess.run(["nbdinfo", "--size", f"nbd+unix:///?socket={sock}"], check=True,
+                   timeout=60, stdout=subprocess.DEVNULL)
     rc = srv.stop()
     nlog.close()
     acked, sent = parse_log(log)

@@ -35,7 +35,8 @@ expect_refusal "cbt-file=PATH is required" --filter="$FILTER" file "$T/disk.raw"
 expect_refusal "cbt-bitmap=NAME is required" "${base[@]}"
 expect_refusal "cbt-durability=fast" "${base[@]}" cbt-bitmap=b0 cbt-durability=fast
 expect_refusal "no such file" --filter="$FILTER" file "$T/disk.raw" cbt-file="$T/none.cbt" cbt-bitmap=b0
-expect_refusal "size mismatch" --filter="$FILTER" file "$T/small.raw" cbt-file="$T/disk.cbt" cbt-bitmap=b0
+# A size mismatch shows only when a client connects (the size is per export):
+# test-filter-late-errors.sh.
 
 # Already opened for writing by another nbdkit ...
 start_nbdkit "$T/sock" "${base[@]}" cbt-bitmap=b0
