@@ -26,7 +26,9 @@ BitmapArgs ParseBitmapArgs(const std::vector<std::string>& args) {
        "clamped to 4K..64K)")
       ("disabled", po::bool_switch(), "--add: create the bitmap disabled")
       ("source-file,b", po::value<std::string>()->value_name("SRCFILE"),
-       "--merge: read SRC from this qcow2 file");
+       "--merge: read SRC from this qcow2 file (a disk of FILE's size)")
+      ("source-format,F", po::value<std::string>()->value_name("qcow2"),
+       "format of SRCFILE, as qemu-img -F; only qcow2");
   CommonOptions& c = out.common;
   AddCommonOptions(mods, c);
   po::options_description visible;
@@ -42,7 +44,7 @@ BitmapArgs ParseBitmapArgs(const std::vector<std::string>& args) {
   po::options_description all;
   all.add(visible).add(hidden);
   po::parsed_options parsed = ParseOnly(args, all, pos);
-  std::string granularity;
+  std::string granularity, source_format;
   bool have_granularity = false;
   for (const po::option& o : parsed.options) {
     const std::string& k = o.string_key;
@@ -50,6 +52,8 @@ BitmapArgs ParseBitmapArgs(const std::vector<std::string>& args) {
     if (k == "help") out.common.help = true;
     else if (k == "verbose") out.common.verbose = true;
     else if (k == "output") out.common.output = v;
+    else if (k == "format") out.common.image_format = v;
+    else if (k == "source-format") source_format = v;
     else if (k == "file") out.file = v;
     else if (k == "name") out.name = v;
     else if (k == "add") out.ops.push_back({OpKind::kAdd, {}});
@@ -85,6 +89,11 @@ BitmapArgs ParseBitmapArgs(const std::vector<std::string>& args) {
   if (out.opts.add_disabled && !add) throw UsageError("--disabled only applies to --add");
   if (!out.source_file.empty() && !merge)
     throw UsageError("-b/--source-file only applies to --merge");
+  CheckImageFormat(out.common.image_format, "-f");
+  if (!source_format.empty()) {
+    if (out.source_file.empty()) throw UsageError("-F/--source-format only applies to -b");
+    CheckImageFormat(source_format, "-F");
+  }
   return out;
 }
 

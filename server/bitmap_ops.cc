@@ -152,6 +152,13 @@ Status BitmapEditor::Merge(Entry& target, const std::string& src, qcow2::Image* 
   if (source_image) {
     Result<qcow2::BitmapInfo> info = source_image->Find(src);
     if (!info.ok()) return Status::NotFound(NotFoundMessage(src, source_image->name()));
+    // As qemu-img bitmap: a bitmap covers its disk; OR-ing one of another
+    // size would drop the bits past the shorter end (or invent clean ones).
+    if (source_image->virtual_size() != img_.virtual_size())
+      return Status::InvalidArgument(
+          "bitmaps are of different sizes (" + img_.name() + " is a disk of " +
+          std::to_string(img_.virtual_size()) + " bytes, -b " + source_image->name() + " of " +
+          std::to_string(source_image->virtual_size()) + " bytes) and can't be merged");
     if (!info->consistent)
       return Status::InvalidArgument(
           InconsistentMessage(source_image->name(), src, "--merge from it"));

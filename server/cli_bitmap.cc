@@ -68,7 +68,7 @@ int RunBitmap(const std::vector<std::string>& args) {
       return Fail(prefix + s.message() + suffix);
     }
   }
-  if (Status s = editor.Commit(); !s.ok()) return Fail(s);
+  if (Status s = CommitChange(img, [&] { return editor.Commit(); }); !s.ok()) return Fail(s);
 
   Result<qcow2::BitmapInfo> now = img.Find(a.name);
   if (a.common.format() == OutputFormat::kJson) {

@@ -19,12 +19,22 @@ void AddCommonOptions(po::options_description& desc, CommonOptions& common) {
       ("help,h", po::bool_switch(&common.help), "show this help and exit")
       ("verbose,v", po::bool_switch(&common.verbose), "debug logging on stderr")
       ("output", po::value(&common.output)->value_name("FMT"),
-       "output format: human (default) or json");
+       "output format: human (default) or json")
+      ("format,f", po::value(&common.image_format)->value_name("qcow2"),
+       "image format, as qemu-img -f; only qcow2");
+}
+
+void CheckImageFormat(const std::string& fmt, const char* option) {
+  if (fmt == "qcow2") return;
+  throw UsageError(std::string(option) + " " + fmt +
+                   ": cbt works on qcow2 files only (the bitmaps live in a qcow2 file; a raw "
+                   "disk is linked with 'cbt create --data-file')");
 }
 
 void ApplyCommonOptions(const CommonOptions& common) {
   if (common.verbose) spdlog::set_level(spdlog::level::debug);
   (void)common.format();
+  CheckImageFormat(common.image_format, "-f");
 }
 
 void PrintHelp(const std::string& synopsis, const std::string& description,
