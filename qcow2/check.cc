@@ -93,6 +93,16 @@ class Refs {
   CheckReport* rep_;
 };
 
+// Metadata QEMU cannot read (its requests stop at kQemuMaxOffset): qemu-img
+// check fails ("Check failed", exit 1) rather than finding corruption, so
+// the check cannot be completed here either.
+Status QemuReadable(uint64_t offset, uint64_t bytes, const std::string& what) {
+  if (offset <= kQemuMaxOffset && bytes <= kQemuMaxOffset - offset) return Status::OK();
+  return Status::IOError(what + " at " + Hex(offset) +
+                         " cannot be read (past the largest offset QEMU reads, " +
+                         Hex(kQemuMaxOffset) + ")");
+}
+
 // Walks one L1 table and its L2 tables. Metadata past the end of the file
 // reads as zeros, as in QEMU (Refs has reported the region already).
 Status CountL1(Image& img, Refs& refs, uint64_t l1_off, uint32_t l1_size, const char* what,
@@ -101,6 +111,7 @@ Status CountL1(Image& img, Refs& refs, uint64_t l1_off, uint32_t l1_size, const 
   const uint64_t cs = h.cluster_size();
   refs.Add(l1_off, uint64_t{l1_size} * 8, what);
   if (l1_size == 0) return Status::OK();
+  CBT_RETURN_IF_ERROR(QemuReadable(l1_off, uint64_t{l1_size} * 8, what));
   // Snapshot L1 sizes are not validated at open: bound them (QEMU's limit).
   if (uint64_t{l1_size} * 8 > kMaxL1Bytes) {
     ++rep->corruptions;
@@ -128,6 +139,7 @@ Status CountL1(Image& img, Refs& refs, uint64_t l1_off, uint32_t l1_size, const 
       continue;
     }
     refs.Add(l2_off, cs, "L2 table");
+    CBT_RETURN_IF_ERROR(QemuReadable(l2_off, cs, "L2 table"));
     if (data_file) continue;  // guest data is in the other file: not counted
     // An L2 table in a last cluster the file holds only in part is read
     // zero padded (qemu-img check does); one wholly past EOF is all zeros.
@@ -226,6 +238,7 @@ Result<Counted> CountReferences(Image& img, const CountOptions& opts, CheckRepor
   // Snapshots: table entries, then each snapshot's L1 tree.
   uint64_t off = h.snapshots_offset;
   for (uint32_t i = 0; i < h.nb_snapshots; ++i) {
+    CBT_RETURN_IF_ERROR(QemuReadable(off, 40, "snapshot table"));
     std::byte sh[40];
     if (!img.io()->pread(sh, off).ok()) {
       ++rep->corruptions;
@@ -270,6 +283,8 @@ Status CompareRefcounts(Image& img, const Counted& counted, bool repair_leaks, C
     auto got = rc.Get(c);
     if (!got.ok()) {
       if (!got.status().IsCorruption()) return got.status();
+      CBT_RETURN_IF_ERROR(QemuReadable(rc.table()[c / epb], img.cluster_size(),
+                                       "refcount block " + std::to_string(c / epb)));
       // Refcount block unreadable (wholly past the end of the file): its
       // clusters' refcounts are unknown; say so once and skip the block.
       if (!repair_leaks) {
@@ -329,7 +344,7 @@ Status CompareRefcounts(Image& img, const Counted& counted, bool repair_leaks, C
 
 }  // namespace check_internal
 
-Result<CheckReport> Check(Image& img, bool repair) {
+Result<CheckReport> Check(Image& img, bool repair, bool leaks_only) {
   using namespace check_internal;
   if (repair && !img.writable())
     return Status::InvalidArgument(img.name() + ": repair needs a writable image");
@@ -337,7 +352,7 @@ Result<CheckReport> Check(Image& img, bool repair) {
   CBT_ASSIGN_OR_RETURN(Counted counted, CountReferences(img, {}, &rep));
   CBT_RETURN_IF_ERROR(CompareRefcounts(img, counted, /*repair_leaks=*/false, &rep));
   if (repair) {
-    CBT_ASSIGN_OR_RETURN(rep, Repair(img, std::move(rep)));
+    CBT_ASSIGN_OR_RETURN(rep, Repair(img, std::move(rep), leaks_only));
   }
   if (rep.messages_dropped)
     rep.messages.push_back("... " + std::to_string(rep.messages_dropped) + " more");

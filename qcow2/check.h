@@ -73,9 +73,16 @@ struct CheckReport {
 };
 
 // Checks an open image. repair REQUIRES image.writable(); everything it
-// changes is flushed. Failure: IOError while reading/writing; Corruption
-// only when the structure cannot be walked at all.
-Result<CheckReport> Check(Image& image, bool repair);
+// changes is flushed. leaks_only (qemu-img check -r leaks): the repair
+// frees leaked clusters only and drops no bitmap. Failure: IOError while
+// reading/writing, also for metadata at offsets QEMU cannot read (past
+// kQemuMaxOffset: qemu-img check fails there too); Corruption only when
+// the structure cannot be walked at all.
+Result<CheckReport> Check(Image& image, bool repair, bool leaks_only = false);
+
+// QEMU's largest request offset (BDRV_MAX_LENGTH: INT64_MAX aligned down
+// to 1 GiB); QEMU fails any read reaching past it with EIO.
+inline constexpr uint64_t kQemuMaxOffset = 0x7fffffffc0000000ull;
 
 // For every writer, before its first write (P4): refuses an image whose
 // metadata overlaps or whose refcounts are lower than its references

@@ -40,7 +40,8 @@ Status LockImage(int fd, const std::string& path, LockMode mode) {
   const bool rw = mode == LockMode::kReadWrite;
   std::vector<int> perms = {0};
   if (rw) perms = {0, kPermWrite, kPermResize};
-  const std::vector<int> unshared = {kPermWrite, kPermResize};
+  std::vector<int> unshared = {kPermWrite, kPermResize};
+  if (mode == LockMode::kForceShare) unshared.clear();
   // Someone refusing to share a permission we want?
   for (int p : perms) {
     CBT_ASSIGN_OR_RETURN(bool held, Held(fd, kSharedBase + p, path));

@@ -23,6 +23,9 @@ namespace cbt::qcow2 {
 enum class LockMode {
   kReadOnly,   // like qemu-img info: 100, 201, 203
   kReadWrite,  // like qemu-nbd: 100, 101, 103, 201, 203
+  // like qemu-img info -U (force-share): 100 only, shares everything, so a
+  // writer may hold the file; refused only by a holder of 200.
+  kForceShare,
 };
 
 // Tests for conflicting holders, then takes the locks on fd (opened on

@@ -20,7 +20,7 @@ Status ReadMeta(BlockIO* io, std::span<std::byte> out, uint64_t off, const std::
   Status s = io->pread(out, off);
   if (s.IsOutOfRange())
     return Status::Corruption(ctx + ": " + what + " at " + Hex(off) + " truncated");
-  return s;
+  return s.WithContext(ctx + ": " + what + " at " + Hex(off));
 }
 }  // namespace
 
@@ -69,7 +69,8 @@ Result<std::vector<std::byte>*> Refcounts::Block(uint64_t b) {
     uint64_t have = std::min<uint64_t>(cs_, fsize - table_[b]);
     s = io_->pread(std::span(blk).first(have), table_[b]);
   }
-  CBT_RETURN_IF_ERROR(s);
+  CBT_RETURN_IF_ERROR(
+      s.WithContext(ctx_ + ": refcount block " + std::to_string(b) + " at " + Hex(table_[b])));
   return &blocks_.emplace(b, std::move(blk)).first->second;
 }
 

@@ -57,9 +57,9 @@ Status DropBitmaps(Image& img, const std::vector<bool>& drop) {
 
 }  // namespace
 
-Result<CheckReport> Repair(Image& img, CheckReport first) {
+Result<CheckReport> Repair(Image& img, CheckReport first, bool leaks_only) {
   std::vector<std::string> dropped;
-  if (!first.untrusted_bitmaps.empty()) {
+  if (!leaks_only && !first.untrusted_bitmaps.empty()) {
     const auto& entries = img.dir_entries();
     std::vector<bool> drop(entries.size(), false);
     for (const UntrustedBitmap& u : first.untrusted_bitmaps)

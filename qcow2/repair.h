@@ -26,8 +26,8 @@
 namespace cbt::qcow2::check_internal {
 
 // first: the report of a count and comparison of img as it is now.
-// REQUIRES: img.writable(). Failure: IOError (the file then holds the old or
-// the new bitmap set, plus maybe leaks).
-Result<CheckReport> Repair(Image& img, CheckReport first);
+// leaks_only: step 2 only. REQUIRES: img.writable(). Failure: IOError (the
+// file then holds the old or the new bitmap set, plus maybe leaks).
+Result<CheckReport> Repair(Image& img, CheckReport first, bool leaks_only = false);
 
 }  // namespace cbt::qcow2::check_internal

@@ -9,24 +9,25 @@ namespace cbt::cli {
 
 BitmapArgs ParseBitmapArgs(const std::vector<std::string>& args) {
   BitmapArgs out;
-  po::options_description desc("Operations (several may be given; they apply in order, "
-                               "all or none)");
-  desc.add_options()
-      ("add", po::bool_switch(), "add NAME, empty and enabled")
-      ("remove", po::bool_switch(), "remove NAME (also works on an inconsistent bitmap)")
-      ("clear", po::bool_switch(), "make every bit of NAME clean")
-      ("enable", po::bool_switch(), "make NAME record changes (flag auto)")
-      ("disable", po::bool_switch(), "freeze NAME (clear flag auto)")
-      ("merge", po::value<std::string>()->value_name("SRC"),
-       "OR bitmap SRC (of FILE, or of -b SRCFILE) into NAME");
+  po::options_description desc(
+      "Operations (several may be given; they apply in order, "
+      "all or none)");
+  desc.add_options()("add", po::bool_switch(), "add NAME, empty and enabled")(
+      "remove", po::bool_switch(), "remove NAME (also works on an inconsistent bitmap)")(
+      "clear", po::bool_switch(), "make every bit of NAME clean")(
+      "enable", po::bool_switch(), "make NAME record changes (flag auto)")(
+      "disable", po::bool_switch(), "freeze NAME (clear flag auto)")(
+      "merge", po::value<std::string>()->value_name("SRC"),
+      "OR bitmap SRC (of FILE, or of -b SRCFILE) into NAME");
   po::options_description mods("Modifiers");
-  mods.add_options()
-      ("granularity,g", po::value<std::string>()->value_name("SIZE"),
-       "--add: granularity, a power of two from 512 to 2G (default: the cluster size "
-       "clamped to 4K..64K)")
-      ("disabled", po::bool_switch(), "--add: create the bitmap disabled")
-      ("source-file,b", po::value<std::string>()->value_name("SRCFILE"),
-       "--merge: read SRC from this qcow2 file");
+  mods.add_options()("granularity,g", po::value<std::string>()->value_name("SIZE"),
+                     "--add: granularity, a power of two from 512 to 2G (default: the cluster size "
+                     "clamped to 4K..64K)")("disabled", po::bool_switch(),
+                                            "--add: create the bitmap disabled")(
+      "source-file,b", po::value<std::string>()->value_name("SRCFILE"),
+      "--merge: read SRC from this qcow2 file (a disk of FILE's size)")(
+      "source-format,F", po::value<std::string>()->value_name("qcow2"),
+      "format of SRCFILE, as qemu-img -F; only qcow2");
   CommonOptions& c = out.common;
   AddCommonOptions(mods, c);
   po::options_description visible;
@@ -42,33 +43,53 @@ BitmapArgs ParseBitmapArgs(const std::vector<std::string>& args) {
   po::options_description all;
   all.add(visible).add(hidden);
   po::parsed_options parsed = ParseOnly(args, all, pos);
-  std::string granularity;
+  std::string granularity, source_format;
   bool have_granularity = false;
   for (const po::option& o : parsed.options) {
     const std::string& k = o.string_key;
     const std::string v = o.value.empty() ? std::string() : o.value.front();
-    if (k == "help") out.common.help = true;
-    else if (k == "verbose") out.common.verbose = true;
-    else if (k == "output") out.common.output = v;
-    else if (k == "file") out.file = v;
-    else if (k == "name") out.name = v;
-    else if (k == "add") out.ops.push_back({OpKind::kAdd, {}});
-    else if (k == "remove") out.ops.push_back({OpKind::kRemove, {}});
-    else if (k == "clear") out.ops.push_back({OpKind::kClear, {}});
-    else if (k == "enable") out.ops.push_back({OpKind::kEnable, {}});
-    else if (k == "disable") out.ops.push_back({OpKind::kDisable, {}});
-    else if (k == "merge") out.ops.push_back({OpKind::kMerge, v});
-    else if (k == "disabled") out.opts.add_disabled = true;
-    else if (k == "source-file") out.source_file = v;
-    else if (k == "granularity") granularity = v, have_granularity = true;
-    else throw UsageError("unexpected argument '" + k + "'");
+    if (k == "help")
+      out.common.help = true;
+    else if (k == "verbose")
+      out.common.verbose = true;
+    else if (k == "output")
+      out.common.output = v;
+    else if (k == "format")
+      out.common.image_format = v;
+    else if (k == "source-format")
+      source_format = v;
+    else if (k == "file")
+      out.file = v;
+    else if (k == "name")
+      out.name = v;
+    else if (k == "add")
+      out.ops.push_back({OpKind::kAdd, {}});
+    else if (k == "remove")
+      out.ops.push_back({OpKind::kRemove, {}});
+    else if (k == "clear")
+      out.ops.push_back({OpKind::kClear, {}});
+    else if (k == "enable")
+      out.ops.push_back({OpKind::kEnable, {}});
+    else if (k == "disable")
+      out.ops.push_back({OpKind::kDisable, {}});
+    else if (k == "merge")
+      out.ops.push_back({OpKind::kMerge, v});
+    else if (k == "disabled")
+      out.opts.add_disabled = true;
+    else if (k == "source-file")
+      out.source_file = v;
+    else if (k == "granularity")
+      granularity = v, have_granularity = true;
+    else
+      throw UsageError("unexpected argument '" + k + "'");
   }
   if (out.common.help) return out;
   if (out.file.empty()) throw UsageError("missing FILE and NAME");
   if (out.name.empty()) throw UsageError("missing NAME (the bitmap to work on)");
   if (out.ops.empty())
-    throw UsageError("no operation; give at least one of --add, --remove, --clear, --enable, "
-                     "--disable, --merge SRC");
+    throw UsageError(
+        "no operation; give at least one of --add, --remove, --clear, --enable, "
+        "--disable, --merge SRC");
   bool add = false, merge = false;
   for (const auto& op : out.ops) {
     add |= op.kind == OpKind::kAdd;
@@ -85,6 +106,11 @@ BitmapArgs ParseBitmapArgs(const std::vector<std::string>& args) {
   if (out.opts.add_disabled && !add) throw UsageError("--disabled only applies to --add");
   if (!out.source_file.empty() && !merge)
     throw UsageError("-b/--source-file only applies to --merge");
+  CheckImageFormat(out.common.image_format, "-f");
+  if (!source_format.empty()) {
+    if (out.source_file.empty()) throw UsageError("-F/--source-format only applies to -b");
+    CheckImageFormat(source_format, "-F");
+  }
   return out;
 }
 

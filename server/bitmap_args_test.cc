@@ -34,8 +34,7 @@ TEST(ParseBitmapArgs, OrderIsNotAlphabeticalOrGroupedByOption) {
 
 TEST(ParseBitmapArgs, RepeatedSwitchesAreAllKept) {
   BitmapArgs a = ParseBitmapArgs({"f", "b", "--disable", "--enable", "--disable"});
-  EXPECT_EQ(Kinds(a),
-            (std::vector<OpKind>{OpKind::kDisable, OpKind::kEnable, OpKind::kDisable}));
+  EXPECT_EQ(Kinds(a), (std::vector<OpKind>{OpKind::kDisable, OpKind::kEnable, OpKind::kDisable}));
 }
 
 TEST(ParseBitmapArgs, ModifiersApplyToTheWholeCall) {
@@ -51,7 +50,7 @@ TEST(ParseBitmapArgs, ModifiersApplyToTheWholeCall) {
 TEST(ParseBitmapArgs, UsageErrors) {
   EXPECT_THROW(ParseBitmapArgs({}), UsageError);
   EXPECT_THROW(ParseBitmapArgs({"f"}), UsageError);
-  EXPECT_THROW(ParseBitmapArgs({"f", "b"}), UsageError);                    // no operation
+  EXPECT_THROW(ParseBitmapArgs({"f", "b"}), UsageError);  // no operation
   EXPECT_THROW(ParseBitmapArgs({"f", "b", "--clear", "-g", "64K"}), UsageError);
   EXPECT_THROW(ParseBitmapArgs({"f", "b", "--clear", "--disabled"}), UsageError);
   EXPECT_THROW(ParseBitmapArgs({"f", "b", "--clear", "-b", "x"}), UsageError);

@@ -17,12 +17,18 @@ namespace cbt::cli {
 
 std::string OpName(const BitmapOp& op) {
   switch (op.kind) {
-    case OpKind::kAdd: return "--add";
-    case OpKind::kRemove: return "--remove";
-    case OpKind::kClear: return "--clear";
-    case OpKind::kEnable: return "--enable";
-    case OpKind::kDisable: return "--disable";
-    case OpKind::kMerge: return "--merge " + op.source;
+    case OpKind::kAdd:
+      return "--add";
+    case OpKind::kRemove:
+      return "--remove";
+    case OpKind::kClear:
+      return "--clear";
+    case OpKind::kEnable:
+      return "--enable";
+    case OpKind::kDisable:
+      return "--disable";
+    case OpKind::kMerge:
+      return "--merge " + op.source;
   }
   return "?";
 }
@@ -34,9 +40,9 @@ uint64_t DefaultGranularity(uint64_t cluster_size) {
 std::string InconsistentMessage(const std::string& file, const std::string& bitmap,
                                 const std::string& op) {
   return "bitmap '" + bitmap + "' in " + file +
-         " is inconsistent (marked in use by a program that did not close it cleanly), so " +
-         op + " is refused; its contents cannot be trusted. Remove it with 'cbt bitmap " + file +
-         " " + bitmap + " --remove', or make it usable with 'cbt recover " + file + " --bitmap " +
+         " is inconsistent (marked in use by a program that did not close it cleanly), so " + op +
+         " is refused; its contents cannot be trusted. Remove it with 'cbt bitmap " + file + " " +
+         bitmap + " --remove', or make it usable with 'cbt recover " + file + " --bitmap " +
          bitmap + "' (from cbt's crash-safety record) or '--mark-all' (everything dirty)";
 }
 
@@ -59,8 +65,7 @@ BitmapEditor::Entry* BitmapEditor::FindEntry(const std::string& name) {
   return nullptr;
 }
 
-std::string BitmapEditor::NotFoundMessage(const std::string& name,
-                                          const std::string& file) const {
+std::string BitmapEditor::NotFoundMessage(const std::string& name, const std::string& file) const {
   return "bitmap '" + name + "' not found in " + file + "; list bitmaps with 'cbt info " + file +
          "'";
 }
@@ -113,8 +118,7 @@ Status BitmapEditor::Add(const std::string& name, const OpOptions& opts) {
     return Status::AlreadyExists(std::move(msg));
   }
   Status s = qcow2::ValidateBitmapName(name);
-  if (!s.ok())
-    return Status::InvalidArgument(s.message() + "; bitmap names are 1 to 1023 bytes");
+  if (!s.ok()) return Status::InvalidArgument(s.message() + "; bitmap names are 1 to 1023 bytes");
   const uint64_t g = opts.granularity.value_or(DefaultGranularity(img_.cluster_size()));
   s = qcow2::ValidateGranularity(g);
   if (!s.ok()) return Status::InvalidArgument("-g " + std::to_string(g) + ": " + s.message());
@@ -152,6 +156,13 @@ Status BitmapEditor::Merge(Entry& target, const std::string& src, qcow2::Image* 
   if (source_image) {
     Result<qcow2::BitmapInfo> info = source_image->Find(src);
     if (!info.ok()) return Status::NotFound(NotFoundMessage(src, source_image->name()));
+    // As qemu-img bitmap: a bitmap covers its disk; OR-ing one of another
+    // size would drop the bits past the shorter end (or invent clean ones).
+    if (source_image->virtual_size() != img_.virtual_size())
+      return Status::InvalidArgument(
+          "bitmaps are of different sizes (" + img_.name() + " is a disk of " +
+          std::to_string(img_.virtual_size()) + " bytes, -b " + source_image->name() + " of " +
+          std::to_string(source_image->virtual_size()) + " bytes) and can't be merged");
     if (!info->consistent)
       return Status::InvalidArgument(
           InconsistentMessage(source_image->name(), src, "--merge from it"));

@@ -15,7 +15,8 @@
 //   enable / disable   sets / clears the "auto" flag (recording).
 //   merge    OR of SRC into NAME, across granularities. SRC is read from the
 //            working set (so earlier operations of the same call are seen),
-//            or from another image when one is given.
+//            or from another image when one is given, which must be a disk
+//            of the same size (qemu-img refuses other sizes too).
 // Threading: one thread (as qcow2::Image).
 #pragma once
 

@@ -7,10 +7,10 @@
 namespace cbt::cli {
 namespace {
 
-#define ASSERT_OK(expr)                          \
-  do {                                           \
-    ::cbt::Status s_ = (expr);                   \
-    ASSERT_TRUE(s_.ok()) << s_.ToString();       \
+#define ASSERT_OK(expr)                    \
+  do {                                     \
+    ::cbt::Status s_ = (expr);             \
+    ASSERT_TRUE(s_.ok()) << s_.ToString(); \
   } while (0)
 
 constexpr uint64_t kDisk = 64u << 20;
@@ -126,8 +126,7 @@ TEST_F(BitmapEditorTest, AddThenMergeCopiesAcrossGranularities) {
   ASSERT_OK(ed.Commit());
   EXPECT_EQ(DirtyExtents("b1"),
             (std::vector<Extent>{{0, 1u << 20, true}, {5u << 20, 1u << 20, true}}));
-  EXPECT_EQ(DirtyExtents("b0"),
-            (std::vector<Extent>{{0, 65536, true}, {5u << 20, 65536, true}}));
+  EXPECT_EQ(DirtyExtents("b0"), (std::vector<Extent>{{0, 65536, true}, {5u << 20, 65536, true}}));
 }
 
 TEST_F(BitmapEditorTest, MergeIsAUnionWithStoredData) {
@@ -136,8 +135,7 @@ TEST_F(BitmapEditorTest, MergeIsAUnionWithStoredData) {
   BitmapEditor ed(*img_);
   ASSERT_OK(Apply(ed, "a", OpKind::kMerge, "b"));
   ASSERT_OK(ed.Commit());
-  EXPECT_EQ(DirtyExtents("a"),
-            (std::vector<Extent>{{0, 65536, true}, {1u << 20, 65536, true}}));
+  EXPECT_EQ(DirtyExtents("a"), (std::vector<Extent>{{0, 65536, true}, {1u << 20, 65536, true}}));
 }
 
 TEST_F(BitmapEditorTest, LaterOperationsSeeEarlierOnes) {
@@ -147,7 +145,8 @@ TEST_F(BitmapEditorTest, LaterOperationsSeeEarlierOnes) {
   ASSERT_OK(Apply(ed, "b1", OpKind::kAdd));
   ASSERT_OK(Apply(ed, "b1", OpKind::kMerge, "b0"));  // b0 is clear by now
   ASSERT_OK(Apply(ed, "b0", OpKind::kRemove));
-  ASSERT_OK(Apply(ed, "b0", OpKind::kAdd, {}, {.granularity = std::nullopt, .add_disabled = true}));  // name free again
+  ASSERT_OK(Apply(ed, "b0", OpKind::kAdd, {},
+                  {.granularity = std::nullopt, .add_disabled = true}));  // name free again
   ASSERT_OK(ed.Commit());
   EXPECT_TRUE(DirtyExtents("b1").empty());
   EXPECT_TRUE(DirtyExtents("b0").empty());

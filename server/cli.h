@@ -6,11 +6,10 @@
 // 2 (corruption) and 3 (leaks only).
 #pragma once
 
+#include <boost/program_options.hpp>
 #include <stdexcept>
 #include <string>
 #include <vector>
-
-#include <boost/program_options.hpp>
 
 #include "server/output.h"
 
@@ -28,16 +27,20 @@ class UsageError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// Options every subcommand takes: -h/--help, -v/--verbose, --output.
+// Options every subcommand takes: -h/--help, -v/--verbose, --output, and
+// qemu-img's -f FMT (only qcow2 is accepted).
 struct CommonOptions {
   bool help = false;
   bool verbose = false;
   std::string output = "human";
-  OutputFormat format() const;  // throws UsageError on a bad --output
+  std::string image_format = "qcow2";  // -f
+  OutputFormat format() const;         // throws UsageError on a bad --output
 };
 void AddCommonOptions(po::options_description& desc, CommonOptions& common);
-// Applies -v (spdlog debug level); checks --output.
+// Applies -v (spdlog debug level); checks --output and -f.
 void ApplyCommonOptions(const CommonOptions& common);
+// -f / -F FMT as qemu-img takes it: UsageError unless FMT is qcow2.
+void CheckImageFormat(const std::string& fmt, const char* option);
 
 // The common shape of a subcommand taking one FILE: adds the common options
 // to `desc`, parses args (FILE positional), prints the help and returns true

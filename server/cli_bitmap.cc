@@ -1,9 +1,9 @@
 // cbt bitmap FILE NAME OPERATION... : qemu-img bitmap's operations, applied
 // in order in memory (BitmapEditor) and stored with one commit, so the call
 // changes everything it was asked to or nothing.
-#include <iostream>
-
 #include <spdlog/spdlog.h>
+
+#include <iostream>
 
 #include "server/bitmap_args.h"
 #include "server/bitmap_ops.h"
@@ -39,8 +39,7 @@ Json BitmapJson(const qcow2::BitmapInfo& b) {
 int RunBitmap(const std::vector<std::string>& args) {
   BitmapArgs a = ParseBitmapArgs(args);
   if (a.common.help) {
-    std::cout << "Usage: " << kSynopsis << "\n\n" << kDescription << "\n\n" << a.help
-              << std::flush;
+    std::cout << "Usage: " << kSynopsis << "\n\n" << kDescription << "\n\n" << a.help << std::flush;
     return kExitOk;
   }
   ApplyCommonOptions(a.common);
@@ -68,7 +67,7 @@ int RunBitmap(const std::vector<std::string>& args) {
       return Fail(prefix + s.message() + suffix);
     }
   }
-  if (Status s = editor.Commit(); !s.ok()) return Fail(s);
+  if (Status s = CommitChange(img, [&] { return editor.Commit(); }); !s.ok()) return Fail(s);
 
   Result<qcow2::BitmapInfo> now = img.Find(a.name);
   if (a.common.format() == OutputFormat::kJson) {
@@ -79,8 +78,8 @@ int RunBitmap(const std::vector<std::string>& args) {
                {"operations", ops},
                {"result", now.ok() ? BitmapJson(*now) : Json()}});
   } else if (now.ok()) {
-    std::cout << a.file << ": bitmap '" << a.name << "': granularity " << now->granularity()
-              << ", " << (now->enabled ? "enabled" : "disabled") << "\n";
+    std::cout << a.file << ": bitmap '" << a.name << "': granularity " << now->granularity() << ", "
+              << (now->enabled ? "enabled" : "disabled") << "\n";
   } else {
     std::cout << a.file << ": bitmap '" << a.name << "' removed\n";
   }

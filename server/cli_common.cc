@@ -1,7 +1,7 @@
 // What every subcommand shares: common options, help text, argument parsing.
-#include <iostream>
-
 #include <spdlog/spdlog.h>
+
+#include <iostream>
 
 #include "server/cli.h"
 #include "server/cli_parse.h"
@@ -11,20 +11,30 @@ namespace cbt::cli {
 OutputFormat CommonOptions::format() const {
   if (output == "human") return OutputFormat::kHuman;
   if (output == "json") return OutputFormat::kJson;
-  throw UsageError("--output '" + output + "' is not a format; use --output=human or --output=json");
+  throw UsageError("--output '" + output +
+                   "' is not a format; use --output=human or --output=json");
 }
 
 void AddCommonOptions(po::options_description& desc, CommonOptions& common) {
-  desc.add_options()
-      ("help,h", po::bool_switch(&common.help), "show this help and exit")
-      ("verbose,v", po::bool_switch(&common.verbose), "debug logging on stderr")
-      ("output", po::value(&common.output)->value_name("FMT"),
-       "output format: human (default) or json");
+  desc.add_options()("help,h", po::bool_switch(&common.help), "show this help and exit")(
+      "verbose,v", po::bool_switch(&common.verbose), "debug logging on stderr")(
+      "output", po::value(&common.output)->value_name("FMT"),
+      "output format: human (default) or json")(
+      "format,f", po::value(&common.image_format)->value_name("qcow2"),
+      "image format, as qemu-img -f; only qcow2");
+}
+
+void CheckImageFormat(const std::string& fmt, const char* option) {
+  if (fmt == "qcow2") return;
+  throw UsageError(std::string(option) + " " + fmt +
+                   ": cbt works on qcow2 files only (the bitmaps live in a qcow2 file; a raw "
+                   "disk is linked with 'cbt create --data-file')");
 }
 
 void ApplyCommonOptions(const CommonOptions& common) {
   if (common.verbose) spdlog::set_level(spdlog::level::debug);
   (void)common.format();
+  CheckImageFormat(common.image_format, "-f");
 }
 
 void PrintHelp(const std::string& synopsis, const std::string& description,
@@ -42,11 +52,9 @@ po::parsed_options ParseOnly(const std::vector<std::string>& args,
       .run();
 }
 
-void ParseCommandLine(const std::vector<std::string>& args,
-                      const po::options_description& visible,
+void ParseCommandLine(const std::vector<std::string>& args, const po::options_description& visible,
                       const po::options_description& hidden,
-                      const po::positional_options_description& positional,
-                      po::variables_map& vm) {
+                      const po::positional_options_description& positional, po::variables_map& vm) {
   po::options_description all;
   all.add(visible).add(hidden);
   // store() reads the descriptions the parsed options point to: `all` must

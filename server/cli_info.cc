@@ -13,14 +13,17 @@ namespace cbt::cli {
 
 namespace {
 
-constexpr char kSynopsis[] = "cbt info FILE [--output=json]";
+constexpr char kSynopsis[] = "cbt info FILE [-U] [-f qcow2] [--output=json]";
 constexpr char kDescription[] =
     "Shows FILE's virtual size, cluster size and data file, and for every bitmap\n"
     "its name, granularity, flags (in-use, auto), dirty bytes and whether it is\n"
     "consistent. An inconsistent bitmap (in-use left set by a program that did\n"
     "not close the file) has no trustworthy contents: only --remove and cbt recover\n"
     "work on it.\n"
-    "Opens FILE read-only.";
+    "Opens FILE read-only. -U (--force-share), as qemu-img info -U, also looks at\n"
+    "a file that a running server (the cbt filter, qemu-nbd) holds for writing:\n"
+    "it takes no lock that would stop that server, and the server's bitmaps then\n"
+    "show as in use, their stored bits behind its memory.";
 
 struct Row {
   qcow2::BitmapInfo info;
@@ -39,10 +42,13 @@ std::vector<std::string> Flags(const qcow2::BitmapInfo& b) {
 int RunInfo(const std::vector<std::string>& args) {
   CommonOptions common;
   std::string file;
+  bool force_share = false;
   po::options_description desc("Options");
+  desc.add_options()("force-share,U", po::bool_switch(&force_share),
+                     "look at FILE even while another program holds it");
   if (ParseFileCommand(args, desc, common, file, kSynopsis, kDescription)) return kExitOk;
 
-  Result<OpenedImage> opened = OpenImage(file, /*writable=*/false);
+  Result<OpenedImage> opened = OpenImage(file, /*writable=*/false, force_share);
   if (!opened.ok()) return Fail(opened.status());
   qcow2::Image& img = *opened->image;
   std::vector<Row> rows;
@@ -95,12 +101,13 @@ int RunInfo(const std::vector<std::string>& args) {
     for (const auto& f : Flags(r.info)) flags += (flags.empty() ? "" : ",") + f;
     if (flags.empty()) flags = "-";
     std::string dirty = r.dirty ? HumanSize(*r.dirty) : "?";
-    std::string state = !r.info.consistent ? "inconsistent (see cbt recover)"
+    std::string state = !r.info.consistent ? (force_share ? "in use (or see cbt recover)"
+                                                          : "inconsistent (see cbt recover)")
                         : r.info.enabled   ? "enabled"
                                            : "disabled";
     std::printf("  %-*s  %12llu  %-12s  %14s  %s\n", static_cast<int>(w), r.info.name.c_str(),
-                static_cast<unsigned long long>(r.info.granularity()), flags.c_str(),
-                dirty.c_str(), state.c_str());
+                static_cast<unsigned long long>(r.info.granularity()), flags.c_str(), dirty.c_str(),
+                state.c_str());
   }
   return kExitOk;
 }

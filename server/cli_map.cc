@@ -15,24 +15,27 @@ namespace cbt::cli {
 namespace {
 
 constexpr char kSynopsis[] =
-    "cbt map FILE --bitmap NAME [--offset N] [--length N] [--output=json]";
+    "cbt map FILE --bitmap NAME [--offset N] [--length N] [-U] [-f qcow2] [--output=json]";
 constexpr char kDescription[] =
     "Lists the extents of bitmap NAME in FILE. The JSON form is a list of\n"
     "{\"start\", \"length\", \"dirty\"} exactly covering the range, adjacent extents\n"
     "of the same state merged. The human form is a table of the dirty extents\n"
-    "(hexadecimal, like qemu-img map). Opens FILE read-only.";
+    "(hexadecimal, like qemu-img map). Opens FILE read-only; -U (--force-share)\n"
+    "also reads a file a running server holds (its bitmaps in use stay refused).";
 
 }  // namespace
 
 int RunMap(const std::vector<std::string>& args) {
   CommonOptions common;
   std::string file, bitmap, offset_text, length_text;
+  bool force_share = false;
   po::options_description desc("Options");
-  desc.add_options()
-      ("bitmap,B", po::value(&bitmap)->value_name("NAME"), "the bitmap (required)")
-      ("offset", po::value(&offset_text)->value_name("N"), "start of the range (default 0)")
-      ("length", po::value(&length_text)->value_name("N"),
-       "length of the range (default: to the end of the disk)");
+  desc.add_options()("bitmap,B", po::value(&bitmap)->value_name("NAME"), "the bitmap (required)")(
+      "offset", po::value(&offset_text)->value_name("N"), "start of the range (default 0)")(
+      "length", po::value(&length_text)->value_name("N"),
+      "length of the range (default: to the end of the disk)")(
+      "force-share,U", po::bool_switch(&force_share),
+      "read FILE even while another program holds it");
   if (ParseFileCommand(args, desc, common, file, kSynopsis, kDescription)) return kExitOk;
   if (bitmap.empty()) throw UsageError("missing --bitmap NAME");
   uint64_t offset = 0;
@@ -48,7 +51,7 @@ int RunMap(const std::vector<std::string>& args) {
     length = *v;
   }
 
-  Result<OpenedImage> opened = OpenImage(file, /*writable=*/false);
+  Result<OpenedImage> opened = OpenImage(file, /*writable=*/false, force_share);
   if (!opened.ok()) return Fail(opened.status());
   qcow2::Image& img = *opened->image;
   Result<qcow2::BitmapInfo> info = img.Find(bitmap);
@@ -82,8 +85,8 @@ int RunMap(const std::vector<std::string>& args) {
     ++count;
   }
   std::printf("%s dirty in %llu extent%s (of %s from %s)\n", HumanSize(dirty).c_str(),
-              static_cast<unsigned long long>(count), count == 1 ? "" : "s",
-              HumanSize(len).c_str(), Hex(offset).c_str());
+              static_cast<unsigned long long>(count), count == 1 ? "" : "s", HumanSize(len).c_str(),
+              Hex(offset).c_str());
   return kExitOk;
 }
 

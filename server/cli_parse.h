@@ -1,10 +1,9 @@
 // Boost.Program_options plumbing shared by the subcommands.
 #pragma once
 
+#include <boost/program_options.hpp>
 #include <string>
 #include <vector>
-
-#include <boost/program_options.hpp>
 
 namespace cbt::cli {
 
@@ -12,8 +11,7 @@ namespace cbt::cli {
 // subcommands where order matters), without storing them. The result points
 // into `all`, which must outlive it. Throws po::error.
 boost::program_options::parsed_options ParseOnly(
-    const std::vector<std::string>& args,
-    const boost::program_options::options_description& all,
+    const std::vector<std::string>& args, const boost::program_options::options_description& all,
     const boost::program_options::positional_options_description& positional);
 
 // Parses args against visible + hidden options (hidden: the positionals),

@@ -1,9 +1,10 @@
 // cbt recover FILE --bitmap NAME [--mark-all]: make a bitmap left in use by
 // an unclean stop usable again, offline.
 //  - With cbt's crash-safety record (the filter ran with
-//    cbt-durability=process or power): the same recovery the filter runs at
-//    start-up (engine/tracker.cc): stored bits plus every recorded region,
-//    persisted, in-use cleared. A superset of the changes, never a miss.
+//    cbt-durability=process or power): the recovery the filter runs at
+//    start-up (engine/tracker.cc), for NAME only: stored bits plus every
+//    recorded region, stored, in-use cleared. A superset of the changes,
+//    never a miss. Other bitmaps left in use stay so (and recoverable).
 //  - --mark-all (any bitmap, e.g. after cbt-durability=none or a QEMU crash):
 //    every granule becomes dirty, in-use is cleared. The next incremental
 //    backup then copies everything once, but the bitmap keeps its name,
@@ -12,7 +13,7 @@
 
 #include "bitmap/dirty_bitmap.h"
 #include "engine/bitmap_store.h"
-#include "engine/tracker.h"
+#include "engine/intent_map.h"
 #include "server/cli.h"
 #include "server/image_open.h"
 
@@ -47,7 +48,13 @@ int MarkAll(const std::string& file, const std::string& name, const CommonOption
     s.granularity_bits = info->granularity_bits;
     s.enabled = info->enabled;
   }
-  if (Status s = img.Commit(specs); !s.ok()) return Fail(s);
+  const bool stale = img.stale_bitmaps_extension();
+  if (Status s = CommitChange(img, [&] { return img.Commit(specs); }); !s.ok()) return Fail(s);
+  // After a stale extension (adopted above: its other bitmaps stay in use),
+  // no crash-safety record may vouch for those: only --mark-all can.
+  if (stale) {
+    if (Status s = img.RemovePrivateRecord(kIntentExtensionType); !s.ok()) return Fail(s);
+  }
   if (common.format() == OutputFormat::kJson) {
     PrintJson({{"bitmap", name}, {"method", "mark-all"}, {"dirty-bytes", img.virtual_size()}});
   } else {
@@ -56,33 +63,58 @@ int MarkAll(const std::string& file, const std::string& name, const CommonOption
   return kExitOk;
 }
 
+// The filter's start-up recovery (engine/tracker.cc), for NAME alone:
+// NAME's stored bits plus every recorded region, stored with one Commit
+// (crash safe: the old set, still in use, or the new one), in-use cleared.
+// Every other bitmap, in use or not, is kept exactly, and so is the record:
+// it still covers the bitmaps not recovered yet.
 int FromRecord(const std::string& file, const std::string& name, const CommonOptions& common) {
-  uint64_t size = 0;
-  {
-    Result<OpenedImage> opened = OpenImage(file, /*writable=*/false);
-    if (!opened.ok()) return Fail(opened.status());
-    const std::vector<std::byte>* rec = opened->image->GetExtension(kIntentExtensionType);
-    if (!rec || !opened->image->private_record_vouched())
-      return Fail("bitmap '" + name + "' in " + file +
-                  ": no valid crash-safety record (the filter ran with cbt-durability=none, or "
-                  "another program wrote the file since); use --mark-all");
-    auto m = IntentMap::Parse(*rec);
-    if (!m.ok()) return Fail(m.status());
-    size = (*m)->disk_size();
-  }
-  TrackerOptions o;
-  o.container_path = file;
-  o.bitmaps = {name};
-  o.durability = Durability::kPower;
-  auto t = Tracker::Open(o, size);  // recovers at open, as the filter does
-  if (!t.ok()) return Fail(t.status().message() + "; --mark-all always works");
-  uint64_t added = (*t)->stats().recovered_granules;
-  if (Status s = (*t)->Close(); !s.ok()) return Fail(s);
+  Result<OpenedImage> opened = OpenImage(file, /*writable=*/true);
+  if (!opened.ok()) return Fail(opened.status());
+  qcow2::Image& img = *opened->image;
+  const std::string where = "bitmap '" + name + "' in " + file;
+  const std::vector<std::byte>* rec = img.GetExtension(kIntentExtensionType);
+  if (!rec || !img.private_record_vouched())
+    return Fail(where +
+                ": no valid crash-safety record (the filter ran with cbt-durability=none, or "
+                "another program wrote the file since); use --mark-all");
+  auto m = IntentMap::Parse(*rec);
+  if (!m.ok())
+    return Fail(where + ": crash-safety record: " + m.status().message() + "; use --mark-all");
+  const IntentMap& record = **m;
+  if (record.mode() != IntentMode::kPower && record.boot_id() != CurrentBootId())
+    return Fail(where +
+                ": the crash-safety record was written in process mode and the machine has "
+                "restarted since, so it may have lost records; use --mark-all");
+  const uint64_t disk = record.disk_size();
+  if (img.virtual_size() != ((disk + 511) & ~uint64_t{511}))
+    return Fail(where + ": the crash-safety record describes a disk of " + std::to_string(disk) +
+                " bytes, not this one; use --mark-all");
+  if (Status s = img.AdoptInconsistent(name); !s.ok()) return Fail(s);
+  auto loaded = LoadBitmap(img, name, disk);
+  if (!loaded.ok()) return Fail(loaded.status());
+  DirtyBitmap& b = **loaded;
+  const uint64_t before = b.DirtyGranules();
+  const auto ranges = record.RecordedRanges();
+  for (auto [off, len] : ranges)
+    if (auto r = b.Mark(off, len); !r.ok()) return Fail(r.status());
+  const uint64_t added = b.DirtyGranules() - before;
+  DirtyBitmapSource src(b);
+  std::vector<qcow2::BitmapSpec> specs = img.CurrentSpecs();
+  for (qcow2::BitmapSpec& s : specs)
+    if (s.name == name) s.data = &src;  // new data under the same name
+  if (Status s = CommitChange(img, [&] { return img.Commit(specs); }); !s.ok())
+    return Fail(s.message() + "; --mark-all always works");
   if (common.format() == OutputFormat::kJson) {
-    PrintJson({{"bitmap", name}, {"method", "record"}, {"recovered-granules", added}});
+    PrintJson({{"bitmap", name},
+               {"method", "record"},
+               {"recovered-granules", added},
+               {"recorded-regions", ranges.size()}});
   } else {
-    std::printf("bitmap '%s': recovered from the crash-safety record, %llu granules added\n",
-                name.c_str(), static_cast<unsigned long long>(added));
+    std::printf(
+        "bitmap '%s': recovered from the crash-safety record, %llu granules added from %zu "
+        "recorded region(s)\n",
+        name.c_str(), static_cast<unsigned long long>(added), ranges.size());
   }
   return kExitOk;
 }
@@ -101,6 +133,16 @@ int RunRecover(const std::vector<std::string>& args) {
   {
     Result<OpenedImage> opened = OpenImage(file, /*writable=*/false);
     if (!opened.ok()) return Fail(opened.status());
+    if (opened->image->stale_bitmaps_extension()) {
+      // Another program wrote the file without keeping the bitmaps: no
+      // record can tell what it changed.
+      if (!mark_all)
+        return Fail(file +
+                    ": the bitmaps extension is not vouched for by autoclear bit 0 (a program "
+                    "that does not know bitmaps wrote the file): only 'cbt recover " +
+                    file + " --bitmap " + bitmap + " --mark-all' can recover its bitmaps");
+      return MarkAll(file, bitmap, common);
+    }
     Result<qcow2::BitmapInfo> info = opened->image->Find(bitmap);
     if (!info.ok())
       return Fail("bitmap '" + bitmap + "' not found in " + file +

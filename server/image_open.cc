@@ -9,7 +9,7 @@
 namespace cbt::cli {
 
 Result<OpenedImage> OpenImage(const std::string& path, Access access) {
-  const bool writable = access != Access::kReadOnly;
+  const bool writable = access != Access::kReadOnly && access != Access::kForceShare;
   OpenedImage out;
   out.path = path;
   CBT_ASSIGN_OR_RETURN(
@@ -18,14 +18,29 @@ Result<OpenedImage> OpenImage(const std::string& path, Access access) {
   out.file = std::move(f);
   // QEMU's locks before reading anything: a writer elsewhere could be
   // changing the file under us (qcow2/lock.h). Released when file closes.
-  CBT_RETURN_IF_ERROR(qcow2::LockImage(
-      out.file->fd(), path, writable ? qcow2::LockMode::kReadWrite : qcow2::LockMode::kReadOnly));
-  spdlog::debug("opened {} {}", path, writable ? "read-write" : "read-only");
+  const qcow2::LockMode mode = writable                        ? qcow2::LockMode::kReadWrite
+                               : access == Access::kForceShare ? qcow2::LockMode::kForceShare
+                                                               : qcow2::LockMode::kReadOnly;
+  CBT_RETURN_IF_ERROR(qcow2::LockImage(out.file->fd(), path, mode));
+  spdlog::debug("opened {} {}", path,
+                writable ? "read-write"
+                         : (access == Access::kForceShare ? "read-only, shared" : "read-only"));
   qcow2::OpenOptions oo{.writable = writable, .adopt_stale_bitmaps = access == Access::kRecover};
   CBT_ASSIGN_OR_RETURN(out.image, qcow2::Image::Open(out.file, oo));
   if (access == Access::kWrite || access == Access::kRecover)
     CBT_RETURN_IF_ERROR(qcow2::CheckBeforeWrite(*out.image));
   return out;
+}
+
+Status CommitChange(qcow2::Image& img, const std::function<Status()>& commit) {
+  const std::optional<qcow2::BitmapsExtension> before = img.header().bitmaps;
+  Status s = commit();
+  if (s.ok()) return s;
+  // Every successful switch points the header at a new directory (or at
+  // none); an unchanged one means the old set is still the file's truth.
+  if (img.header().bitmaps == before) return s;
+  spdlog::warn("{}; the change itself is done", s.message());
+  return Status::OK();
 }
 
 bool SameFile(const std::string& a, const std::string& b) {

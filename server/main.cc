@@ -1,14 +1,14 @@
 // cbt: offline management of the dirty bitmaps stored in qcow2 files.
 // This file only dispatches to a subcommand (cli_*.cc) and turns exceptions
 // into one line on stderr; see docs/cli.md.
+#include <spdlog/sinks/stdout_sinks.h>
+#include <spdlog/spdlog.h>
+
 #include <cstdio>
 #include <cstring>
 #include <exception>
 #include <string>
 #include <vector>
-
-#include <spdlog/sinks/stdout_sinks.h>
-#include <spdlog/spdlog.h>
 
 #include "server/cli.h"
 
@@ -40,8 +40,8 @@ void PrintUsage(FILE* out) {
   for (const Command& c : kCommands) std::fprintf(out, "  %-8s %s\n", c.name, c.summary);
   std::fprintf(out,
                "\n'cbt SUBCOMMAND --help' shows a subcommand's options. "
-               "Every subcommand takes\n-v (debug log on stderr) and --output=json. "
-               "See docs/cli.md.\n");
+               "Every subcommand takes\n-v (debug log on stderr), --output=json and "
+               "-f qcow2. See docs/cli.md.\n");
 }
 
 std::string CommandList() {

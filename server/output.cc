@@ -16,9 +16,13 @@ int Fail(std::string_view message, int code) {
   return code;
 }
 
-int Fail(const Status& s, int code) { return Fail(s.message(), code); }
+int Fail(const Status& s, int code) {
+  return Fail(s.message(), code);
+}
 
-void PrintJson(const Json& j) { std::cout << j.dump(4) << '\n' << std::flush; }
+void PrintJson(const Json& j) {
+  std::cout << j.dump(4) << '\n' << std::flush;
+}
 
 std::string Hex(uint64_t v) {
   char buf[32];

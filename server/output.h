@@ -6,10 +6,9 @@
 // joined by '-', as in `qemu-img info --output=json`.
 #pragma once
 
+#include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
-
-#include <nlohmann/json.hpp>
 
 #include "common/status.h"
 

@@ -10,18 +10,35 @@ namespace {
 // The multiplier of a suffix letter, or 0 if `c` is not one.
 uint64_t SuffixMultiplier(char c) {
   switch (c) {
-    case 'b': case 'B': return 1;
-    case 'k': case 'K': return uint64_t{1} << 10;
-    case 'm': case 'M': return uint64_t{1} << 20;
-    case 'g': case 'G': return uint64_t{1} << 30;
-    case 't': case 'T': return uint64_t{1} << 40;
-    case 'p': case 'P': return uint64_t{1} << 50;
-    case 'e': case 'E': return uint64_t{1} << 60;
-    default: return 0;
+    case 'b':
+    case 'B':
+      return 1;
+    case 'k':
+    case 'K':
+      return uint64_t{1} << 10;
+    case 'm':
+    case 'M':
+      return uint64_t{1} << 20;
+    case 'g':
+    case 'G':
+      return uint64_t{1} << 30;
+    case 't':
+    case 'T':
+      return uint64_t{1} << 40;
+    case 'p':
+    case 'P':
+      return uint64_t{1} << 50;
+    case 'e':
+    case 'E':
+      return uint64_t{1} << 60;
+    default:
+      return 0;
   }
 }
 
-bool IsDigit(char c) { return c >= '0' && c <= '9'; }
+bool IsDigit(char c) {
+  return c >= '0' && c <= '9';
+}
 bool IsHexDigit(char c) {
   return IsDigit(c) || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
 }

@@ -1,12 +1,13 @@
 # Shared helpers for the `cbt` tool's integration tests (sourced, bash).
-# Usage in a test: source "$(dirname "$0")/cli_lib.sh" "$@"   ($1 = cbt binary)
+# Usage in a test: source "$(dirname "$0")/cli_lib.sh" "$@"   ($1 = cbt binary,
+# or none with CBT_BUILD set: tests registered by cbt_integration_test)
 # Each test runs in its own temp dir $T; the EXIT trap kills only the
 # processes this test started (by pid, from $PIDS) and removes the dir.
 # A missing tool skips the test (exit 77) with the reason printed.
 set -euo pipefail
 
-CBT=${1:-}
-[ -n "$CBT" ] || { echo "usage: $0 PATH/TO/cbt" >&2; exit 2; }
+CBT=${1:-${CBT_BUILD:+$CBT_BUILD/server/cbt}}
+[ -n "$CBT" ] || { echo "usage: $0 PATH/TO/cbt (or set CBT_BUILD)" >&2; exit 2; }
 CBT=$(readlink -f "$CBT")
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
@@ -17,7 +18,9 @@ cd "$T"
 
 # cbt_ok ARGS... : runs cbt, fails the test if it does not exit 0.
 cbt_ok() {
-  "$CBT" "$@" >"$T/out" 2>"$T/err" || { cat "$T/err" >&2; fail "cbt $* exited $?"; }
+  local rc=0
+  "$CBT" "$@" >"$T/out" 2>"$T/err" || rc=$?
+  [ "$rc" = 0 ] || { cat "$T/err" >&2; fail "cbt $* exited $rc"; }
   check_no_sanitizer "$T/err"
 }
 
