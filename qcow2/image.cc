@@ -103,7 +103,9 @@ Status Image::Load() {
           " bitmap(s)) is not vouched for by autoclear bit 0: a program that does not know "
           "bitmaps wrote the file, or a header rewrite was interrupted, so the bitmaps may "
           "miss changes; 'cbt recover " +
-          ctx_ + " --mark-all' keeps them with every granule dirty (the next backup is full)");
+          ctx_ +
+          " --bitmap NAME --mark-all' keeps a bitmap with every granule dirty (its next backup "
+          "is full)");
     header_.bitmaps.reset();
   } else if (!header_.bitmaps && bit) {
     bit_without_ext_ = true;  // cleared on our next header write (P4)

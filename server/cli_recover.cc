@@ -130,30 +130,34 @@ int RunRecover(const std::vector<std::string>& args) {
       "mark-all", po::bool_switch(&mark_all), "mark the whole disk dirty");
   if (ParseFileCommand(args, desc, common, file, kSynopsis, kDescription)) return kExitOk;
   if (bitmap.empty()) throw UsageError("missing --bitmap NAME");
+  // Look first (read-only; the lock is dropped before any writable open).
+  bool stale = false, consistent = false;
   {
     Result<OpenedImage> opened = OpenImage(file, /*writable=*/false);
     if (!opened.ok()) return Fail(opened.status());
-    if (opened->image->stale_bitmaps_extension()) {
-      // Another program wrote the file without keeping the bitmaps: no
-      // record can tell what it changed.
-      if (!mark_all)
-        return Fail(file +
-                    ": the bitmaps extension is not vouched for by autoclear bit 0 (a program "
-                    "that does not know bitmaps wrote the file): only 'cbt recover " +
-                    file + " --bitmap " + bitmap + " --mark-all' can recover its bitmaps");
-      return MarkAll(file, bitmap, common);
+    stale = opened->image->stale_bitmaps_extension();
+    if (!stale) {
+      Result<qcow2::BitmapInfo> info = opened->image->Find(bitmap);
+      if (!info.ok())
+        return Fail("bitmap '" + bitmap + "' not found in " + file +
+                    "; list bitmaps with 'cbt info " + file + "'");
+      consistent = info->consistent;
     }
-    Result<qcow2::BitmapInfo> info = opened->image->Find(bitmap);
-    if (!info.ok())
-      return Fail("bitmap '" + bitmap + "' not found in " + file +
-                  "; list bitmaps with 'cbt info " + file + "'");
-    if (info->consistent) {
-      if (common.format() == OutputFormat::kJson)
-        PrintJson({{"bitmap", bitmap}, {"method", "none"}});
-      else
-        std::printf("bitmap '%s' is consistent: nothing to recover\n", bitmap.c_str());
-      return kExitOk;
-    }
+  }
+  if (stale && !mark_all) {
+    // Another program wrote the file without keeping the bitmaps: no
+    // record can tell what it changed.
+    return Fail(file +
+                ": the bitmaps extension is not vouched for by autoclear bit 0 (a program that "
+                "does not know bitmaps wrote the file): only 'cbt recover " +
+                file + " --bitmap " + bitmap + " --mark-all' can recover its bitmaps");
+  }
+  if (consistent) {
+    if (common.format() == OutputFormat::kJson)
+      PrintJson({{"bitmap", bitmap}, {"method", "none"}});
+    else
+      std::printf("bitmap '%s' is consistent: nothing to recover\n", bitmap.c_str());
+    return kExitOk;
   }
   return mark_all ? MarkAll(file, bitmap, common) : FromRecord(file, bitmap, common);
 }
