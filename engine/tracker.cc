@@ -26,15 +26,11 @@
 
 #include <bit>
 #include <cerrno>
-#include <cstdlib>
 #include <map>
 #include <thread>
 
-#include "common/posix_file.h"
 #include "engine/bitmap_store.h"
-#include "engine/volatile_io.h"
 #include "qcow2/check.h"
-#include "qcow2/lock.h"
 
 namespace cbt {
 
@@ -42,17 +38,6 @@ namespace {
 
 uint64_t RoundUp512(uint64_t v) {
   return (v + 511) & ~uint64_t{511};
-}
-
-// TEST ONLY: the crash torture simulates power cuts by routing container
-// writes through a volatile cache (engine/volatile_io.h). Off unless the
-// environment variable is set.
-Result<std::shared_ptr<BlockIO>> MaybeVolatile(std::unique_ptr<PosixFile> f) {
-  const char* j = std::getenv("CBT_TEST_VOLATILE_JOURNAL");
-  if (!j || !*j) return std::shared_ptr<BlockIO>(std::move(f));
-  spdlog::warn("TEST ONLY: container writes go through a volatile cache ({})", j);
-  CBT_ASSIGN_OR_RETURN(std::unique_ptr<VolatileBlockIO> v, VolatileBlockIO::Wrap(std::move(f), j));
-  return std::shared_ptr<BlockIO>(std::move(v));
 }
 
 // The refusal of a bitmap left in use. Suggests the crash-safe modes only to
@@ -165,13 +150,14 @@ Tracker::~Tracker() = default;
 Status Tracker::OpenContainer() {
   const std::string& path = opts_.container_path;
   bool ro = opts_.readonly;
-  auto file = PosixFile::Open(path, ro ? PosixFile::Mode::kReadOnly : PosixFile::Mode::kReadWrite);
+  Storage& st = storage();
+  auto file = st.Open(path, ro ? Storage::Mode::kReadOnly : Storage::Mode::kReadWrite);
   if (!file.ok() && !ro) {
     const int e = file.status().err();
     if (e == EACCES || e == EROFS || e == EPERM) {
       // We may not write it: enough for a read-only export (AttachReadOnly);
       // Attach(size) refuses it.
-      auto rf = PosixFile::Open(path, PosixFile::Mode::kReadOnly);
+      auto rf = st.Open(path, Storage::Mode::kReadOnly);
       if (rf.ok()) {
         spdlog::debug("{}: not writable here ({}); opened read-only", path,
                       file.status().message());
@@ -186,21 +172,12 @@ Status Tracker::OpenContainer() {
       return Status::NotFound("cbt-file=" + path +
                               ": no such file; add cbt-create=true to create it");
     // Attach creates it after nbdkit forks: find what would stop it now.
-    const size_t slash = path.find_last_of('/');
-    const std::string dir = slash == std::string::npos ? "." : path.substr(0, slash + 1);
-    if (::access(dir.c_str(), W_OK | X_OK) != 0)
-      return Status::FromErrno(errno, "cbt-file=" + path + ": cannot create it in " + dir);
-    return Status::OK();
+    return st.CheckCreatable(path).WithContext("cbt-file=" + path);
   }
   if (!file.ok()) return file.status().WithContext("cbt-file");
-  // QEMU's locks: refuse a file another writer (qemu-nbd, another nbdkit)
-  // holds, and make QEMU tools refuse ours while we serve.
-  CBT_RETURN_IF_ERROR(qcow2::LockImage(
-      (*file)->fd(), path, ro ? qcow2::LockMode::kReadOnly : qcow2::LockMode::kReadWrite));
   qcow2::OpenOptions oo;
   oo.writable = !ro;
-  CBT_ASSIGN_OR_RETURN(std::shared_ptr<BlockIO> io, MaybeVolatile(std::move(file).value()));
-  gate_ = std::make_shared<WriteGate>(std::move(io));
+  gate_ = std::make_shared<WriteGate>(std::move(file).value());
   auto img = qcow2::Image::Open(gate_, oo);
   if (!img.ok() && oo.writable && gate_->refused()) {
     // The writable open wants to write: validate a read-only open now, and
@@ -292,16 +269,14 @@ Status Tracker::Attach(uint64_t disk_size) {
     }
   }
   if (!image_) {
-    auto nf = PosixFile::Open(path, PosixFile::Mode::kCreateExclusive);
+    auto nf = storage().Open(path, Storage::Mode::kCreate);
     if (!nf.ok()) return nf.status().WithContext("cbt-file");
-    CBT_RETURN_IF_ERROR(qcow2::LockImage((*nf)->fd(), path, qcow2::LockMode::kReadWrite));
     qcow2::CreateOptions co;
     co.virtual_size = disk_size_;
     co.cluster_size = opts_.cluster_size;
-    CBT_ASSIGN_OR_RETURN(std::shared_ptr<BlockIO> io, MaybeVolatile(std::move(nf).value()));
-    auto img = qcow2::Image::Create(std::move(io), co);
+    auto img = qcow2::Image::Create(std::move(nf).value(), co);
     if (!img.ok()) {
-      ::unlink(path.c_str());  // we made it; leave nothing half-built behind
+      storage().Remove(path);  // we made it; leave nothing half-built behind
       return img.status().WithContext("cbt-file=" + path + ": create");
     }
     image_ = std::move(img).value();
@@ -337,7 +312,7 @@ Status Tracker::Attach(uint64_t disk_size) {
   if (add) {
     Status s = image_->Commit(specs);
     if (!s.ok()) {
-      if (created) ::unlink(path.c_str());
+      if (created) storage().Remove(path);
       return s.WithContext("cbt-file=" + path + ": add bitmaps");
     }
   }

@@ -32,6 +32,7 @@
 #include "bitmap/dirty_bitmap.h"
 #include "common/status.h"
 #include "engine/intent_map.h"
+#include "engine/storage.h"
 #include "qcow2/image.h"
 
 namespace cbt {
@@ -46,6 +47,9 @@ struct TrackerOptions {
   uint32_t cluster_size = 65536;     // for a container we create
   Durability durability = Durability::kPower;
   bool readonly = false;  // never write the container
+  // Where container files live; null: PosixStorage(). Not owned; must
+  // outlive the tracker (tests inject crash-simulating devices here).
+  Storage* storage = nullptr;
 };
 
 struct TrackerStats {
@@ -108,6 +112,7 @@ class Tracker {
  private:
   class WriteGate;
   explicit Tracker(const TrackerOptions& opts) : opts_(opts) {}
+  Storage& storage() const { return opts_.storage ? *opts_.storage : PosixStorage(); }
   Status OpenContainer();
   Status LoadContainerState();
   Status CheckBitmaps() const;

@@ -43,6 +43,7 @@
 
 #include "engine/scheduler.h"
 #include "engine/tracker.h"
+#include "plugin/filter_storage.h"
 #include "plugin/nbdkit_log.h"
 
 namespace {
@@ -122,8 +123,18 @@ void FatalAtConnect(const std::string& msg) noexcept {
 }
 
 void cbt_load() noexcept {
-  state = new (std::nothrow) State;
-  cbt::plugin::InstallNbdkitLogger();
+  // noexcept: an exception here (spdlog's sink, an allocation) would end
+  // nbdkit through std::terminate; report it instead. state stays null and
+  // config refuses to go on.
+  try {
+    state = new State;
+    state->opts.storage = &cbt::plugin::FilterStorage();
+    cbt::plugin::InstallNbdkitLogger();
+  } catch (const std::exception& e) {
+    nbdkit_error("cbt: cannot load: %s", e.what());
+    delete state;
+    state = nullptr;
+  }
 }
 
 void cbt_unload() noexcept {

@@ -155,7 +155,9 @@ def iteration(a, i, rng, work):
     env = dict(os.environ)
     if a.power_cut:
         env["CBT_TEST_VOLATILE_JOURNAL"] = cont + ".journal"
-    args = [f"--filter={a.filter}"]
+    # Power cuts: the test build of the filter, its containers behind a
+    # volatile cache (tests/tools/volatile_storage.cc).
+    args = [f"--filter={a.powercut_filter if a.power_cut else a.filter}"]
     if a.power_cut:
         args += [f"--filter={a.volatile}", "file", disk, f"volatile-journal={disk}.journal"]
     else:
@@ -185,6 +187,7 @@ def iteration(a, i, rng, work):
     if a.power_cut:
         args = [x for x in args if not x.startswith("--filter=" + a.volatile)
                 and not x.startswith("volatile-journal=")]
+        args[0] = f"--filter={a.filter}"  # the filter users run recovers
         env.pop("CBT_TEST_VOLATILE_JOURNAL", None)
     srv = Server(args, sock, nlog, env)
     # The filter attaches (and recovers) when the first client connects.
@@ -229,6 +232,7 @@ def main():
     a.cbt = os.path.join(b, "server", "cbt")
     a.nbd_load = os.path.join(b, "tests", "nbd_load")
     a.volatile = os.path.join(b, "tests", "nbdkit-volatile-filter.so")
+    a.powercut_filter = os.path.join(b, "tests", "nbdkit-cbt-powercut-filter.so")
     a.powercut = os.path.join(b, "tests", "powercut_replay")
     for tool in ("nbdkit", "qemu-img"):
         if shutil.which(tool) is None:

@@ -1,6 +1,6 @@
 // powercut_replay JOURNAL SEED [TARGET]: TEST ONLY. Applies to TARGET (default:
 // JOURNAL without ".journal") what a power cut may leave of the writes in a
-// volatile journal (see engine/volatile_io.h, tests/tools/volatile_filter.cc):
+// volatile journal (see testing/volatile_io.h, tests/tools/volatile_filter.cc):
 //   CBTJCONT (container): the writes never reached TARGET; each is kept or
 //     dropped at random, the kept ones applied in random order, a quarter of
 //     them torn (only some of their 512-byte sectors).

@@ -8,8 +8,9 @@
 // journal (reordered, torn at 512-byte sectors) to the real file: what a
 // power cut may leave of writes that no flush covered.
 //
-// Enabled only when the environment variable CBT_TEST_VOLATILE_JOURNAL names
-// the journal file (engine/tracker.cc); never in normal use.
+// Used only by the torture's test build of the filter
+// (tests/tools/volatile_storage.cc, nbdkit-cbt-powercut-filter.so), whose
+// storage wraps every container in it; never in the filter users run.
 // Journal: "CBTJCONT" then records [u64 offset][u64 length][data], little
 // endian. Threading: one mutex around everything.
 #pragma once
@@ -26,7 +27,7 @@ namespace cbt {
 class VolatileBlockIO final : public BlockIO {
  public:
   // Failure: IOError creating the journal.
-  static Result<std::unique_ptr<VolatileBlockIO>> Wrap(std::unique_ptr<BlockIO> inner,
+  static Result<std::unique_ptr<VolatileBlockIO>> Wrap(std::shared_ptr<BlockIO> inner,
                                                        const std::string& journal);
   ~VolatileBlockIO() override;
 
@@ -38,14 +39,14 @@ class VolatileBlockIO final : public BlockIO {
   const char* name() const override { return inner_->name(); }
 
  private:
-  VolatileBlockIO(std::unique_ptr<BlockIO> inner, int fd) : inner_(std::move(inner)), fd_(fd) {}
+  VolatileBlockIO(std::shared_ptr<BlockIO> inner, int fd) : inner_(std::move(inner)), fd_(fd) {}
   Status ApplyLocked();
   struct Pending {
     uint64_t offset;
     std::vector<std::byte> data;
   };
   std::mutex mu_;  // guards everything below
-  std::unique_ptr<BlockIO> inner_;
+  std::shared_ptr<BlockIO> inner_;
   int fd_;
   std::vector<Pending> pending_;
 };

@@ -1,4 +1,4 @@
-#include "engine/volatile_io.h"
+#include "testing/volatile_io.h"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -25,7 +25,7 @@ Status WriteAll(int fd, const void* p, size_t n) {
 }
 }  // namespace
 
-Result<std::unique_ptr<VolatileBlockIO>> VolatileBlockIO::Wrap(std::unique_ptr<BlockIO> inner,
+Result<std::unique_ptr<VolatileBlockIO>> VolatileBlockIO::Wrap(std::shared_ptr<BlockIO> inner,
                                                                const std::string& journal) {
   int fd = ::open(journal.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0644);
   if (fd < 0) return Status::FromErrno(errno, "open " + journal);
