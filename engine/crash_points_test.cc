@@ -26,7 +26,6 @@
 namespace cbt {
 namespace {
 
-using testing::CrashIO;
 using testing::MemStorage;
 using Bytes = std::vector<std::byte>;
 
@@ -173,7 +172,7 @@ void Enumerate(Durability mode, const char* label) {
     if (finished || ::testing::Test::HasFailure()) break;
   }
   std::printf("%s: %llu session crash points, %llu recovery crash points, %llu images judged\n",
-              label, static_cast<unsigned long long>(n + 1),
+              label, static_cast<unsigned long long>(n) + 1,
               static_cast<unsigned long long>(recovery_points),
               static_cast<unsigned long long>(g_images));
 }

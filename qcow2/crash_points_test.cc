@@ -172,7 +172,7 @@ uint64_t Enumerate(const std::string& label, const Scenario& sc) {
     if (::testing::Test::HasFatalFailure() || finished) break;
   }
   std::printf("%s: %llu crash points, %llu images judged (%zu distinct)\n", label.c_str(),
-              static_cast<unsigned long long>(n + 1),
+              static_cast<unsigned long long>(n) + 1,
               static_cast<unsigned long long>(g_total_images - before_images), seen.size());
   return n;
 }
