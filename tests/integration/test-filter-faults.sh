@@ -33,10 +33,14 @@ truncate -s 1T "$T/big.raw"
 start_nbdkit "$T/sock" --filter="$FILTER" file "$T/big.raw" \
   cbt-file="$T/mnt/big.cbt" cbt-bitmap=b0 cbt-create=true cbt-granularity=4K
 # Fill the tmpfs so that no new cluster fits.
-dd if=/dev/zero of="$T/mnt/filler" bs=4k 2>/dev/null || true
+rc=0
+dd if=/dev/zero of="$T/mnt/filler" bs=4k 2>/dev/null || rc=$?
+[ $rc -ne 0 ] || fail "the tmpfs did not fill up"
 ops=()
 for i in 0 3 7 11 100 300 511; do ops+=("w:$((i * 2 << 30)):4096"); done
-timeout 60 "$NBD_OPS" "$T/sock" "${ops[@]}" f >"$T/q1.out" 2>&1 || true
+rc=0
+timeout 60 "$NBD_OPS" "$T/sock" "${ops[@]}" f >"$T/q1.out" 2>&1 || rc=$?
+[ $rc -eq 1 ] || fail "nbd_ops: expected exit 1 (an operation failed), got $rc"
 grep -q "^f error ENOSPC" "$T/q1.out" || fail "flush did not fail with ENOSPC: $(cat "$T/q1.out")"
 grep -c "^w.* ok" "$T/q1.out" | grep -qx 7 || fail "writes failed: $(cat "$T/q1.out")"
 echo "ok: $(grep '^f' "$T/q1.out")"
