@@ -303,7 +303,15 @@ TEST(CrashPoints, InPlaceSlotWritesAndInUse) {
                               return img.SetInUse(n, true);
                             },
                             {"a", "b"}});
-  Enumerate("preallocate", {TwoBitmaps, [](Image& img) { return img.Preallocate("b"); }});
+  // An empty bitmap 'e' (8 unallocated slots) gets every data cluster.
+  auto with_empty = [] {
+    return With(TwoBitmaps(), [](Image& img) {
+      auto specs = img.CurrentSpecs();
+      specs.push_back(Spec("e", 12));
+      EXPECT_OK(img.Commit(specs));
+    });
+  };
+  Enumerate("preallocate", {with_empty, [](Image& img) { return img.Preallocate("e"); }});
 }
 
 // Refcount structures growing inside an operation: with 512-byte clusters
