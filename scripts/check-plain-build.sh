@@ -34,9 +34,11 @@ fi
 echo "ok: plain Release configure, warnings are not errors"
 
 cmake -DCBT_WERROR=ON "$T" >"$T/configure2.log" 2>&1 || { cat "$T/configure2.log" >&2; fail "reconfigure"; }
+targets=$(ninja -C "$T" -t targets all)
 objs=()
 for f in qcow2/image_test.cc qcow2/refcount_test.cc server/cli_info.cc; do
-  o=$(ninja -C "$T" -t targets all | grep -o "^[^:]*/${f##*/}\.o" | head -1 || true)
+  o=$(awk -F: -v want="/${f##*/}.o" 'substr($1, length($1) - length(want) + 1) == want {print $1; exit}' \
+      <<<"$targets")
   [ -n "$o" ] || fail "no object for $f in the build"
   objs+=("$o")
 done
