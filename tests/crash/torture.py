@@ -341,7 +341,7 @@ def main():
     ap.add_argument("--disk-mib", type=int, default=512)
     ap.add_argument("--max-acks", type=int, default=20000,
                     help="kill nbdkit after N acknowledged requests, N log-uniform in 1..this")
-    ap.add_argument("--max-recovery-step", type=int, default=6,
+    ap.add_argument("--max-recovery-step", type=int, default=7,
                     help="kill the recovering restart before its Kth container write or "
                          "sync, K uniform in 1..this")
     ap.add_argument("--power-cut", action="store_true",
