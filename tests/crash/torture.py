@@ -361,7 +361,8 @@ def main():
         if shutil.which(tool) is None:
             print(f"SKIP: {tool} is not installed")
             return 77
-    for f in (a.filter, a.cbt, a.nbd_load, a.volatile, a.powercut, a.crash_preload):
+    for f in (a.filter, a.cbt, a.nbd_load, a.volatile, a.powercut, a.powercut_filter,
+              a.crash_preload):
         if not os.path.exists(f):
             print(f"FAIL: not built: {f}")
             return 1
