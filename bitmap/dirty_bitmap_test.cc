@@ -9,6 +9,8 @@
 #include <thread>
 #include <vector>
 
+#include "tests/tools/worker_failures.h"
+
 namespace cbt {
 namespace {
 
@@ -447,6 +449,8 @@ TEST(DirtyBitmapPropertyTest, MatchesReferenceModel) {
 }
 
 // ---- concurrency ----
+// Checks in worker threads go through WorkerFailures (tests/tools/
+// worker_failures.h) and are reported by the main thread after join().
 
 TEST(DirtyBitmapConcurrencyTest, ParallelMarksEqualSequentialUnion) {
   const uint64_t size = 8 * GiB + 777;
@@ -470,14 +474,20 @@ TEST(DirtyBitmapConcurrencyTest, ParallelMarksEqualSequentialUnion) {
       for (uint64_t c : shared->TakeChangedChunks()) shared->SerializeChunk(c, disk[c]);
     }
   });
+  testing::WorkerFailures wf;
   std::vector<std::thread> threads;
   for (int t = 0; t < kThreads; ++t)
     threads.emplace_back([&, t] {
-      for (auto [off, len] : ops[t]) ASSERT_TRUE(shared->Mark(off, len).ok());
+      for (auto [off, len] : ops[t]) {
+        auto r = shared->Mark(off, len);
+        if (!wf.Check(r.ok(), [&] { return "Mark: " + r.status().ToString(); })) return;
+      }
     });
   for (auto& th : threads) th.join();
   stop = true;
   persister.join();
+  wf.Report();
+  if (wf.count()) return;
   for (uint64_t c : shared->TakeChangedChunks()) shared->SerializeChunk(c, disk[c]);
 
   auto seq = Make(size, 64 * KiB, 4096);
@@ -491,19 +501,28 @@ TEST(DirtyBitmapConcurrencyTest, ParallelMarksEqualSequentialUnion) {
 TEST(DirtyBitmapConcurrencyTest, MarksRacingClearsKeepCountsConsistent) {
   auto b = Make(1 * GiB, 64 * KiB, 4096);
   std::atomic<bool> stop{false};
+  testing::WorkerFailures wf;
   std::thread clearer([&] {
     std::mt19937_64 rng(7);
-    while (!stop.load()) ASSERT_TRUE(b->ClearRange(rng() % (512 * MiB), 256 * MiB).ok());
+    while (!stop.load() && !wf.stop()) {
+      Status st = b->ClearRange(rng() % (512 * MiB), 256 * MiB);
+      if (!wf.Check(st.ok(), [&] { return "ClearRange: " + st.ToString(); })) return;
+    }
   });
   std::vector<std::thread> markers;
   for (int t = 0; t < 4; ++t)
     markers.emplace_back([&, t] {
       std::mt19937_64 rng(t);
-      for (int i = 0; i < 50000; ++i) ASSERT_TRUE(b->Mark(rng() % (1 * GiB - 1), 1).ok());
+      for (int i = 0; i < 50000 && !wf.stop(); ++i) {
+        auto r = b->Mark(rng() % (1 * GiB - 1), 1);
+        if (!wf.Check(r.ok(), [&] { return "Mark: " + r.status().ToString(); })) return;
+      }
     });
   for (auto& th : markers) th.join();
   stop = true;
   clearer.join();
+  wf.Report();
+  if (wf.count()) return;
   // The counter must equal the bits actually set, and the summary must find them all.
   uint64_t counted = 0;
   for (const Extent& e : b->Extents(0, 1 * GiB))

@@ -1,5 +1,6 @@
 #include "engine/tracker.h"
 
+#include <gtest/gtest-spi.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -11,6 +12,7 @@
 
 #include "common/posix_file.h"
 #include "engine/bitmap_store.h"
+#include "tests/tools/worker_failures.h"
 
 namespace cbt {
 namespace {
@@ -261,11 +263,18 @@ TEST_F(TrackerTest, QemuWritingTheFileInvalidatesTheRecord) {
 // BeforeChange while a persister persists in a loop. Whenever in_use is
 // clear on disk after a Persist, every change whose BeforeChange had returned
 // (and so may have been forwarded) must be in the stored bitmap.
-TEST_F(TrackerTest, ClearedInUseNeverHidesACompletedChange) {
-  const uint64_t size = 4 * GiB;
-  auto t = Tracker::Open(opts_, size);
-  ASSERT_TRUE(t.ok());
-  Tracker& tr = **t;
+//
+// Checks in the threads go through WorkerFailures (tests/tools/
+// worker_failures.h): a writer whose check fails leaves the barrier, so the
+// others finish and the main thread reports the failure, instead of all of
+// them waiting for it forever. fail_writer/fail_op inject such a failure (an
+// out-of-range change) to prove it.
+struct RaceResult {
+  int checks_with_clear = 0;
+};
+template <typename PeekFn>
+RaceResult RunClearedInUseRace(Tracker& tr, uint64_t size, PeekFn peek, testing::WorkerFailures& wf,
+                               int fail_writer = -1, int fail_op = -1) {
   constexpr int kWriters = 3, kOps = 9000;
   std::vector<std::vector<std::pair<uint64_t, uint64_t>>> ops(kWriters);
   std::vector<std::atomic<size_t>> done(kWriters);
@@ -273,34 +282,51 @@ TEST_F(TrackerTest, ClearedInUseNeverHidesACompletedChange) {
     std::mt19937_64 rng(w + 1);
     for (int i = 0; i < kOps; ++i) ops[w].emplace_back((rng() % (size / 4096)) * 4096, 4096);
   }
+  if (fail_writer >= 0) ops[fail_writer][fail_op] = {size, 4096};  // past the end: an error
   std::atomic<bool> stop{false};
   std::atomic<int> rounds{0};
-  int checks_with_clear = 0;
+  RaceResult res;
   // Every 500 ops all writers pause together for two persist rounds, so some
   // persists are certain to find no change racing in and clear in_use.
   std::barrier sync(kWriters);
   std::thread persister([&] {
-    for (; !stop.load(); rounds.fetch_add(1)) {
-      ASSERT_TRUE(tr.Persist().ok());
+    for (; !stop.load() && !wf.stop(); rounds.fetch_add(1)) {
+      Status st = tr.Persist();
+      if (!wf.Check(st.ok(), [&] { return "Persist: " + st.ToString(); })) return;
       // Changes completed by now either were stored by that Persist, or set
       // in_use again through the gate (this thread is the only persister).
       std::vector<size_t> snap(kWriters);
       for (int w = 0; w < kWriters; ++w) snap[w] = done[w].load();
-      auto img = Peek();
+      auto img = peek();
       if (img->Find("b0")->in_use) continue;
-      ++checks_with_clear;
+      ++res.checks_with_clear;
       auto disk = LoadBitmap(*img, "b0", size);
-      ASSERT_TRUE(disk.ok());
+      if (!wf.Check(disk.ok(), [&] { return "LoadBitmap: " + disk.status().ToString(); })) return;
       for (int w = 0; w < kWriters; ++w)
         for (size_t i = 0; i < snap[w]; ++i)
-          ASSERT_TRUE((*disk)->Test(ops[w][i].first)) << "writer " << w << " op " << i;
+          if (!wf.Check((*disk)->Test(ops[w][i].first), [&] {
+                return "in_use clear but writer " + std::to_string(w) + " op " + std::to_string(i) +
+                       " is not stored";
+              }))
+            return;
     }
   });
   std::vector<std::thread> writers;
   for (int w = 0; w < kWriters; ++w)
     writers.emplace_back([&, w] {
       for (int i = 0; i < kOps; ++i) {
-        ASSERT_TRUE(tr.BeforeChange(ops[w][i].first, ops[w][i].second).ok());
+        Status st = tr.BeforeChange(ops[w][i].first, ops[w][i].second);
+        // After a failure (here or in another thread) leave the barrier, so
+        // that no writer waits for this one; the test then ends early.
+        if (!wf.Check(st.ok(),
+                      [&] {
+                        return "BeforeChange (writer " + std::to_string(w) + " op " +
+                               std::to_string(i) + "): " + st.ToString();
+                      }) ||
+            wf.stop()) {
+          sync.arrive_and_drop();
+          return;
+        }
         done[w].store(i + 1);
         if ((i + 1) % 500 == 0) {
           sync.arrive_and_wait();
@@ -313,10 +339,37 @@ TEST_F(TrackerTest, ClearedInUseNeverHidesACompletedChange) {
   for (auto& th : writers) th.join();
   stop = true;
   persister.join();
-  ASSERT_TRUE(tr.Close().ok());
+  return res;
+}
+
+TEST_F(TrackerTest, ClearedInUseNeverHidesACompletedChange) {
+  const uint64_t size = 4 * GiB;
+  auto t = Tracker::Open(opts_, size);
+  ASSERT_TRUE(t.ok());
+  testing::WorkerFailures wf;
+  RaceResult r = RunClearedInUseRace(
+      **t, size, [this] { return Peek(); }, wf);
+  wf.Report();
+  ASSERT_TRUE((*t)->Close().ok());
   EXPECT_FALSE(InUseOnDisk());
-  std::printf("persists that found in_use clear and were checked: %d\n", checks_with_clear);
-  EXPECT_GE(checks_with_clear, kOps / 500);
+  std::printf("persists that found in_use clear and were checked: %d\n", r.checks_with_clear);
+  EXPECT_GE(r.checks_with_clear, 9000 / 500);
+}
+
+// A writer failing between two barriers is reported by the main thread and
+// the others finish (with ASSERT_* in the writer this test hung until ctest's
+// timeout killed it).
+TEST_F(TrackerTest, AFailingWriterIsReportedNotAHang) {
+  const uint64_t size = 4 * GiB;
+  auto t = Tracker::Open(opts_, size);
+  ASSERT_TRUE(t.ok());
+  testing::WorkerFailures wf;
+  RunClearedInUseRace(
+      **t, size, [this] { return Peek(); }, wf, /*fail_writer=*/1,
+      /*fail_op=*/700);
+  EXPECT_EQ(wf.count(), 1u);
+  EXPECT_NONFATAL_FAILURE(wf.Report(), "BeforeChange (writer 1 op 700)");
+  EXPECT_TRUE((*t)->Close().ok());
 }
 
 }  // namespace

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs dependencies, configures and builds one CMake preset (default:
-# "default"; also "asan", "tsan").
+# "default"; also "release", "asan", "tsan").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 preset=${1:-default}

@@ -1,25 +1,39 @@
 #!/usr/bin/env python3
 """Crash torture for the cbt filter.
 
-Each iteration:
+Each iteration (its own random stream, from --seed and its number, so any
+iteration can be rerun alone: the failure message prints the command):
   1. a fresh sparse disk and container; nbdkit + cbt in the given
      durability mode, sometimes with cbt-persist-interval=1;
   2. nbd_load: random writes, zeroes and trims (mixed sizes, unaligned,
      QD 8, two connections, occasional flushes), logging each request before
      it is sent and when it is acknowledged;
-  3. kill -9 of nbdkit at a random instant (optionally followed by a
-     simulated power cut, see --power-cut);
-  4. restart, one client (the filter recovers when it attaches) and clean stop;
-  5. verify:
-     - zero missed granules: every granule of every acknowledged change, and
-       every granule whose content differs from before the run, is dirty;
+  3. kill -9 of nbdkit by nbd_load itself after N acknowledged requests (N
+     drawn log-uniformly from 1..--max-acks; not a wall-clock instant),
+     optionally followed by a simulated power cut (--power-cut);
+  4. a restart that is itself killed during the filter's recovery (which
+     runs when the first client connects and the filter attaches):
+     crash_after_writes.so kills nbdkit before its Kth write or sync to the
+     container (K drawn from 1..--max-recovery-step; a recovery with fewer
+     steps completes and the server is killed idle);
+  5. a restart that must recover again, and a clean stop;
+  6. verify:
+     - zero missed granules, judged twice: by `cbt map` and by QEMU
+       (qemu-nbd -r -B b0 on a unix socket, nbdinfo --map=qemu:dirty-bitmap:b0),
+       which must also agree with each other: every granule of every
+       acknowledged change, and every granule whose content differs from
+       before the run, is dirty;
      - qemu-img check on the container: no errors; leaks only if
        `cbt check --repair` brings them to zero;
      - precision: dirty granules / granules truly changed (printed).
-Exit status 0 when every iteration passed.
+Replay: the request streams, N and K are fixed by the seed; the interleaving
+of the two connections and of nbdkit's threads is not.
+Exit status 0 when every iteration passed; 77 (reason printed) when a tool
+is missing.
 """
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -41,20 +55,48 @@ def wait_for(pred, timeout, what):
     raise RuntimeError(f"timeout waiting for {what}")
 
 
+def served(sock):
+    """True once nbdkit answers a handshake (the filter has attached)."""
+    if not os.path.exists(sock):
+        return False
+    r = subprocess.run(["nbdinfo", "--size", f"nbd+unix:///?socket={sock}"],
+                       capture_output=True, timeout=30)
+    return r.returncode == 0
+
+
 class Server:
-    def __init__(self, args, sock, log, env):
+    """nbdkit on a unix socket, killed by pid, never left running."""
+
+    def __init__(self, args, sock, log, env, may_die=False):
         if os.path.exists(sock):
             os.unlink(sock)
         self.sock = sock
         self.p = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-U", sock] + args,
                                   stderr=log, env=env)
         try:
-            wait_for(lambda: os.path.exists(sock) or self.p.poll() is not None, 30, "nbdkit")
+            # Served, not just bound: the first client's connection makes the
+            # filter attach, and recover after a crash.
+            wait_for(lambda: self.p.poll() is not None or served(sock), 60, "nbdkit")
         except RuntimeError:
             self.p.kill()
+            self.p.wait()
             raise
-        if self.p.poll() is not None:
+        if self.p.poll() is not None and not may_die:
             raise RuntimeError(f"nbdkit exited at start with {self.p.returncode}")
+
+    def alive(self):
+        return self.p.poll() is None
+
+    def wait_killed(self):
+        """The server was sent SIGKILL by someone else (nbd_load)."""
+        try:
+            self.p.wait(30)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+            raise RuntimeError("nbdkit still running 30 s after nbd_load's SIGKILL")
+        if self.p.returncode != -signal.SIGKILL:
+            raise RuntimeError(f"nbdkit exited with {self.p.returncode}, not by SIGKILL")
 
     def kill9(self):
         self.p.send_signal(signal.SIGKILL)
@@ -112,6 +154,32 @@ def changed_granules(disk_path):
     return changed
 
 
+def qemu_dirty_granules(container, sock):
+    """The bitmap as QEMU reads it: qemu-nbd -r -B b0, nbdinfo --map."""
+    if os.path.exists(sock):
+        os.unlink(sock)
+    q = subprocess.Popen(["qemu-nbd", "-r", "-f", "qcow2", "-B", "b0", "-k", sock, container],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: os.path.exists(sock) or q.poll() is not None, 30, "qemu-nbd")
+        if q.poll() is not None:
+            raise RuntimeError(f"qemu-nbd exited {q.returncode}: {q.stderr.read().decode().strip()}")
+        r = subprocess.run(["nbdinfo", "--json", "--map=qemu:dirty-bitmap:b0",
+                            f"nbd+unix:///?socket={sock}"],
+                           capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"nbdinfo --map failed: {r.stderr.strip()}")
+    finally:
+        if q.poll() is None:
+            q.kill()
+        q.wait(30)
+    dirty = set()
+    for e in json.loads(r.stdout):
+        if e["type"] & 1:
+            dirty.update(granules_of(e["offset"], e["length"]))
+    return dirty
+
+
 def dirty_granules(cbt, container):
     out = subprocess.run([cbt, "map", container, "--bitmap", "b0", "--output=json"],
                          capture_output=True, text=True, timeout=60)
@@ -140,7 +208,17 @@ def check_container(cbt, container):
     raise RuntimeError(f"qemu-img check exit {r.returncode}: {r.stdout}{r.stderr}")
 
 
-def iteration(a, i, rng, work):
+def replay_command(a, i):
+    return (f"python3 {os.path.abspath(__file__)} --build {a.build} --mode {a.mode}"
+            f"{' --power-cut' if a.power_cut else ''} --seed {a.seed} --first {i}"
+            f" --iterations 1 --disk-mib {a.disk_mib} --max-acks {a.max_acks}"
+            f" --max-recovery-step {a.max_recovery_step}")
+
+
+def iteration(a, i, work, figures):
+    # One random stream per iteration: rerunning iteration i alone (--first i
+    # --iterations 1) draws the same disk window, options, seeds, N and K.
+    rng = random.Random(f"{a.seed}:{i}")
     d = os.path.join(work, f"it{i}")
     os.makedirs(d)
     disk, cont = os.path.join(d, "disk.raw"), os.path.join(d, "disk.cbt")
@@ -167,49 +245,88 @@ def iteration(a, i, rng, work):
     if rng.random() < 0.3:
         args.append("cbt-persist-interval=1")
     nlog = open(os.path.join(d, "nbdkit.log"), "w")
-    srv = Server(args, sock, nlog, env)
     flush_every = rng.choice([0, 20, 100, 500])
-    load = subprocess.Popen([a.nbd_load, "--socket", sock, "--seed", str(rng.randrange(1 << 30)),
-                             "--ops", "1000000", "--qd", "8", "--connections", "2",
-                             "--region", f"{woff}:{window}",
-                             "--flush-every", str(flush_every), "--max-len", "262144",
-                             "--log", log, "--allow-errors", "--no-final-flush"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(rng.uniform(0.02, a.max_delay))
-    srv.kill9()
-    load.wait(60)
+    load_seed = rng.randrange(1 << 30)
+    # The crash point: after N acknowledged requests, log-uniform in
+    # 1..max_acks, so that the first writes (record armed, in-use set) are
+    # hit as often as the steady state and persists.
+    kill_after = max(1, min(a.max_acks, int(math.exp(rng.uniform(0, math.log(a.max_acks))))))
+    rec_step = rng.randint(1, a.max_recovery_step)
+    pc_seed = str(rng.randrange(1 << 30))
+    srv = Server(args, sock, nlog, env)
+    try:
+        load = subprocess.run([a.nbd_load, "--socket", sock, "--seed", str(load_seed),
+                               "--ops", "1000000", "--qd", "8", "--connections", "2",
+                               "--region", f"{woff}:{window}",
+                               "--flush-every", str(flush_every), "--max-len", "262144",
+                               "--log", log, "--allow-errors", "--no-final-flush",
+                               "--kill-after", str(kill_after), "--kill-pid", str(srv.p.pid)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              timeout=120)
+    except BaseException:
+        srv.p.kill()
+        srv.p.wait(30)
+        raise
+    with open(log) as f:
+        killed = f"K {kill_after}\n" in f.read()
+    if not killed:
+        srv.p.kill()
+        srv.p.wait(30)
+        raise RuntimeError(f"iteration {i}: nbd_load did not kill after {kill_after} acks "
+                           f"(exit {load.returncode}: {load.stderr.strip()}); kept in {d}")
+    srv.wait_killed()
     if a.power_cut:
-        seed = str(rng.randrange(1 << 30))
         for j in (cont + ".journal", disk + ".journal"):
-            subprocess.run([a.powercut, j, seed], check=True, timeout=60)
-    # Restart: the filter recovers when the first client connects; then a
-    # clean stop persists.
-    if a.power_cut:
+            subprocess.run([a.powercut, j, pc_seed], check=True, timeout=60,
+                           stdout=subprocess.DEVNULL)
         args = [x for x in args if not x.startswith("--filter=" + a.volatile)
                 and not x.startswith("volatile-journal=")]
         args[0] = f"--filter={a.filter}"  # the filter users run recovers
         env.pop("CBT_TEST_VOLATILE_JOURNAL", None)
+    # Restart killed during recovery (at attach): before its Kth container write
+    # or sync (kill -9 semantics: steps 1..K-1 landed, in the page cache).
+    steplog = os.path.join(d, "recovery-steps.log")
+    renv = dict(env, LD_PRELOAD=a.crash_preload, CBT_CRASH_FILE=cont,
+                CBT_CRASH_AT_STEP=str(rec_step), CBT_CRASH_LOG=steplog)
+    rsrv = Server(args, sock, nlog, renv, may_die=True)
+    if rsrv.alive():
+        rsrv.p.kill()  # recovery needed fewer than K steps: kill it idle
+        rsrv.p.wait(30)
+        rec_note = f"done before step {rec_step}"
+        figures["recovery_completed"] += 1
+    elif rsrv.p.returncode == -signal.SIGKILL:
+        rec_note = f"killed@{rec_step}"
+        figures["recovery_interrupted"] += 1
+    else:
+        raise RuntimeError(f"iteration {i}: nbdkit exited {rsrv.p.returncode} at start "
+                           f"(recovery run); kept in {d}")
+    nsteps = 0
+    if os.path.exists(steplog):
+        with open(steplog) as f:
+            nsteps = sum(1 for _ in f)
+    # Must recover again (a superset), then a clean stop persists.
     srv = Server(args, sock, nlog, env)
-    # The filter attaches (and recovers) when the first client connects.
-    subprocess.run(["nbdinfo", "--size", f"nbd+unix:///?socket={sock}"], check=True,
-                   timeout=60, stdout=subprocess.DEVNULL)
     rc = srv.stop()
     nlog.close()
     acked, sent = parse_log(log)
     changed = changed_granules(disk)
     dirty = dirty_granules(a.cbt, cont)
+    qdirty = qemu_dirty_granules(cont, os.path.join(d, "qemu.sock"))
     missed_ack = sorted(acked - dirty)
     missed_chg = sorted(changed - dirty)
+    missed_q = sorted((acked | changed) - qdirty)
     state = check_container(a.cbt, cont)
     truth = acked | changed
     prec = len(dirty) / len(truth) if truth else 1.0
-    ok = not missed_ack and not missed_chg and rc == 0
-    print(f"[{a.mode}{'+powercut' if a.power_cut else ''}] iter {i}: acked {len(acked)} "
-          f"changed {len(changed)} dirty {len(dirty)} precision {prec:.2f} container {state}"
-          + ("" if ok else f" MISSED acked={missed_ack[:8]} changed={missed_chg[:8]} rc={rc}"),
+    ok = not missed_ack and not missed_chg and not missed_q and qdirty == dirty and rc == 0
+    print(f"[{a.mode}{'+powercut' if a.power_cut else ''}] iter {i}: kill@{kill_after} acks, "
+          f"recovery {rec_note} ({nsteps} steps logged); acked {len(acked)} changed {len(changed)} "
+          f"dirty {len(dirty)} precision {prec:.2f} container {state}"
+          + ("" if ok else f" MISSED acked={missed_ack[:8]} changed={missed_chg[:8]} "
+             f"qemu={missed_q[:8]} qemu!=cbt={sorted(qdirty ^ dirty)[:8]} rc={rc}"),
           flush=True)
     if not ok:
-        raise RuntimeError(f"iteration {i} failed; kept in {d}")
+        raise RuntimeError(f"iteration {i} failed; kept in {d}\nreplay: {replay_command(a, i)}")
     shutil.rmtree(d)
     return len(dirty), len(truth)
 
@@ -219,41 +336,64 @@ def main():
     ap.add_argument("--build", required=True)
     ap.add_argument("--mode", choices=["process", "power"], required=True)
     ap.add_argument("--iterations", type=int, default=50)
+    ap.add_argument("--first", type=int, default=0, help="number of the first iteration")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--disk-mib", type=int, default=512)
-    ap.add_argument("--max-delay", type=float, default=0.4)
+    ap.add_argument("--max-acks", type=int, default=20000,
+                    help="kill nbdkit after N acknowledged requests, N log-uniform in 1..this")
+    ap.add_argument("--max-recovery-step", type=int, default=7,
+                    help="kill the recovering restart before its Kth container write or "
+                         "sync, K uniform in 1..this")
     ap.add_argument("--power-cut", action="store_true",
                     help="simulate power loss: drop/keep/reorder/tear unflushed writes")
     a = ap.parse_args()
     if os.environ.get("CBT_SOAK") == "1":
         a.iterations = max(a.iterations, 1000)
-    b = os.path.abspath(a.build)
+    a.build = b = os.path.abspath(a.build)
     a.filter = os.path.join(b, "plugin", "nbdkit-cbt-filter.so")
     a.cbt = os.path.join(b, "server", "cbt")
     a.nbd_load = os.path.join(b, "tests", "nbd_load")
     a.volatile = os.path.join(b, "tests", "nbdkit-volatile-filter.so")
     a.powercut_filter = os.path.join(b, "tests", "nbdkit-cbt-powercut-filter.so")
     a.powercut = os.path.join(b, "tests", "powercut_replay")
-    for tool in ("nbdkit", "qemu-img"):
+    a.crash_preload = os.path.join(b, "tests", "crash_after_writes.so")
+    for tool in ("nbdkit", "qemu-img", "qemu-nbd", "nbdinfo"):
         if shutil.which(tool) is None:
             print(f"SKIP: {tool} is not installed")
             return 77
-    print(f"torture: mode {a.mode}, {a.iterations} kill points, seed {a.seed}"
+    for f in (a.filter, a.cbt, a.nbd_load, a.volatile, a.powercut, a.powercut_filter,
+              a.crash_preload):
+        if not os.path.exists(f):
+            print(f"FAIL: not built: {f}")
+            return 1
+    print(f"torture: mode {a.mode}, {a.iterations} kill points from #{a.first}, seed {a.seed}"
           f"{', simulated power cuts' if a.power_cut else ''}", flush=True)
-    rng = random.Random(a.seed)
     work = tempfile.mkdtemp(prefix="cbt-crash.")
     tot_dirty = tot_truth = 0
+    figures = {"recovery_interrupted": 0, "recovery_completed": 0}
+    t0 = time.monotonic()  # reported only; nothing is judged by time
     try:
-        for i in range(a.iterations):
-            dd, tt = iteration(a, i, rng, work)
+        for i in range(a.first, a.first + a.iterations):
+            dd, tt = iteration(a, i, work, figures)
             tot_dirty += dd
             tot_truth += tt
     except Exception as e:  # noqa: BLE001 - report and fail
         print(f"FAIL: {e}")
         return 1
     shutil.rmtree(work, ignore_errors=True)
-    print(f"OK: {a.iterations} kill points, 0 missed granules; precision "
-          f"{tot_dirty}/{tot_truth} = {tot_dirty / max(1, tot_truth):.2f}")
+    # Coverage, not luck: K is drawn from the steps a recovery takes, so a
+    # run of 10 or more in which no restart died means the preload did not
+    # intercept the container's writes, and the recovery crash was never
+    # tested.
+    if a.iterations >= 10 and figures["recovery_interrupted"] == 0:
+        print(f"FAIL: no restart was killed during recovery in {a.iterations} iterations: "
+              f"{a.crash_preload} did not fire")
+        return 1
+    print(f"OK: {a.iterations} kill points, 0 missed granules (cbt map and qemu-nbd agree); "
+          f"restarts killed during recovery: {figures['recovery_interrupted']} "
+          f"(recovery done before the chosen step: {figures['recovery_completed']}); "
+          f"precision {tot_dirty}/{tot_truth} = {tot_dirty / max(1, tot_truth):.2f}; "
+          f"{time.monotonic() - t0:.0f} s")
     return 0
 
 

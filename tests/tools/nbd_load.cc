@@ -12,9 +12,18 @@
 //                    the server can tell what was in flight
 //   --hold-file FILE after the requests, create FILE and keep the
 //                    connection open until the test removes it
+//   --kill-after N --kill-pid PID
+//                    send SIGKILL to PID (the server) as soon as N requests
+//                    have been acknowledged (counted over all connections,
+//                    in completion order, whatever their status), log "K N",
+//                    and submit nothing more. Unlike a kill at a wall-clock
+//                    instant, this crash point is a count a test can print
+//                    and replay with the same --seed.
 // Exit status: 0 when every request succeeded (or --allow-errors), else 1.
 #include <fcntl.h>
 #include <libnbd.h>
+#include <signal.h>
+#include <sys/types.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -43,13 +52,17 @@ struct Options {
   std::string expected, log;
   bool allow_errors = false;
   bool final_flush = true;
-  std::string hold_file;  // after the requests: create it, wait until removed
+  std::string hold_file;    // after the requests: create it, wait until removed
+  uint64_t kill_after = 0;  // SIGKILL kill_pid after this many acks; 0 = never
+  pid_t kill_pid = 0;
 };
 
 std::mutex mu;  // guards granules, log writes and error counts
 std::vector<bool> granules;
 int log_fd = -1;
 std::atomic<uint64_t> failures{0};
+std::atomic<uint64_t> acks{0};
+std::atomic<bool> killed{false};
 
 void LogLine(const std::string& s) {
   if (log_fd < 0) return;
@@ -73,6 +86,12 @@ int Done(void* user, int* error) {
   auto* r = static_cast<Request*>(user);
   LogLine("A " + std::to_string(r->conn) + " " + std::to_string(r->id) + " " +
           std::to_string(*error) + "\n");
+  // The ack is logged first: the Nth ack is in the log before the kill.
+  if (r->o->kill_after && acks.fetch_add(1) + 1 == r->o->kill_after) {
+    kill(r->o->kill_pid, SIGKILL);
+    killed.store(true);
+    LogLine("K " + std::to_string(r->o->kill_after) + "\n");
+  }
   if (*error == 0) {
     if (r->op != 'F') MarkRange(r->off, r->len, r->o->granularity);
   } else {
@@ -96,9 +115,10 @@ int RunConnection(const Options& o, unsigned conn, uint64_t size) {
   const uint64_t base = o.region_offset;
   const uint64_t span = o.region_length ? o.region_length : size - base;
   const uint64_t per_conn = o.ops / o.connections + (conn < o.ops % o.connections ? 1 : 0);
-  for (uint64_t i = 0; i < per_conn; ++i) {
+  for (uint64_t i = 0; i < per_conn && !killed.load(); ++i) {
     while (nbd_aio_in_flight(h) >= static_cast<int>(o.qd))
       if (nbd_poll(h, -1) == -1) break;
+    if (killed.load()) break;
     auto* r = new Request{conn, i, 0, 0, 'W', &o};
     bool flush = o.flush_every && can_flush && (i + 1) % o.flush_every == 0;
     if (flush) {
@@ -137,7 +157,7 @@ int RunConnection(const Options& o, unsigned conn, uint64_t size) {
   }
   while (nbd_aio_in_flight(h) > 0)
     if (nbd_poll(h, -1) == -1) break;
-  if (o.final_flush && can_flush && nbd_flush(h, 0) == -1) {
+  if (o.final_flush && !killed.load() && can_flush && nbd_flush(h, 0) == -1) {
     fprintf(stderr, "nbd_load: flush: %s\n", nbd_get_error());
     failures.fetch_add(1);
   }
@@ -181,7 +201,8 @@ void WriteExpected(const Options& o, uint64_t size) {
           "usage: nbd_load --socket PATH [--seed N] [--ops N] [--qd N] [--connections N]\n"
           "                [--granularity N] [--flush-every N] [--max-len N]\n"
           "                [--region OFFSET:LENGTH] [--expected FILE] [--log FILE]\n"
-          "                [--allow-errors] [--no-final-flush] [--hold-file FILE]\n");
+          "                [--allow-errors] [--no-final-flush] [--hold-file FILE]\n"
+          "                [--kill-after N --kill-pid PID]\n");
   exit(2);
 }
 
@@ -227,10 +248,15 @@ int main(int argc, char** argv) {
       o.final_flush = false;
     else if (a == "--hold-file")
       o.hold_file = val();
+    else if (a == "--kill-after")
+      o.kill_after = std::stoull(val());
+    else if (a == "--kill-pid")
+      o.kill_pid = static_cast<pid_t>(std::stol(val()));
     else
       Usage();
   }
   if (o.socket.empty() || o.connections == 0 || o.qd == 0) Usage();
+  if ((o.kill_after == 0) != (o.kill_pid <= 0)) Usage();  // both or neither
 
   nbd_handle* h = nbd_create();
   if (!h || nbd_connect_unix(h, o.socket.c_str()) == -1) {
