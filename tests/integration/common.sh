@@ -18,6 +18,16 @@ cleanup() {
 trap cleanup EXIT
 
 fail() { echo "FAIL: $*" >&2; exit 1; }
+# wait_for SECONDS CMD... : polls CMD every 0.05 s until it succeeds (0) or
+# SECONDS pass (1). Generous bounds: a loaded 2-core machine running the
+# sanitizer build is slow, and a wait that gives up early is a flaky test.
+wait_for() {
+  local end=$((SECONDS + $1)); shift
+  until "$@"; do
+    [ "$SECONDS" -lt "$end" ] || return 1
+    sleep 0.05
+  done
+}
 skip() { echo "SKIP: $*"; exit 77; }
 need() { local t; for t in "$@"; do command -v "$t" >/dev/null || skip "$t is not installed"; done; }
 

@@ -30,10 +30,11 @@ start_nbdkit() {
     2>>"$T/nbdkit.log" &
   NBDKIT_PID=$!
   PIDS+=("$NBDKIT_PID")
-  local i
+  local end=$((SECONDS + 60))
   # The pid file is written before .after_fork; a served handshake means the
-  # filter has attached (and done any start-up writes).
-  for i in $(seq 200); do
+  # filter has attached (and done any start-up writes). 60 s: the sanitizer
+  # build on a loaded machine starts slowly.
+  while [ "$SECONDS" -lt "$end" ]; do
     [ -s "$sock.pid" ] && [ -S "$sock" ] &&
       timeout 10 nbdinfo --size "nbd+unix:///?socket=$sock" >/dev/null 2>&1 && return 0
     kill -0 "$NBDKIT_PID" 2>/dev/null || { cat "$T/nbdkit.log" >&2; fail "nbdkit exited at start"; }

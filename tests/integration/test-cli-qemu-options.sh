@@ -34,8 +34,7 @@ echo "ok: -f/-F qcow2 accepted, other formats refused"
 qemu-io -f qcow2 -c 'write 0 64k' d.cbt >/dev/null
 qemu-nbd -f qcow2 -k "$T/s.sock" d.cbt 2>"$T/nbd.err" &
 NBD=$!; PIDS+=("$NBD")
-for i in $(seq 100); do [ -S "$T/s.sock" ] && break; sleep 0.1; done
-[ -S "$T/s.sock" ] || fail "qemu-nbd did not start: $(cat "$T/nbd.err")"
+wait_for 60 [ -S "$T/s.sock" ] || fail "qemu-nbd did not start: $(cat "$T/nbd.err")"
 ! qemu-img info d.cbt >/dev/null 2>&1 || fail "setup: qemu-img info opens a file qemu-nbd holds"
 qemu-img info -U d.cbt >/dev/null || fail "setup: qemu-img info -U refuses"
 cbt_err 1 info d.cbt

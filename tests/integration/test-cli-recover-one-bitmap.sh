@@ -17,8 +17,7 @@ start_nbdkit "$T/sock" --filter="$FILTER" file "$T/disk.raw" cbt-file="$T/disk.c
 "$NBD_LOAD" --socket "$T/sock" --seed 81 --ops 100 --no-final-flush \
   --region 67108864:33554432 --expected "$T/expected.json" --hold-file "$T/hold" &
 load=$!; PIDS+=("$load")
-for i in $(seq 200); do [ -e "$T/hold" ] && break; sleep 0.05; done
-[ -e "$T/hold" ] || fail "client did not finish"
+wait_for 60 [ -e "$T/hold" ] || fail "client did not finish"
 kill9_nbdkit "$NBDKIT_PID"
 rm -f "$T/hold"; wait "$load" || true
 

@@ -15,8 +15,7 @@ crash_after_writes() {  # crash_after_writes DURABILITY SEED
   "$NBD_LOAD" --socket "$T/sock" --seed "$2" --ops 200 --no-final-flush \
     --region 67108864:33554432 --expected "$T/expected.json" --hold-file "$T/hold" &
   local load=$!; PIDS+=("$load")
-  for i in $(seq 200); do [ -e "$T/hold" ] && break; sleep 0.05; done
-  [ -e "$T/hold" ] || fail "client did not finish"
+  wait_for 60 [ -e "$T/hold" ] || fail "client did not finish"
   kill9_nbdkit "$NBDKIT_PID"
   rm -f "$T/hold"; wait "$load" || true
 }

@@ -31,8 +31,8 @@ serve() {
     --filter="$FILTER" "$@" 2>>"$log" &
   NBDKIT_PID=$!
   PIDS+=("$NBDKIT_PID")
-  local i
-  for i in $(seq 200); do
+  local end=$((SECONDS + 60))
+  while [ "$SECONDS" -lt "$end" ]; do
     [ -s "$T/sock.pid" ] && [ -S "$T/sock" ] && return 0
     kill -0 "$NBDKIT_PID" 2>/dev/null || { cat "$log" >&2; fail "nbdkit exited at start: $*"; }
     sleep 0.05
@@ -117,8 +117,8 @@ qemu-nbd -t -f raw -k "$T/qsock" "$T/q.raw" 2>>"$T/qemu-nbd.log" &
 PIDS+=("$!")
 "${NBDKIT_ENV[@]}" nbdkit -f --exit-with-parent -U "$T/nsock" memory 64M 2>>"$T/inner.log" &
 PIDS+=("$!")
-for i in $(seq 200); do [ -S "$T/qsock" ] && [ -S "$T/nsock" ] && break; sleep 0.05; done
-[ -S "$T/qsock" ] && [ -S "$T/nsock" ] || fail "qemu-nbd or the inner nbdkit did not start"
+both_up() { [ -S "$T/qsock" ] && [ -S "$T/nsock" ]; }
+wait_for 60 both_up || fail "qemu-nbd or the inner nbdkit did not start"
 check nbd-qemu "" 1 nbd socket="$T/qsock"
 check nbd-nbdkit "" 1 nbd socket="$T/nsock"
 

@@ -11,8 +11,7 @@ start_nbdkit "$T/sock" --filter="$FILTER" file "$T/disk.raw" \
 
 "$NBD_LOAD" --socket "$T/sock" --ops 20 --no-final-flush --hold-file "$T/hold" &
 load=$!; PIDS+=("$load")
-for i in $(seq 200); do [ -e "$T/hold" ] && break; sleep 0.05; done
-[ -e "$T/hold" ] || fail "client did not finish its writes"
+wait_for 60 [ -e "$T/hold" ] || fail "client did not finish its writes"
 
 [ "$(bitmap_flags "$T/disk.cbt" b0)" = '["in-use","auto"]' ] ||
   fail "expected in-use while serving, got $(bitmap_flags "$T/disk.cbt" b0)"

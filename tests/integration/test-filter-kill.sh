@@ -15,8 +15,7 @@ start_nbdkit "$T/sock" "${args[@]}"
 "$NBD_LOAD" --socket "$T/sock" --seed 5 --ops 500 --expected "$T/expected.json" \
   --hold-file "$T/hold" &
 load=$!; PIDS+=("$load")
-for i in $(seq 200); do [ -e "$T/hold" ] && break; sleep 0.05; done
-[ -e "$T/hold" ] || fail "client did not finish"
+wait_for 60 [ -e "$T/hold" ] || fail "client did not finish"
 kill9_nbdkit "$NBDKIT_PID"
 rm -f "$T/hold"; wait "$load" || true
 [ "$(bitmap_flags "$T/disk.cbt" b0)" = '["auto"]' ] || fail "in-use after flush + kill -9"
@@ -26,7 +25,7 @@ echo "ok: flushed bitmap survives kill -9 exactly"
 start_nbdkit "$T/sock" "${args[@]}"
 "$NBD_LOAD" --socket "$T/sock" --seed 6 --ops 50 --no-final-flush --hold-file "$T/hold" &
 load=$!; PIDS+=("$load")
-for i in $(seq 200); do [ -e "$T/hold" ] && break; sleep 0.05; done
+wait_for 60 [ -e "$T/hold" ] || fail "timed out (60 s)"
 kill9_nbdkit "$NBDKIT_PID"
 rm -f "$T/hold"; wait "$load" || true
 [ "$(bitmap_flags "$T/disk.cbt" b0)" = '["in-use","auto"]' ] || fail "in-use not left by the crash"

@@ -45,8 +45,7 @@ rm -f "$T/sock"
 "${NBDKIT_ENV[@]}" nbdkit -f --exit-with-parent -U "$T/sock" --filter="$FILTER" file \
   "$T/small.raw" cbt-file="$T/disk.cbt" cbt-bitmap=b0 2>"$T/nbdkit.log" &
 npid=$!; PIDS+=("$npid")
-for i in $(seq 200); do [ -S "$T/sock" ] && break; sleep 0.05; done
-[ -S "$T/sock" ] || fail "nbdkit did not start"
+wait_for 60 [ -S "$T/sock" ] || fail "nbdkit did not start"
 if timeout 30 nbdinfo --size "nbd+unix:///?socket=$T/sock" >/dev/null 2>&1; then
   fail "a client was served over a mismatched container"
 fi

@@ -29,8 +29,7 @@ start_nbdkit "$T/sock" --filter="$FILTER" file "$T/disk.raw" "${ok[@]}" cbt-crea
   cbt-durability=none
 "$NBD_LOAD" --socket "$T/sock" --ops 5 --no-final-flush --hold-file "$T/hold" &
 load=$!; PIDS+=("$load")
-for i in $(seq 200); do [ -e "$T/hold" ] && break; sleep 0.05; done
-[ -e "$T/hold" ] || fail "client did not finish its writes"
+wait_for 60 [ -e "$T/hold" ] || fail "client did not finish its writes"
 kill9_nbdkit "$NBDKIT_PID"
 rm -f "$T/hold"; wait "$load" 2>/dev/null || true  # its server died: it fails
 [ "$(bitmap_flags "$T/d.cbt" b0)" = '["in-use","auto"]' ] || fail "no in-use after kill -9"

@@ -69,8 +69,7 @@ start_nbdkit "$T/sock" "${rw[@]}"
 "$NBD_LOAD" --socket "$T/sock" --seed 5 --ops 40 --max-len 65536 --region 65011712:4194304 \
   --no-final-flush --hold-file "$T/hold" &
 load=$!; PIDS+=("$load")
-for i in $(seq 200); do [ -e "$T/hold" ] && break; sleep 0.05; done
-[ -e "$T/hold" ] || fail "client did not finish its writes"
+wait_for 60 [ -e "$T/hold" ] || fail "client did not finish its writes"
 kill9_nbdkit "$NBDKIT_PID"
 rm -f "$T/hold"; wait "$load" 2>/dev/null || true  # its server died: it fails
 [ "$(bitmap_flags "$T/c/crash.cbt" b0)" = '["in-use","auto"]' ] || fail "kill -9 left no in-use"
