@@ -32,7 +32,9 @@ echo "ok: -f/-F qcow2 accepted, other formats refused"
 
 # A writer holds d.cbt.
 qemu-io -f qcow2 -c 'write 0 64k' d.cbt >/dev/null
-qemu-nbd -f qcow2 -k "$T/s.sock" d.cbt 2>"$T/nbd.err" &
+# -t: keep serving after the client below disconnects (without it qemu-nbd
+# may exit before the kill, and the kill fails).
+qemu-nbd -t -f qcow2 -k "$T/s.sock" d.cbt 2>"$T/nbd.err" &
 NBD=$!; PIDS+=("$NBD")
 wait_for 60 [ -S "$T/s.sock" ] || fail "qemu-nbd did not start: $(cat "$T/nbd.err")"
 ! qemu-img info d.cbt >/dev/null 2>&1 || fail "setup: qemu-img info opens a file qemu-nbd holds"
