@@ -46,8 +46,8 @@ class Precheck {
   bool number_float(number_float_t, const string_t&) { return true; }
   bool string(string_t&) { return true; }
   bool binary(binary_t&) { return true; }
-  bool start_object(size_t) { return Push(true); }
-  bool start_array(size_t) { return Push(false); }
+  bool start_object(size_t) { return Push(); }
+  bool start_array(size_t) { return Push(); }
   bool end_object() { return Pop(); }
   bool end_array() { return Pop(); }
   bool key(string_t& k) {
@@ -65,13 +65,13 @@ class Precheck {
   std::string error;
 
  private:
-  bool Push(bool object) {
+  // Arrays get an (unused) key set too: one stack gives the depth.
+  bool Push() {
     if (keys_.size() >= static_cast<size_t>(kMaxDepth)) {
       error = "nested deeper than " + std::to_string(kMaxDepth) + " levels";
       return false;
     }
     keys_.emplace_back();
-    (void)object;  // arrays get an (unused) key set too: one stack, one depth
     return true;
   }
   bool Pop() {

@@ -165,7 +165,16 @@ void ControlServer::AcceptLoop() {
   const uid_t self = geteuid();
   while (Wait(listen_fd_, POLLIN)) {
     int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (fd < 0) continue;  // EAGAIN, a peer gone before accept, EMFILE: keep serving
+    if (fd < 0) {
+      // Out of descriptors: the pending peer keeps the listener readable, so
+      // back off (woken early by Stop) instead of spinning. Anything else
+      // (EAGAIN, a peer gone before accept): keep serving.
+      if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+        pollfd p{wake_[0], POLLIN, 0};
+        if (poll(&p, 1, 100) > 0) break;
+      }
+      continue;
+    }
     ucred cred{};
     socklen_t len = sizeof(cred);
     if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 ||

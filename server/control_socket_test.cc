@@ -48,6 +48,7 @@ class Client {
     fd_ = -1;
   }
   bool connected() const { return connected_; }
+  int fd() const { return fd_; }
   bool Send(const std::string& s) {
     return send(fd_, s.data(), s.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(s.size());
   }
@@ -192,6 +193,29 @@ TEST_F(ControlSocketTest, OversizedLineClosesOnlyThatClient) {
                          "\n"));
   EXPECT_EQ(other.ReadLine(), R"({"id":2,"return":{"command":"query-stats"}})");
   EXPECT_EQ(handler_.calls.load(), 2);
+}
+
+// A client that sends without ever reading fills both socket buffers; its
+// connection thread then waits to write, and nobody else may notice.
+TEST_F(ControlSocketTest, ClientThatNeverReadsBlocksOnlyItself) {
+  StartServer();
+  Client hog(path_);
+  ASSERT_TRUE(hog.connected());
+  const std::string req = "{\"execute\":\"persist\"}\n";
+  std::string burst;
+  for (int i = 0; i < 1000; ++i) burst += req;
+  // Non-blocking sends until the kernel refuses more: the server has stopped
+  // reading, i.e. it is stuck writing replies the hog never reads.
+  bool full = false;
+  for (int i = 0; i < 10000 && !full; ++i)
+    full = send(hog.fd(), burst.data(), burst.size(), MSG_DONTWAIT | MSG_NOSIGNAL) < 0 &&
+           errno == EAGAIN;
+  ASSERT_TRUE(full);
+  Client other(path_);
+  ASSERT_TRUE(other.Send("{\"execute\":\"query-stats\",\"id\":1}\n"));
+  EXPECT_EQ(other.ReadLine(), R"({"id":1,"return":{"command":"query-stats"}})");
+  server_->Stop();  // must not wait for the hog to read
+  EXPECT_NE(access(path_.c_str(), F_OK), 0);
 }
 
 TEST_F(ControlSocketTest, DisconnectMidLineRunsNothing) {
