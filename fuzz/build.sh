@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Configures build/fuzz with clang (libFuzzer + ASan + UBSan) and builds only
-# the fuzz target and the libraries it needs.
+# the fuzz targets (qcow2_fuzz, control_fuzz) and the libraries they need.
+# Used by fuzz/run.sh and fuzz/control_run.sh (their ctests share a lock so
+# they never build this tree at the same time).
 # Exit 77 (skip) with a reason when clang or libFuzzer is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,4 +28,4 @@ if [ ! -f build/fuzz/CMakeCache.txt ]; then
   CC=clang CXX=clang++ cmake -S . -B build/fuzz -G Ninja -DCBT_FUZZ=ON -DCBT_BENCH=OFF \
     -DCMAKE_BUILD_TYPE=RelWithDebInfo
 fi
-cmake --build build/fuzz --target qcow2_fuzz -j2
+cmake --build build/fuzz --target qcow2_fuzz control_fuzz -j2

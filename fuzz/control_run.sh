@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Short fuzz run of control_fuzz (the control protocol parser): configures
-# and builds its own clang tree build/fuzz-control (so it never races
-# fuzz/run.sh's build/fuzz), writes seed requests, fuzzes for SECONDS
-# (default 10) with the command names as a dictionary.
+# Short fuzz run of control_fuzz (the control protocol parser): builds
+# build/fuzz through fuzz/build.sh if needed (shared with fuzz/run.sh),
+# writes seed requests, fuzzes for SECONDS (default 10) with the command
+# names as a dictionary.
 #   fuzz/control_run.sh [SECONDS]
 # Exit: 0 no finding; 1 a crash/leak/timeout/OOM (reproducer path printed);
 # 77 skip (clang/libFuzzer missing), with the reason.
@@ -12,35 +12,18 @@ secs=${1:-10}
 src=$(cd "$(dirname "$0")/.." && pwd)
 cd "$src"
 
-for tool in clang clang++ cmake ninja; do
-  if ! command -v "$tool" >/dev/null; then
-    echo "control_run.sh: SKIP: $tool not found" >&2
-    exit 77
-  fi
-done
-tree=build/fuzz-control
 blog=$(mktemp /tmp/cbt-control-fuzz-build.XXXXXX)
-{
-  if [ ! -f $tree/CMakeCache.txt ]; then
-    CC=clang CXX=clang++ cmake -S . -B $tree -G Ninja -DCBT_FUZZ=ON -DCBT_BENCH=OFF \
-      -DCMAKE_BUILD_TYPE=RelWithDebInfo
-  fi &&
-  cmake --build $tree --target control_fuzz -j2
-} >"$blog" 2>&1
+fuzz/build.sh >"$blog" 2>&1
 rc=$?
 if [ $rc -ne 0 ]; then
   cat "$blog" >&2
   rm -f "$blog"
-  if ! printf 'extern "C" int LLVMFuzzerTestOneInput(const unsigned char*, unsigned long){return 0;}' |
-      clang++ -x c++ -fsanitize=fuzzer - -o /dev/null 2>/dev/null; then
-    echo "control_run.sh: SKIP: clang++ cannot link -fsanitize=fuzzer" >&2
-    exit 77
-  fi
+  [ $rc -eq 77 ] && exit 77
   echo "control_run.sh: build failed" >&2
   exit 1
 fi
 rm -f "$blog"
-bin=$src/$tree/fuzz/control_fuzz
+bin=$src/build/fuzz/fuzz/control_fuzz
 
 if [ -n "${CBT_FUZZ_KEEP:-}" ]; then
   dir=$CBT_FUZZ_KEEP
