@@ -81,17 +81,6 @@ struct Scenario {
   std::set<std::string> may_be_in_use = {};
 };
 
-std::string QemuCheckOf(const Bytes& bytes, const TempDir& dir, int* code) {
-  std::string p = dir / "crash.qcow2";
-  FILE* f = std::fopen(p.c_str(), "wb");
-  if (!f) return "cannot write " + p;
-  std::fwrite(bytes.data(), 1, bytes.size(), f);
-  std::fclose(f);
-  RunResult r = Sh("qemu-img check -f qcow2 " + p);
-  *code = r.exit_code;
-  return r.out;
-}
-
 // Judges one crash image against the views before and after the operation.
 void Judge(const Bytes& img, const View& before, const View& after, const Scenario& sc,
            const std::string& where, const TempDir& dir, std::unordered_set<std::string>& seen) {
@@ -109,8 +98,8 @@ void Judge(const Bytes& img, const View& before, const View& after, const Scenar
   // qemu-img check once per distinct image (many crash points coincide).
   std::string key(reinterpret_cast<const char*>(img.data()), img.size());
   if (seen.insert(std::move(key)).second) {
-    int code = -1;
-    std::string out = QemuCheckOf(img, dir, &code);
+    std::string out;
+    const int code = QemuCheckBytes(img, dir, &out);
     ASSERT_TRUE(code == 0 || code == 3) << where << ": qemu-img check exit " << code << "\n" << out;
   }
   for (const auto& [name, bits] : before.bits) {

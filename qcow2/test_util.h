@@ -70,6 +70,26 @@ inline BitmapSpec Spec(std::string name, uint32_t gbits, bool enabled = true,
   return s;
 }
 
+// qemu-img check of an image held in memory (written to a file in dir).
+// Returns qemu-img's exit code (-1 if the file cannot be written); its
+// output goes to *out.
+inline int QemuCheckBytes(const std::vector<std::byte>& img, const TempDir& dir, std::string* out) {
+  const std::string p = dir / "check.qcow2";
+  FILE* f = std::fopen(p.c_str(), "wb");
+  if (!f) {
+    *out = "cannot write " + p;
+    return -1;
+  }
+  const bool ok = std::fwrite(img.data(), 1, img.size(), f) == img.size();
+  if (std::fclose(f) != 0 || !ok) {
+    *out = "cannot write " + p;
+    return -1;
+  }
+  RunResult r = Sh("qemu-img check -f qcow2 " + p);
+  *out = r.out;
+  return r.exit_code;
+}
+
 inline bool HaveTool(const char* tool) {
   return Sh(std::string("command -v ") + tool + " >/dev/null").exit_code == 0;
 }
