@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Configures build/fuzz with clang (libFuzzer + ASan + UBSan) and builds only
 # the fuzz targets (qcow2_fuzz, control_fuzz) and the libraries they need.
-# Used by fuzz/run.sh and fuzz/control_run.sh (their ctests share a lock so
+# Used by fuzz/run.sh (its two ctests, one per target, share a lock so
 # they never build this tree at the same time).
 # Exit 77 (skip) with a reason when clang or libFuzzer is missing.
 set -euo pipefail

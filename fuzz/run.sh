@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
-# Short fuzz run of qcow2_fuzz: builds build/fuzz if needed, generates the
-# seed corpus in a temp dir, fuzzes for SECONDS (default 30).
-#   fuzz/run.sh [SECONDS]
+# Short fuzz run of one target: builds build/fuzz if needed (fuzz/build.sh,
+# both targets), generates the target's seed corpus in a temp dir, fuzzes for
+# SECONDS (default 30).
+#   fuzz/run.sh [SECONDS] [TARGET]
+# TARGET: qcow2 (default; qcow2_fuzz, the qcow2 parsers, seeds from
+# make_corpus.sh) or control (control_fuzz, the control request parser,
+# seeds and dictionary from control_seeds.sh).
 # Exit: 0 no finding; 1 a crash/leak/timeout/OOM (reproducer kept, path
 # printed); 77 skip (clang/libFuzzer or qemu-img missing), with the reason.
 #   CBT_FUZZ_KEEP=DIR   keep the corpus and findings in DIR instead of a temp dir
 #   CBT_FUZZ_JOBS=N     run N fuzzer processes (default 1; the box is shared)
 set -uo pipefail
 secs=${1:-30}
+target=${2:-qcow2}
 src=$(cd "$(dirname "$0")/.." && pwd)
 cd "$src"
+case $target in
+  qcow2) max_len=1048576 ;;
+  control) max_len=70000 ;;  # the protocol refuses lines over 64 KiB
+  *) echo "run.sh: unknown target '$target' (qcow2 or control)" >&2; exit 1 ;;
+esac
 
 blog=$(mktemp /tmp/cbt-fuzz-build.XXXXXX)
 fuzz/build.sh >"$blog" 2>&1
@@ -22,7 +32,7 @@ if [ $rc -ne 0 ]; then
   exit 1
 fi
 rm -f "$blog"
-bin=$src/build/fuzz/fuzz/qcow2_fuzz
+bin=$src/build/fuzz/fuzz/${target}_fuzz
 
 if [ -n "${CBT_FUZZ_KEEP:-}" ]; then
   dir=$CBT_FUZZ_KEEP
@@ -33,20 +43,25 @@ fi
 seeds=$dir/seeds corpus=$dir/corpus artifacts=$dir/artifacts
 mkdir -p "$corpus" "$artifacts"
 rm -rf "$seeds"
-fuzz/make_corpus.sh "$seeds"
+dict=()
+if [ "$target" = qcow2 ]; then
+  fuzz/make_corpus.sh "$seeds"
+else
+  fuzz/control_seeds.sh "$seeds" "$dir/control.dict" && dict=(-dict="$dir/control.dict")
+fi
 rc=$?
 [ $rc -eq 77 ] && exit 77
-[ $rc -ne 0 ] && { echo "run.sh: make_corpus.sh failed" >&2; exit 1; }
+[ $rc -ne 0 ] && { echo "run.sh: seed generation failed" >&2; exit 1; }
 
 log=$dir/fuzz.log
 jobs=${CBT_FUZZ_JOBS:-1}
 extra=()
 [ "$jobs" -gt 1 ] && extra=(-fork="$jobs" -ignore_crashes=0)
-echo "run.sh: fuzzing ${secs}s; corpus $corpus, findings $artifacts, log $log"
+echo "run.sh: fuzzing $target ${secs}s; corpus $corpus, findings $artifacts, log $log"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:allocator_may_return_null=0 \
 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-  "$bin" "$corpus" "$seeds" "${extra[@]}" \
-  -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -max_len=1048576 \
+  "$bin" "$corpus" "$seeds" "${extra[@]}" "${dict[@]}" \
+  -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -max_len="$max_len" \
   -print_final_stats=1 -artifact_prefix="$artifacts/" >"$log" 2>&1
 rc=$?
 
