@@ -7,7 +7,8 @@
 # flags), query-stats counts the persist, an unimplemented command gets
 # NotSupported. The socket is mode 0600 and gone after a clean stop. A
 # regular file (or a missing directory) at PATH: nbdkit refuses to start,
-# naming the parameter, and the file is left intact.
+# naming the parameter, and the file is left intact; a second server on the
+# live socket is refused after its fork and the first keeps serving.
 source "$(dirname "$0")/lib.sh"
 need python3 qemu-io stat
 
@@ -81,6 +82,20 @@ r=$(ctl "$T/ctl" '{"execute":"bitmap-add","arguments":{"name":"x"},"id":3}')
 [ "$(jq -c . <<<"$r")" = \
   '{"error":{"class":"NotSupported","desc":"not implemented yet (issue 9)"},"id":3}' ] ||
   fail "unimplemented command: $r"
+
+# A second server on the live PATH passes the pre-fork check (a socket) and
+# is refused after its fork, exiting non-zero; the first keeps serving.
+truncate -s 64M "$T/other.raw"
+rc=0
+"${NBDKIT_ENV[@]}" timeout 60 nbdkit -f -U "$T/sock2" --filter="$FILTER" file "$T/other.raw" \
+  cbt-file="$T/other.cbt" cbt-bitmap=b0 cbt-create=true cbt-control="$T/ctl" \
+  2>"$T/busy.log" || rc=$?
+[ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || fail "a second server on a live cbt-control: rc $rc"
+grep -q "cbt-control=$T/ctl: .*a server is listening on it" "$T/busy.log" ||
+  fail "second server's refusal: $(cat "$T/busy.log")"
+r=$(ctl "$T/ctl" '{"execute":"query-stats","id":9}')
+jq -e '.id == 9 and .return.attached == false' <<<"$r" >/dev/null ||
+  fail "the first server's socket after a second server was refused: $r"
 
 # qemu-io reads its commands from a fifo and stays connected (no flush, no
 # disconnect) until told to quit. It runs one line per read of its stdin, so
