@@ -593,4 +593,9 @@ TrackerStats Tracker::stats() const {
   return stats_;
 }
 
+bool Tracker::InUseOnDisk() const {
+  std::lock_guard lock(store_mu_);
+  return in_use_on_disk_;
+}
+
 }  // namespace cbt

@@ -108,6 +108,10 @@ class Tracker {
   const DirtyBitmap& bitmap(size_t i) const { return *bitmaps_[i]; }
   bool HasPendingChanges() const;
   TrackerStats stats() const;
+  // True while in_use may be set on disk for the enabled bitmaps: set by the
+  // P2 gate, not yet cleared durably by a persist. Takes store_mu_, so it
+  // waits for a persist under way (never call it on the data path).
+  bool InUseOnDisk() const;
 
  private:
   class WriteGate;

@@ -7,7 +7,11 @@
 //   config/config_complete  parse and check parameters (before fork)
 //   get_ready               open, lock and validate the container (errors
 //                           still reach the terminal; nothing forked yet;
-//                           nothing written: -r is not known yet)
+//                           nothing written: -r is not known yet); checks
+//                           the cbt-control path
+//   after_fork              start the control socket (cbt-control=PATH,
+//                           docs/control.md): its threads must not be
+//                           started before the fork
 //   open/prepare            per connection. The first one attaches the
 //                           tracker to its export (size known only here,
 //                           per export): read-only for a read-only export,
@@ -19,7 +23,9 @@
 //   flush                   Tracker::Persist, then next->flush
 //   finalize                Tracker::Persist (client disconnect; also runs on
 //                           SIGTERM, unlike .close)
-//   cleanup                 stop the persister, final persist, close
+//   cleanup                 stop the control socket (joins its threads,
+//                           unlinks it), stop the persister, final persist,
+//                           close
 // Nothing is done in static destructors: they also run in the pre-fork
 // parent, which must never touch the container.
 #include <dlfcn.h>
@@ -40,11 +46,14 @@
 #include <mutex>
 #include <new>
 #include <string>
+#include <utility>
 
 #include "engine/scheduler.h"
 #include "engine/tracker.h"
 #include "plugin/filter_storage.h"
 #include "plugin/nbdkit_log.h"
+#include "server/control_handler.h"
+#include "server/control_socket.h"
 
 namespace {
 
@@ -66,6 +75,12 @@ struct State {
   std::string fatal;         // attach failed: the server is shutting down
   // Attached for writing: flush, finalize and cleanup persist.
   std::atomic<bool> tracking{false};
+
+  // cbt-control=PATH (absolute; empty: no control socket). The server and
+  // its handler exist from .after_fork to .cleanup.
+  std::string control_path;
+  std::unique_ptr<cbt::control::TrackerHandler> control_handler;
+  std::unique_ptr<cbt::control::ControlServer> control;
 };
 State* state;  // cbt-durability defaults to power: see docs/crash-safety.md
 
@@ -214,6 +229,19 @@ int cbt_config(nbdkit_next_config* next, nbdkit_backend* nxdata, const char* key
         nbdkit_error("cbt-persist-interval=%s: must be a number of seconds (0 = off)", value);
         return -1;
       }
+    } else if (strcmp(key, "cbt-control") == 0) {
+      if (!*value) {
+        nbdkit_error("cbt-control=: the path must not be empty (cbt-control=PATH, a unix socket)");
+        return -1;
+      }
+      if (!state->control_path.empty()) {
+        nbdkit_error("cbt-control=%s: given twice (one control socket per server)", value);
+        return -1;
+      }
+      char* p = nbdkit_absolute_path(value);  // nbdkit changes to / when it forks
+      if (!p) return -1;
+      state->control_path = p;
+      free(p);
     } else if (strcmp(key, "cbt-durability") == 0) {
       if (strcmp(value, "none") == 0) {
         o.durability = cbt::Durability::kNone;
@@ -247,6 +275,14 @@ int cbt_config_complete(nbdkit_next_config_complete* next, nbdkit_backend* nxdat
 int cbt_get_ready(int /*thread_model*/) noexcept {
   int err = 0;
   return Guard(&err, [&]() -> int {
+    // Check the control socket's path first: creating it waits for
+    // .after_fork, but what can be seen now is refused now.
+    if (!state->control_path.empty()) {
+      if (Status s = cbt::control::CheckSocketPath(state->control_path); !s.ok()) {
+        nbdkit_error("cbt-control=%s: %s", state->control_path.c_str(), s.message().c_str());
+        return -1;
+      }
+    }
     // Open, lock and validate the container before nbdkit forks, so errors
     // reach the terminal and no --run command starts. The OFD locks stay
     // with the server: the forked child shares the open file description.
@@ -256,6 +292,28 @@ int cbt_get_ready(int /*thread_model*/) noexcept {
       return -1;
     }
     state->tracker = std::move(t).value();
+    return 0;
+  });
+}
+
+// The control socket's threads start here, in the process that serves (a
+// thread started before the fork would not survive it). nbdkit calls the
+// plugin's .after_fork itself.
+int cbt_after_fork(nbdkit_backend* /*backend*/) noexcept {
+  int err = 0;
+  return Guard(&err, [&]() -> int {
+    if (state->control_path.empty()) return 0;
+    state->control_handler =
+        std::make_unique<cbt::control::TrackerHandler>(*state->tracker, state->tracking);
+    cbt::control::ServerOptions opt;
+    opt.path = state->control_path;
+    state->control =
+        std::make_unique<cbt::control::ControlServer>(std::move(opt), *state->control_handler);
+    if (Status s = state->control->Start(); !s.ok()) {
+      nbdkit_error("cbt-control=%s: %s", state->control_path.c_str(), s.message().c_str());
+      state->control.reset();  // Stop(): closes what Start() opened
+      return -1;
+    }
     return 0;
   });
 }
@@ -328,6 +386,10 @@ void cbt_cleanup(nbdkit_backend* /*backend*/) noexcept {
   if (!state) return;
   int err = 0;
   Guard(&err, [&]() -> int {
+    // First: no control client may reach the tracker once it closes.
+    if (state->control) state->control->Stop();
+    state->control.reset();
+    state->control_handler.reset();
     if (state->scheduler) state->scheduler->Stop();
     if (state->tracker && state->tracking.load()) {
       // Clean shutdown (P3): persist and clear in_use.
@@ -413,8 +475,11 @@ nbdkit_filter filter = [] {
       "cbt-cluster-size=SIZE    cluster size of a created container (default 64K)\n"
       "cbt-persist-interval=SEC persist every SEC seconds while changes are pending\n"
       "cbt-durability=MODE      power (default: survive power loss), process\n"
-      "                         (survive kill -9) or none (QEMU's semantics)";
+      "                         (survive kill -9) or none (QEMU's semantics)\n"
+      "cbt-control=PATH         serve the control protocol on unix socket PATH\n"
+      "                         (mode 0600; see docs/control.md)";
   f.get_ready = cbt_get_ready;
+  f.after_fork = cbt_after_fork;
   f.open = cbt_open;
   f.prepare = cbt_prepare;
   f.cleanup = cbt_cleanup;

@@ -40,6 +40,29 @@ void SendLine(int fd, const std::string& line) {
 
 }  // namespace
 
+Status CheckSocketPath(const std::string& path) {
+  sockaddr_un addr;
+  CBT_RETURN_IF_ERROR(FillAddr(path, &addr));
+  struct stat st;
+  if (lstat(path.c_str(), &st) == 0) {
+    if (!S_ISSOCK(st.st_mode))
+      return Status::AlreadyExists("control socket '" + path +
+                                   "': exists and is not a socket; not replacing it");
+    return Status::OK();  // stale or live: Start() tells them apart
+  }
+  if (errno != ENOENT) return Status::FromErrno(errno, "control socket '" + path + "'");
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? std::string(".")
+                          : slash == 0               ? std::string("/")
+                                                     : path.substr(0, slash);
+  if (stat(dir.c_str(), &st) != 0)
+    return Status::FromErrno(errno, "control socket '" + path + "': directory '" + dir + "'");
+  if (!S_ISDIR(st.st_mode))
+    return Status::InvalidArgument(
+        "control socket '" + path + "': '" + dir + "' is not a directory", ENOTDIR);
+  return Status::OK();
+}
+
 ControlServer::ControlServer(ServerOptions options, Handler& handler)
     : opt_(std::move(options)), handler_(handler) {}
 

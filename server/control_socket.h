@@ -39,6 +39,12 @@ struct ServerOptions {
   size_t max_line_bytes = kMaxLineBytes;  // tests lower it
 };
 
+// What Start() would refuse about `path` that can be seen without creating
+// anything: a length that does not fit sun_path, a parent that is not an
+// existing directory, an existing file that is not a socket. For checking a
+// configured path early (before nbdkit forks); Start() checks again.
+Status CheckSocketPath(const std::string& path);
+
 class ControlServer {
  public:
   // `handler` is not owned and must outlive the server.

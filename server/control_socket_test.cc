@@ -151,6 +151,30 @@ TEST_F(ControlSocketTest, NonSocketFileRefusedAndLeftIntact) {
   EXPECT_EQ(got.str(), "precious");
 }
 
+TEST_F(ControlSocketTest, CheckSocketPathSeesWhatStartWouldRefuse) {
+  EXPECT_TRUE(CheckSocketPath(path_).ok()) << "absent, in an existing directory";
+  { std::ofstream(path_) << "precious"; }
+  Status st = CheckSocketPath(path_);
+  EXPECT_TRUE(st.IsAlreadyExists()) << st.ToString();
+  EXPECT_NE(st.message().find("not a socket"), std::string::npos) << st.message();
+  std::stringstream got;
+  got << std::ifstream(path_).rdbuf();
+  EXPECT_EQ(got.str(), "precious");
+
+  st = CheckSocketPath(dir_ + "/missing/ctl.sock");
+  EXPECT_EQ(st.err(), ENOENT) << st.ToString();
+  st = CheckSocketPath(path_ + "/ctl.sock");  // the parent is a regular file
+  EXPECT_EQ(st.err(), ENOTDIR) << st.ToString();
+  st = CheckSocketPath(dir_ + "/" + std::string(200, 'x'));
+  EXPECT_TRUE(st.IsInvalidArgument()) << st.ToString();
+  EXPECT_FALSE(CheckSocketPath("").ok());
+
+  // A socket (stale or live) passes: Start() tells them apart.
+  ASSERT_EQ(unlink(path_.c_str()), 0);
+  StartServer();
+  EXPECT_TRUE(CheckSocketPath(path_).ok());
+}
+
 TEST_F(ControlSocketTest, StaleSocketReplacedLiveOneRefused) {
   // A bound socket that nobody listens on: what a crashed server leaves.
   int fd = socket(AF_UNIX, SOCK_STREAM, 0);
