@@ -38,19 +38,29 @@ void SendLine(int fd, const std::string& line) {
   (void)!send(fd, l.data(), l.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
 }
 
+// Whether something exists at path; refuses (never replaces) anything but a
+// socket. Shared by CheckSocketPath and Start. Failure: AlreadyExists, or
+// the errno of an lstat that fails for another reason than ENOENT.
+Result<bool> ExistingSocket(const std::string& path) {
+  struct stat st;
+  if (lstat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT) return false;
+    return Status::FromErrno(errno, "control socket '" + path + "'");
+  }
+  if (!S_ISSOCK(st.st_mode))
+    return Status::AlreadyExists("control socket '" + path +
+                                 "': exists and is not a socket; not replacing it");
+  return true;
+}
+
 }  // namespace
 
 Status CheckSocketPath(const std::string& path) {
   sockaddr_un addr;
   CBT_RETURN_IF_ERROR(FillAddr(path, &addr));
+  CBT_ASSIGN_OR_RETURN(bool exists, ExistingSocket(path));
+  if (exists) return Status::OK();  // stale or live: Start() tells them apart
   struct stat st;
-  if (lstat(path.c_str(), &st) == 0) {
-    if (!S_ISSOCK(st.st_mode))
-      return Status::AlreadyExists("control socket '" + path +
-                                   "': exists and is not a socket; not replacing it");
-    return Status::OK();  // stale or live: Start() tells them apart
-  }
-  if (errno != ENOENT) return Status::FromErrno(errno, "control socket '" + path + "'");
   const size_t slash = path.rfind('/');
   const std::string dir = slash == std::string::npos ? std::string(".")
                           : slash == 0               ? std::string("/")
@@ -77,11 +87,8 @@ Status ControlServer::Start() {
   sockaddr_un addr;
   CBT_RETURN_IF_ERROR(FillAddr(path, &addr));
 
-  struct stat st;
-  if (lstat(path.c_str(), &st) == 0) {
-    if (!S_ISSOCK(st.st_mode))
-      return Status::AlreadyExists("control socket '" + path +
-                                   "': exists and is not a socket; not replacing it");
+  CBT_ASSIGN_OR_RETURN(bool exists, ExistingSocket(path));
+  if (exists) {
     // A socket: replace it only if nobody is listening (left by a crash).
     int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (probe < 0) return Status::FromErrno(errno, "control socket: socket");
@@ -92,10 +99,9 @@ Status ControlServer::Start() {
     if (err != ECONNREFUSED) return Status::FromErrno(err, "control socket '" + path + "'");
     if (unlink(path.c_str()) != 0 && errno != ENOENT)
       return Status::FromErrno(errno, "control socket '" + path + "': unlink stale socket");
-  } else if (errno != ENOENT) {
-    return Status::FromErrno(errno, "control socket '" + path + "'");
   }
 
+  struct stat st;
   listen_fd_ = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (listen_fd_ < 0) return Status::FromErrno(errno, "control socket: socket");
   // Linux creates the socket file with the socket inode's mode minus the
