@@ -22,7 +22,6 @@
 #include "engine/tracker.h"
 
 #include <spdlog/spdlog.h>
-#include <unistd.h>
 
 #include <bit>
 #include <cerrno>
