@@ -404,6 +404,13 @@ bool DirtyBitmap::HasChangedChunks() const {
   return false;
 }
 
+uint64_t DirtyBitmap::ChangedChunkCount() const {
+  uint64_t n = 0;
+  for (uint64_t i = 0; i < changed_words_; ++i)
+    n += static_cast<uint64_t>(std::popcount(changed_[i].load(std::memory_order_acquire)));
+  return n;
+}
+
 void DirtyBitmap::MarkChunksChanged(std::span<const uint64_t> idx) {
   for (uint64_t c : idx)
     if (c < nchunks_) changed_[c >> 6].fetch_or(uint64_t{1} << (c & 63), std::memory_order_acq_rel);

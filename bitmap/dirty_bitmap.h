@@ -115,6 +115,9 @@ class DirtyBitmap {
   // the record. A chunk changed again during the call appears next time.
   std::vector<uint64_t> TakeChangedChunks();
   bool HasChangedChunks() const;
+  // How many chunks are on the changed record now (a scan of one bit per
+  // chunk; a racing change may or may not be counted).
+  uint64_t ChangedChunkCount() const;
   // Puts every chunk on the changed record (e.g. after a failed persist).
   void MarkChunksChanged(std::span<const uint64_t> idx);
   void MarkAllChunksChanged();

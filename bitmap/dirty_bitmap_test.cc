@@ -276,7 +276,9 @@ TEST(DirtyBitmapTest, ChangedChunksRecordOnlyTouchedChunks) {
   ASSERT_TRUE(b->Mark(40 * GiB, 1).ok());
   ASSERT_TRUE(b->Mark(40 * GiB + 5, 1).ok());
   ASSERT_TRUE(b->Mark(1 * TiB - 1, 1).ok());
+  EXPECT_EQ(b->ChangedChunkCount(), 2u);
   EXPECT_EQ(b->TakeChangedChunks(), (std::vector<uint64_t>{1, 31}));
+  EXPECT_EQ(b->ChangedChunkCount(), 0u);
   EXPECT_TRUE(b->TakeChangedChunks().empty());
   ASSERT_TRUE(b->Mark(40 * GiB, 1).ok());  // already dirty: no change
   EXPECT_FALSE(b->HasChangedChunks());

@@ -433,6 +433,7 @@ Status Tracker::BeforeChange(uint64_t offset, uint64_t length) {
   if (covered && !durable_.empty()) return Status::OK();
 
   // P1: in memory first, in every enabled bitmap.
+  change_count_.fetch_add(1, std::memory_order_relaxed);
   marks_in_progress_.fetch_add(1);
   for (auto& b : bitmaps_) {
     auto r = b->Mark(offset, length);
@@ -585,6 +586,12 @@ bool Tracker::HasPendingChanges() const {
   for (auto& b : bitmaps_)
     if (b->HasChangedChunks()) return true;
   return false;
+}
+
+uint64_t Tracker::PendingBytes() const {
+  uint64_t n = 0;
+  for (auto& b : bitmaps_) n += b->ChangedChunkCount() * b->chunk_bytes();
+  return n;
 }
 
 TrackerStats Tracker::stats() const {

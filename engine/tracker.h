@@ -107,6 +107,12 @@ class Tracker {
   const std::vector<std::string>& enabled_bitmaps() const { return names_; }
   const DirtyBitmap& bitmap(size_t i) const { return *bitmaps_[i]; }
   bool HasPendingChanges() const;
+  // Bitmap data a Persist would write now: changed chunks x chunk bytes,
+  // over the persistent bitmaps (the persist triggers' measure of change).
+  uint64_t PendingBytes() const;
+  // Monotonic count of changes that marked something new in memory (not
+  // those already covered): a persist trigger's sign of activity.
+  uint64_t ChangeCount() const { return change_count_.load(std::memory_order_relaxed); }
   TrackerStats stats() const;
   // True while in_use may be set on disk for the enabled bitmaps: set by the
   // P2 gate, not yet cleared durably by a persist. Takes store_mu_, so it
@@ -171,6 +177,7 @@ class Tracker {
   // for zero after dropping in_use_durable_, so no mark is half done when it
   // decides whether in_use can be cleared.
   std::atomic<int64_t> marks_in_progress_{0};
+  std::atomic<uint64_t> change_count_{0};
 };
 
 }  // namespace cbt

@@ -11,9 +11,10 @@ namespace {
 
 using json = nlohmann::json;
 
-constexpr std::array<std::pair<Command, std::string_view>, 14> kNames{{
+constexpr std::array<std::pair<Command, std::string_view>, 15> kNames{{
     {Command::kQueryBitmaps, "query-bitmaps"},
     {Command::kQueryStats, "query-stats"},
+    {Command::kQueryBitmapExtents, "query-bitmap-extents"},
     {Command::kBitmapAdd, "bitmap-add"},
     {Command::kBitmapRemove, "bitmap-remove"},
     {Command::kBitmapClear, "bitmap-clear"},
@@ -138,6 +139,24 @@ Result<BitmapAddArgs> ParseAdd(const json& a, std::string_view w) {
   return r;
 }
 
+// An optional non-negative integer.
+Result<std::optional<uint64_t>> Uint(const json& obj, std::string_view where, const char* key) {
+  auto it = obj.find(key);
+  if (it == obj.end()) return std::optional<uint64_t>{};
+  if (!it->is_number_unsigned()) return Bad(std::string(where) + key, "must be a non-negative integer");
+  return std::optional<uint64_t>{it->get<uint64_t>()};
+}
+
+Result<ExtentsArgs> ParseExtents(const json& a, std::string_view w) {
+  CBT_RETURN_IF_ERROR(OnlyKeys(a, w, {"name", "offset", "length"}));
+  ExtentsArgs r;
+  CBT_ASSIGN_OR_RETURN(r.name, Name(a, w, "name"));
+  CBT_ASSIGN_OR_RETURN(std::optional<uint64_t> off, Uint(a, w, "offset"));
+  r.offset = off.value_or(0);
+  CBT_ASSIGN_OR_RETURN(r.length, Uint(a, w, "length"));
+  return r;
+}
+
 Result<MergeArgs> ParseMerge(const json& a, std::string_view w) {
   CBT_RETURN_IF_ERROR(OnlyKeys(a, w, {"target", "sources"}));
   MergeArgs r;
@@ -194,7 +213,8 @@ Result<TransactionArgs> ParseTransaction(const json& a, std::string_view w) {
     std::visit(
         [&](auto&& v) {
           using T = std::decay_t<decltype(v)>;
-          if constexpr (!std::is_same_v<T, NoArgs> && !std::is_same_v<T, TransactionArgs>)
+          if constexpr (!std::is_same_v<T, NoArgs> && !std::is_same_v<T, TransactionArgs> &&
+                        !std::is_same_v<T, ExtentsArgs>)
             out.args = std::move(v);
         },
         args);
@@ -210,6 +230,10 @@ Result<Arguments> ParseArgs(Command c, const json& a, std::string_view w) {
     case Command::kPersist:
       CBT_RETURN_IF_ERROR(OnlyKeys(a, w, {}));
       return Arguments{NoArgs{}};
+    case Command::kQueryBitmapExtents: {
+      CBT_ASSIGN_OR_RETURN(auto r, ParseExtents(a, w));
+      return Arguments{std::move(r)};
+    }
     case Command::kBitmapAdd: {
       CBT_ASSIGN_OR_RETURN(auto r, ParseAdd(a, w));
       return Arguments{std::move(r)};
@@ -283,7 +307,8 @@ std::optional<Command> CommandFromName(std::string_view name) {
 }
 
 bool AllowedInTransaction(Command c) {
-  return c != Command::kQueryBitmaps && c != Command::kQueryStats && c != Command::kPersist &&
+  return c != Command::kQueryBitmaps && c != Command::kQueryStats &&
+         c != Command::kQueryBitmapExtents && c != Command::kPersist &&
          c != Command::kTransaction;
 }
 

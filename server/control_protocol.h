@@ -41,6 +41,7 @@ inline constexpr uint64_t kMaxGranularity = uint64_t{1} << 31;
 enum class Command {
   kQueryBitmaps,
   kQueryStats,
+  kQueryBitmapExtents,
   kBitmapAdd,
   kBitmapRemove,
   kBitmapClear,
@@ -64,6 +65,15 @@ bool AllowedInTransaction(Command c);
 
 // query-bitmaps, query-stats, persist.
 struct NoArgs {};
+// query-bitmap-extents: the extents of bitmap `name` from memory, from
+// `offset` for `length` bytes (absent: to the disk's end). The reply holds at
+// most kMaxExtentsPerReply extents and the offset to ask from next.
+struct ExtentsArgs {
+  std::string name;
+  uint64_t offset = 0;
+  std::optional<uint64_t> length;
+};
+inline constexpr size_t kMaxExtentsPerReply = 65536;
 // bitmap-add. granularity absent: the handler's default.
 struct BitmapAddArgs {
   std::string name;
@@ -114,7 +124,7 @@ struct TransactionArgs {
   std::vector<Action> actions;
 };
 
-using Arguments = std::variant<NoArgs, BitmapAddArgs, NameArgs, MergeArgs, CopyArgs, RenameArgs,
+using Arguments = std::variant<NoArgs, ExtentsArgs, BitmapAddArgs, NameArgs, MergeArgs, CopyArgs, RenameArgs,
                                SetPersistentArgs, CheckpointArgs, TransactionArgs>;
 
 struct Request {

@@ -151,6 +151,24 @@ TEST(ControlParse, MergeCopyRenameSetPersistent) {
             "arguments.persistent: missing");
 }
 
+TEST(ControlParse, QueryBitmapExtents) {
+  Request r = Parse(R"({"execute":"query-bitmap-extents","arguments":{"name":"b0"}})");
+  const auto& a = std::get<ExtentsArgs>(r.args);
+  EXPECT_EQ(a.name, "b0");
+  EXPECT_EQ(a.offset, 0u);
+  EXPECT_FALSE(a.length.has_value());
+  r = Parse(R"({"execute":"query-bitmap-extents","arguments":{"name":"b","offset":512,"length":4096}})");
+  EXPECT_EQ(std::get<ExtentsArgs>(r.args).offset, 512u);
+  EXPECT_EQ(std::get<ExtentsArgs>(r.args).length, 4096u);
+  EXPECT_EQ(Refusal(R"({"execute":"query-bitmap-extents","arguments":{"name":"b","offset":-1}})"),
+            "arguments.offset: must be a non-negative integer");
+  EXPECT_EQ(Refusal(R"({"execute":"query-bitmap-extents","arguments":{"name":"b","length":1.5}})"),
+            "arguments.length: must be a non-negative integer");
+  EXPECT_EQ(Refusal(R"({"execute":"query-bitmap-extents","arguments":{}})"),
+            "arguments.name: missing");
+  EXPECT_FALSE(AllowedInTransaction(Command::kQueryBitmapExtents));
+}
+
 TEST(ControlParse, Checkpoint) {
   auto c = std::get<CheckpointArgs>(
       Parse(R"({"execute":"checkpoint","arguments":{"freeze":"b0","new":"b1"}})").args);
