@@ -199,6 +199,11 @@ class Tracker {
   Status EnsureRecorded(const BitmapSet& set, uint64_t first_region, uint64_t last_region);
   Status ClearInUseLocked();
   Status PersistLocked();
+  struct SlotWrites;
+  Status WriteChangedLocked(SlotWrites& w);
+  void RestoreLocked(const SlotWrites& w);
+  void ApplyDurableLocked(const SlotWrites& w);
+  Status StoreEditLocked(std::vector<qcow2::BitmapSpec>& specs, bool* committed);
   Status EditLocked(const EditOps& ops);
   void Publish(std::shared_ptr<const BitmapSet> set);
   bool RecordRecoverable() const;
