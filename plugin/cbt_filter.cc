@@ -82,6 +82,8 @@ struct State {
   // its handler exist from .after_fork to .cleanup.
   std::string control_path;
   std::unique_ptr<cbt::control::TrackerHandler> control_handler;
+  // How long an edit waits for the changes in flight (cbt-drain-timeout).
+  unsigned drain_timeout_ms = 5000;
   std::unique_ptr<cbt::control::ControlServer> control;
 };
 State* state;  // cbt-durability defaults to power: see docs/crash-safety.md
@@ -231,6 +233,13 @@ int cbt_config(nbdkit_next_config* next, nbdkit_backend* nxdata, const char* key
         nbdkit_error("cbt-persist-interval=%s: must be a number of seconds (0 = off)", value);
         return -1;
       }
+    } else if (strcmp(key, "cbt-drain-timeout") == 0) {
+      if (!*value ||
+          nbdkit_parse_unsigned("cbt-drain-timeout", value, &state->drain_timeout_ms) == -1 ||
+          state->drain_timeout_ms == 0 || state->drain_timeout_ms > 600000) {
+        nbdkit_error("cbt-drain-timeout=%s: must be milliseconds from 1 to 600000", value);
+        return -1;
+      }
     } else if (strcmp(key, "cbt-control") == 0) {
       if (!*value) {
         nbdkit_error("cbt-control=: the path must not be empty (cbt-control=PATH, a unix socket)");
@@ -306,7 +315,8 @@ int cbt_after_fork(nbdkit_backend* /*backend*/) noexcept {
   return Guard(&err, [&]() -> int {
     if (state->control_path.empty()) return 0;
     state->control_handler =
-        std::make_unique<cbt::control::TrackerHandler>(*state->tracker, state->tracking);
+        std::make_unique<cbt::control::TrackerHandler>(
+            *state->tracker, state->tracking, std::chrono::milliseconds(state->drain_timeout_ms));
     cbt::control::ServerOptions opt;
     opt.path = state->control_path;
     state->control =
@@ -482,7 +492,9 @@ nbdkit_filter filter = [] {
       "cbt-durability=MODE      power (default: survive power loss), process\n"
       "                         (survive kill -9) or none (QEMU's semantics)\n"
       "cbt-control=PATH         serve the control protocol on unix socket PATH\n"
-      "                         (mode 0600; see docs/control.md)";
+      "                         (mode 0600; see docs/control.md)\n"
+      "cbt-drain-timeout=MS     how long an online edit waits for writes in flight\n"
+      "                         (default 5000; then the edit fails, Busy)";
   f.get_ready = cbt_get_ready;
   f.after_fork = cbt_after_fork;
   f.open = cbt_open;
