@@ -59,6 +59,24 @@ expected='[{"start":0,"length":10485760,"dirty":false},{"start":10485760,"length
 [ "$(qemu_map "$T/i.cbt" b0)" = "$expected" ] || fail "map differs: $(qemu_map "$T/i.cbt" b0)"
 echo "ok: idle: persisted after the quiet period; exact after kill -9 (client exit $rc)"
 
+# --- all three explicitly 0 (off): nothing persists while the client holds;
+# its disconnect does.
+: >"$T/nbdkit.log"
+start_nbdkit "$T/sock" -v "${common[@]}" cbt-file="$T/o.cbt" cbt-persist-interval=0 \
+  cbt-persist-threshold=0 cbt-persist-idle=0
+"$NBD_OPS" "$T/sock" w:0:4096 w:$((9 * M2)):4096 h:"$T/h4" >"$T/ops3.log" 2>&1 &
+ops=$!; PIDS+=("$ops")
+wait_for 30 [ -e "$T/h4" ] || fail "client did not write within 30 s"
+sleep 1
+[ "$(b0_state "$T/o.cbt")" = "true null" ] || fail "persisted with every trigger off: $(b0_state "$T/o.cbt")"
+rm "$T/h4"
+wait "$ops" || fail "client failed: $(cat "$T/ops3.log")"
+wait_for 30 state_is "$T/o.cbt" "false 8192" ||
+  fail "disconnect did not persist within 30 s: $(b0_state "$T/o.cbt")"
+grep -q "persist done" "$T/nbdkit.log" && fail "a trigger persisted with every trigger off"
+stop_nbdkit "$NBDKIT_PID"
+echo "ok: all triggers 0: unpersisted while connected, persisted at disconnect"
+
 # --- bad values refused at start-up, naming the parameter.
 refused() {
   local pattern=$1; shift
@@ -84,4 +102,4 @@ help=$("${NBDKIT_ENV[@]}" nbdkit --filter="$FILTER" file --help)
 for p in cbt-persist-interval=SEC cbt-persist-threshold=SIZE cbt-persist-idle=MS; do
   [[ "$help" == *"$p"* ]] || fail "--help does not list $p"
 done
-echo "OK: persist triggers: threshold, idle, bad values, --help"
+echo "OK: persist triggers: threshold, idle, all off, bad values, --help"
