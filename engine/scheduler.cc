@@ -48,13 +48,16 @@ void PersistScheduler::Stop() {
 }
 
 bool PersistScheduler::PersistNow(Trigger why, uint64_t pending) {
-  const char* name = why == Trigger::kInterval    ? "periodic"
-                     : why == Trigger::kThreshold ? "threshold"
-                                                  : "idle";
-  (why == Trigger::kInterval    ? interval_
-   : why == Trigger::kThreshold ? threshold_
-                                : idle_)
-      .fetch_add(1, std::memory_order_relaxed);
+  const char* name = "idle";
+  std::atomic<uint64_t>* attempts = &idle_;
+  if (why == Trigger::kInterval) {
+    name = "periodic";
+    attempts = &interval_;
+  } else if (why == Trigger::kThreshold) {
+    name = "threshold";
+    attempts = &threshold_;
+  }
+  attempts->fetch_add(1, std::memory_order_relaxed);
   // On failure the changes stay pending; a later trigger retries. An
   // exception (bad_alloc) must not escape the thread: std::terminate would
   // take nbdkit down without its final persist.

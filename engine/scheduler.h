@@ -11,12 +11,13 @@
 // The data path is not touched: threshold and idle are evaluated by polling,
 // every PollPeriod() (min(idle/4, 50 ms), at least 5 ms), one relaxed load of
 // the change counter per poll; PendingBytes (a scan of one bit per bitmap
-// cluster) only when that counter moved or a retry is due. See docs/perf.md.
+// cluster) only when that counter moved, after a persist, or when a retry is
+// due; HasPendingChanges once per quiet period. See docs/perf.md.
 //
 // A failed persist is logged (at most one line per 10 s, with the count of
 // failures since) and retried: by the interval trigger at its next round, by
 // threshold and idle once they fire again after a back-off (1 s, doubling to
-// 30 s, reset by a successful persist).
+// 30 s, reset by the next successful persist of this thread).
 //
 // Start it in the serving process once the tracker is attached for writing,
 // stop it before the tracker closes. Threading: Start/Stop from one thread;
