@@ -101,12 +101,14 @@ BitmapArgs ParseBitmapArgs(const std::vector<std::string>& args) {
   if (online) {
     // The one positional is NAME.
     if (!out.name.empty())
-      throw UsageError("FILE and --socket PATH together; give one: --socket changes a running "
-                       "filter's bitmaps, FILE a stored container");
+      throw UsageError(
+          "FILE and --socket PATH together; give one: --socket changes a running "
+          "filter's bitmaps, FILE a stored container");
     out.name = std::move(out.file);
     out.file.clear();
   }
-  if (!online && out.file.empty()) throw UsageError("missing FILE and NAME (or --socket PATH NAME)");
+  if (!online && out.file.empty())
+    throw UsageError("missing FILE and NAME (or --socket PATH NAME)");
   if (out.name.empty()) throw UsageError("missing NAME (the bitmap to work on)");
   if (out.ops.empty())
     throw UsageError(
@@ -121,8 +123,9 @@ BitmapArgs ParseBitmapArgs(const std::vector<std::string>& args) {
       throw UsageError("--merge needs the name of the source bitmap");
   }
   if (persistence && !online)
-    throw UsageError("--persistent and --transient need --socket PATH: every bitmap stored in "
-                     "FILE is persistent");
+    throw UsageError(
+        "--persistent and --transient need --socket PATH: every bitmap stored in "
+        "FILE is persistent");
   if (add) {
     // With --add, --transient is its modifier (as --disabled), not an operation.
     const size_t before = out.ops.size();
@@ -139,9 +142,10 @@ BitmapArgs ParseBitmapArgs(const std::vector<std::string>& args) {
   if (!out.source_file.empty() && !merge)
     throw UsageError("-b/--source-file only applies to --merge");
   if (!out.source_file.empty() && online)
-    throw UsageError("--merge SRC -b SRCFILE cannot be used with --socket: the filter merges only "
-                     "the bitmaps it serves (merge from another image offline, into a FILE no "
-                     "server holds)");
+    throw UsageError(
+        "--merge SRC -b SRCFILE cannot be used with --socket: the filter merges only "
+        "the bitmaps it serves (merge from another image offline, into a FILE no "
+        "server holds)");
   CheckImageFormat(out.common.image_format, "-f");
   if (!source_format.empty()) {
     if (out.source_file.empty()) throw UsageError("-F/--source-format only applies to -b");

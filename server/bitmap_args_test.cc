@@ -81,8 +81,8 @@ TEST(ParseBitmapArgs, TransientModifiesAddElseIsAnOperation) {
   EXPECT_TRUE(a.opts.add_transient);
   EXPECT_TRUE(a.opts.add_disabled);
   BitmapArgs b = ParseBitmapArgs({"--socket", "s", "b1", "--clear", "--transient", "--persistent"});
-  EXPECT_EQ(Kinds(b), (std::vector<OpKind>{OpKind::kClear, OpKind::kTransient,
-                                           OpKind::kPersistent}));
+  EXPECT_EQ(Kinds(b),
+            (std::vector<OpKind>{OpKind::kClear, OpKind::kTransient, OpKind::kPersistent}));
   EXPECT_FALSE(b.opts.add_transient);
   // Offline every bitmap is persistent.
   EXPECT_THROW(ParseBitmapArgs({"f", "b", "--add", "--transient"}), UsageError);

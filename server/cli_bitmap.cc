@@ -36,12 +36,8 @@ Json BitmapJson(const qcow2::BitmapInfo& b) {
   std::vector<std::string> flags;
   if (b.in_use) flags.push_back("in-use");
   if (b.enabled) flags.push_back("auto");
-  return {{"name", b.name},
-          {"granularity", b.granularity()},
-          {"flags", flags},
-          {"enabled", b.enabled},
-          {"consistent", b.consistent},
-          {"persistent", true}};
+  return {{"name", b.name},       {"granularity", b.granularity()}, {"flags", flags},
+          {"enabled", b.enabled}, {"consistent", b.consistent},     {"persistent", true}};
 }
 
 }  // namespace

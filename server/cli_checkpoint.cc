@@ -69,7 +69,8 @@ int RunCheckpoint(const std::vector<std::string>& args) {
   const std::string image =
       live.ok() && live->container ? *live->container : std::string("the filter");
   std::cout << image << ": checkpoint: bitmap '" << freeze << "' frozen";
-  if (frozen && frozen->dirty_bytes) std::cout << " (" << HumanSize(*frozen->dirty_bytes) << " dirty)";
+  if (frozen && frozen->dirty_bytes)
+    std::cout << " (" << HumanSize(*frozen->dirty_bytes) << " dirty)";
   std::cout << ", bitmap '" << new_name << "' recording";
   if (started) std::cout << " (granularity " << started->granularity << ")";
   std::cout << "\n";

@@ -80,8 +80,9 @@ bool ParseFileCommand(const std::vector<std::string>& args, po::options_descript
   ApplyCommonOptions(common);
   if (socket && !socket->empty()) {
     if (!file.empty())
-      throw UsageError("FILE and --socket PATH together; give one: --socket asks a running "
-                       "filter, FILE reads a stored container");
+      throw UsageError(
+          "FILE and --socket PATH together; give one: --socket asks a running "
+          "filter, FILE reads a stored container");
     return false;
   }
   if (file.empty()) throw UsageError(socket ? "missing FILE (or --socket PATH)" : "missing FILE");

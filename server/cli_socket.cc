@@ -62,8 +62,7 @@ Result<json> SocketCall(const std::string& socket, std::string_view command,
     return Status::NotSupported(where + "the filter does not know '" + std::string(command) +
                                 "' (older than this cbt?): " + s.message());
   if (s.IsNotFound() && s.err() == ENOENT && s.message().find("cbt-control=") == std::string::npos)
-    return Status::NotFound(s.message() + "; list bitmaps with 'cbt info --socket " + socket +
-                            "'");
+    return Status::NotFound(s.message() + "; list bitmaps with 'cbt info --socket " + socket + "'");
   return s;
 }
 
@@ -307,8 +306,8 @@ int RunBitmapSocket(const BitmapArgs& a) {
                {"socket", a.socket}});
   } else if (now) {
     std::cout << image << ": bitmap '" << a.name << "': granularity " << now->granularity << ", "
-              << (now->recording ? "enabled" : "disabled")
-              << (now->persistent ? "" : ", transient") << "\n";
+              << (now->recording ? "enabled" : "disabled") << (now->persistent ? "" : ", transient")
+              << "\n";
   } else if (live.ok()) {
     std::cout << image << ": bitmap '" << a.name << "' removed\n";
   }

@@ -164,9 +164,9 @@ Result<std::string> Exchange(const std::string& path, std::string_view line,
     if (n < 0 && errno == EAGAIN) {
       CBT_ASSIGN_OR_RETURN(bool ready, WaitFor(fd.get(), POLLOUT, deadline, path));
       if (!ready)
-        return Status::IOError(
-            Where(path) + ": the server did not take the request within " + Seconds(options.timeout),
-            ETIMEDOUT);
+        return Status::IOError(Where(path) + ": the server did not take the request within " +
+                                   Seconds(options.timeout),
+                               ETIMEDOUT);
       continue;
     }
     return Status::FromErrno(errno, Where(path) + ": send");
@@ -185,11 +185,11 @@ Result<std::string> Exchange(const std::string& path, std::string_view line,
     if (buf.size() > options.max_reply_bytes) break;
     CBT_ASSIGN_OR_RETURN(bool ready, WaitFor(fd.get(), POLLIN, deadline, path));
     if (!ready)
-      return Status::IOError(Where(path) + ": no reply within " + Seconds(options.timeout) +
-                                 (buf.empty() ? std::string()
-                                              : " (" + std::to_string(buf.size()) +
-                                                    " bytes of an unfinished reply)"),
-                             ETIMEDOUT);
+      return Status::IOError(
+          Where(path) + ": no reply within " + Seconds(options.timeout) +
+              (buf.empty() ? std::string()
+                           : " (" + std::to_string(buf.size()) + " bytes of an unfinished reply)"),
+          ETIMEDOUT);
     const ssize_t n = read(fd.get(), chunk, sizeof(chunk));
     if (n > 0) {
       buf.append(chunk, static_cast<size_t>(n));
@@ -217,10 +217,9 @@ Result<json> Call(const std::string& path, std::string_view command, const json&
   json request = {{"execute", std::string(command)}, {"id", kId}};
   if (!arguments.is_null() && !(arguments.is_object() && arguments.empty()))
     request["arguments"] = arguments;
-  CBT_ASSIGN_OR_RETURN(std::string line,
-                       Exchange(path, request.dump(-1, ' ', false,
-                                                   json::error_handler_t::replace),
-                                options));
+  CBT_ASSIGN_OR_RETURN(
+      std::string line,
+      Exchange(path, request.dump(-1, ' ', false, json::error_handler_t::replace), options));
   json reply;
   try {
     reply = json::parse(line);
@@ -231,20 +230,18 @@ Result<json> Call(const std::string& path, std::string_view command, const json&
     return Status::IOError(Where(path) + ": the reply is not JSON: '" + shown +
                            (line.size() > 80 ? "...'" : "'") + " (is a cbt filter serving it?)");
   }
-  if (!reply.is_object())
-    return Status::IOError(Where(path) + ": the reply is not a JSON object");
+  if (!reply.is_object()) return Status::IOError(Where(path) + ": the reply is not a JSON object");
   const bool has_return = reply.contains("return"), has_error = reply.contains("error");
   if (has_return == has_error)
-    return Status::IOError(Where(path) + ": the reply has " +
-                           (has_return ? "both \"return\" and \"error\""
-                                       : "neither \"return\" nor \"error\""));
+    return Status::IOError(
+        Where(path) + ": the reply has " +
+        (has_return ? "both \"return\" and \"error\"" : "neither \"return\" nor \"error\""));
   if (auto it = reply.find("id"); it != reply.end() && *it != json(kId))
-    return Status::IOError(Where(path) + ": the reply is for another request (id " +
-                           it->dump() + ")");
+    return Status::IOError(Where(path) + ": the reply is for another request (id " + it->dump() +
+                           ")");
   // An error without id is the server refusing the connection itself.
   if (has_error) return StatusFromError(reply["error"]);
-  if (!reply.contains("id"))
-    return Status::IOError(Where(path) + ": the reply carries no id");
+  if (!reply.contains("id")) return Status::IOError(Where(path) + ": the reply carries no id");
   return std::move(reply["return"]);
 }
 

@@ -283,9 +283,10 @@ TEST_F(ControlClientTest, SilentServerTimesOut) {
 // line without id, then close, without reading the request.
 TEST_F(ControlClientTest, RefusalLineWithoutId) {
   RawServer s(path_, [](int fd) {
-    Write(fd,
-          R"({"error":{"class":"PermissionDenied","desc":"control socket: peer uid 65534 is neither the server's nor root"}})"
-          "\n");
+    Write(
+        fd,
+        R"({"error":{"class":"PermissionDenied","desc":"control socket: peer uid 65534 is neither the server's nor root"}})"
+        "\n");
   });
   ASSERT_TRUE(s.ok());
   Result<json> r = Call(path_, "query-bitmaps");
