@@ -123,7 +123,7 @@ int RunInfoSocket(const std::string& socket, const CommonOptions& common) {
     }
     PrintJson({{"filename", info.container ? Json(image) : Json()},
                {"format", "qcow2"},
-               {"virtual-size", info.disk_size},
+               {"virtual-size", info.disk_size ? Json(*info.disk_size) : Json()},
                {"cluster-size", info.cluster_size ? Json(*info.cluster_size) : Json()},
                {"data-file", Json()},
                {"bitmaps", bitmaps},
@@ -135,12 +135,14 @@ int RunInfoSocket(const std::string& socket, const CommonOptions& common) {
   std::cout << "socket: " << socket << "\n"
             << "image: " << (info.container ? image : "unknown (not reported by the filter)")
             << "\n";
-  if (info.attached)
-    std::cout << "virtual size: " << HumanSize(info.disk_size) << " (" << info.disk_size
-              << " bytes)\n";
-  else
+  if (!info.attached)
     std::cout << "virtual size: unknown until a writable client connects (the filter opens its "
                  "bitmaps then)\n";
+  else if (!info.disk_size)
+    std::cout << "virtual size: unknown (not reported by the filter)\n";
+  else
+    std::cout << "virtual size: " << HumanSize(*info.disk_size) << " (" << *info.disk_size
+              << " bytes)\n";
   std::cout << "cluster size: "
             << (info.cluster_size ? std::to_string(*info.cluster_size) : std::string("unknown"))
             << "\n"

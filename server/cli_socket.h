@@ -26,11 +26,11 @@ struct LiveBitmap {
   std::optional<uint64_t> dirty_bytes;  // nullopt: inconsistent
 };
 
-// query-bitmaps. Fields an older filter does not send (container,
+// query-bitmaps. Fields an older filter does not send (disk-size, container,
 // cluster-size, consistent) are nullopt / true.
 struct LiveInfo {
   bool attached = false;
-  uint64_t disk_size = 0;
+  std::optional<uint64_t> disk_size;  // 0 before attached
   std::optional<std::string> container;
   std::optional<uint64_t> cluster_size;
   std::vector<LiveBitmap> bitmaps;
