@@ -61,8 +61,13 @@ Result<json> SocketCall(const std::string& socket, std::string_view command,
   if (s.IsInvalidArgument() && s.message().rfind("execute: unknown command", 0) == 0)
     return Status::NotSupported(where + "the filter does not know '" + std::string(command) +
                                 "' (older than this cbt?): " + s.message());
-  if (s.IsNotFound() && s.err() == ENOENT && s.message().find("cbt-control=") == std::string::npos)
-    return Status::NotFound(s.message() + "; list bitmaps with 'cbt info --socket " + socket + "'");
+  if (s.IsNotFound() && s.err() == ENOENT &&
+      s.message().find("cbt-control=") == std::string::npos) {
+    // The filter's hint names its protocol ("; list the bitmaps with
+    // query-bitmaps"): name the command instead.
+    std::string m = s.message().substr(0, s.message().find("; list"));
+    return Status::NotFound(m + "; list bitmaps with 'cbt info --socket " + socket + "'");
+  }
   return s;
 }
 

@@ -77,6 +77,8 @@ class FakeFilter : public control::Handler {
                      {"in-use", true},
                      {"consistent", true},
                      {"dirty-bytes", 800}}}}};
+    if (r.command == control::Command::kBitmapClear)
+      return Status::NotFound("bitmap 'x' not found; list the bitmaps with query-bitmaps");
     if (r.command != control::Command::kQueryBitmapExtents) return Status::NotSupported("not here");
     const auto& a = std::get<control::ExtentsArgs>(r.args);
     asked.push_back(a.offset);
@@ -176,6 +178,16 @@ TEST_F(CliSocketTest, NotSupportedNamesTheSocketAndCommand) {
   EXPECT_EQ(rc, 1);
   EXPECT_EQ(err,
             "cbt: control socket '" + path_ + "': checkpoint: not here (nothing was changed)\n");
+}
+
+TEST_F(CliSocketTest, NotFoundPointsAtCbtInfoSocket) {
+  int rc = -1;
+  testing::internal::CaptureStderr();
+  Run(RunBitmap, {"--socket", path_, "x", "--clear"}, &rc);
+  std::string err = testing::internal::GetCapturedStderr();
+  EXPECT_EQ(rc, 1);
+  EXPECT_EQ(err,
+            "cbt: bitmap 'x' not found; list bitmaps with 'cbt info --socket " + path_ + "'\n");
 }
 
 }  // namespace
