@@ -75,11 +75,12 @@ Result<LiveInfo> QueryLive(const std::string& socket) {
   CBT_ASSIGN_OR_RETURN(json r, SocketCall(socket, "query-bitmaps"));
   LiveInfo info;
   info.attached = BoolOr(r, "attached", false);
-  if (auto it = r.find("disk-size"); it != r.end() && it->is_number_unsigned())
+  // Before attach the filter sends 0 for sizes it does not know yet.
+  if (auto it = r.find("disk-size"); it != r.end() && it->is_number_unsigned() && info.attached)
     info.disk_size = it->get<uint64_t>();
-  if (auto it = r.find("container"); it != r.end() && it->is_string())
+  if (auto it = r.find("container"); it != r.end() && it->is_string() && !it->empty())
     info.container = it->get<std::string>();
-  if (auto it = r.find("cluster-size"); it != r.end() && it->is_number_unsigned())
+  if (auto it = r.find("cluster-size"); it != r.end() && it->is_number_unsigned() && *it != 0)
     info.cluster_size = it->get<uint64_t>();
   auto list = r.find("bitmaps");
   if (list == r.end() || !list->is_array())

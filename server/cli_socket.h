@@ -30,7 +30,7 @@ struct LiveBitmap {
 // cluster-size, consistent) are nullopt / true.
 struct LiveInfo {
   bool attached = false;
-  std::optional<uint64_t> disk_size;  // 0 before attached
+  std::optional<uint64_t> disk_size;  // nullopt before attached
   std::optional<std::string> container;
   std::optional<uint64_t> cluster_size;
   std::vector<LiveBitmap> bitmaps;
