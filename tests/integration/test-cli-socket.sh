@@ -105,11 +105,6 @@ start_nbdkit "$T/sock" --filter="$FILTER" file "$T/disk.raw" cbt-file="$T/disk.c
   cbt-bitmap=b0 cbt-create=true cbt-control="$CTL"
 wait_for 30 [ -S "$CTL" ] || fail "no control socket at $CTL"
 
-# The filter today may not implement the edits yet (docs/control.md): say so.
-r=$(ctl '{"execute":"bitmap-remove","arguments":{"name":"no-such-bitmap"}}')
-if [ "$(jq -r '.error.class // empty' <<<"$r")" = NotSupported ]; then
-  skip "the filter does not implement bitmap edits over the control socket yet: $r"
-fi
 
 # Granularity 64K: granules 0; 16,17 -> 196608 dirty bytes.
 write 0 64k
