@@ -25,10 +25,10 @@ struct Command {
 
 constexpr Command kCommands[] = {
     {"create", cbt::cli::RunCreate, "create a qcow2 file to hold bitmaps (of a raw disk)"},
-    {"info", cbt::cli::RunInfo, "show a qcow2 file's size and bitmaps"},
+    {"info", cbt::cli::RunInfo, "show a qcow2 file's (or a running filter's) size and bitmaps"},
     {"bitmap", cbt::cli::RunBitmap,
      "add, remove, clear, enable, disable or merge bitmaps (as qemu-img bitmap)"},
-    {"map", cbt::cli::RunMap, "list the dirty extents of a bitmap"},
+    {"map", cbt::cli::RunMap, "list the dirty extents of a bitmap (stored, or live with --socket)"},
     {"check", cbt::cli::RunCheck, "check (and repair) a qcow2 file (as qemu-img check)"},
     {"recover", cbt::cli::RunRecover, "make a bitmap left in use by a crash usable again"},
     {"checkpoint", cbt::cli::RunCheckpoint,
