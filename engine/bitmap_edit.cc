@@ -90,6 +90,10 @@ Result<std::shared_ptr<DirtyBitmap>> BitmapEditSet::Clone(const DirtyBitmap& src
 
 Result<std::shared_ptr<DirtyBitmap>> BitmapEditSet::Content(const EditEntry& e) {
   if (e.data || e.stored.empty()) return e.data;
+  // Online every consistent bitmap is in memory, and the container is not
+  // read here (the edit runs without the store lock).
+  if (where_ == Where::kOnline)
+    return Status::InvalidArgument("internal: bitmap '" + e.name + "' is not loaded");
   CBT_ASSIGN_OR_RETURN(std::unique_ptr<DirtyBitmap> b, LoadBitmap(img_, e.stored, disk_size_));
   // Cache it: equal to the stored data, so still not new content.
   EditEntry* mut = Find(e.name);

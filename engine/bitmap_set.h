@@ -37,11 +37,15 @@ struct BitmapSet {
   std::vector<size_t> stored;  // persistent and consistent: what Persist writes
   // Names of the persistent recording bitmaps: those in_use is set on.
   std::vector<std::string> in_use_names;
+  // Versions count up; the container holds one of them (Tracker).
+  uint64_t generation = 0;
 
   // Fills the index lists from `all`.
-  static std::shared_ptr<const BitmapSet> Make(std::vector<LiveBitmap> all) {
+  static std::shared_ptr<const BitmapSet> Make(std::vector<LiveBitmap> all,
+                                               uint64_t generation = 0) {
     auto s = std::make_shared<BitmapSet>();
     s->all = std::move(all);
+    s->generation = generation;
     for (size_t i = 0; i < s->all.size(); ++i) {
       const LiveBitmap& b = s->all[i];
       if (!b.consistent) continue;

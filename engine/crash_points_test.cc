@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <functional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "engine/tracker.h"
@@ -188,9 +189,14 @@ struct EditProgress {
   int edits_done = 0;                         // edits that returned OK
   bool in_edit = false;                       // the crash hit an edit
   std::vector<Range> before, after1, after2;  // forwarded changes by stage
+  // A change made on another thread while the first edit stores (after its
+  // swap, before its commit), in a region already recorded: it needs no
+  // gate, so it is forwarded at once. After a crash it must be in b1 if the
+  // new set is there, else in b0 (recovered from the record).
+  std::vector<Range> window;
 };
 
-void EditSession(Tracker& t, EditProgress* p) {
+void EditSession(Tracker& t, testing::CrashIO& dev, EditProgress* p) {
   auto change = [&](uint64_t off, uint64_t len, std::vector<Range>* into) {
     if (!t.BeginChange(off, len).ok()) return false;
     into->push_back({off, len});
@@ -205,11 +211,19 @@ void EditSession(Tracker& t, EditProgress* p) {
   };
   if (!change(1 * MiB, 64 * KiB, &p->before)) return;
   if (!change(130 * MiB, 1 * MiB, &p->before)) return;
+  bool armed = true;
+  dev.SetWriteHook([&] {
+    if (!armed) return;
+    armed = false;
+    std::thread other([&] { change(1 * MiB + 512 * KiB, 4 * KiB, &p->window); });
+    other.join();
+  });
   if (!edit([](BitmapEditSet& s) {
         Status st = s.Checkpoint("b0", "b1");
         return st.ok() ? s.Add("t2", 4096, true, /*disabled=*/true) : st;
       }))
     return;
+  dev.SetWriteHook(nullptr);
   if (!change(200 * MiB, 64 * KiB, &p->after1)) return;
   if (!change(5 * MiB, 4 * KiB, &p->after1)) return;
   if (!edit([](BitmapEditSet& s) {
@@ -263,6 +277,10 @@ void JudgeEdit(const Bytes& img, Durability mode, const EditProgress& p, const s
   }
   for (const Range& r : p.before)
     EXPECT_TRUE(b0->IsDirty(r.off, r.len)) << where << ": b0 lost [" << r.off << ", +" << r.len;
+  if (!has_b1) {
+    for (const Range& r : p.window)
+      EXPECT_TRUE(b0->IsDirty(r.off, r.len)) << where << ": b0 lost the window's change";
+  }
   if (has_b1) {
     auto b1 = (*t)->Bitmap("b1");
     if (!b1) {
@@ -271,6 +289,8 @@ void JudgeEdit(const Bytes& img, Durability mode, const EditProgress& p, const s
     }
     for (const Range& r : p.after1)
       EXPECT_TRUE(b1->IsDirty(r.off, r.len)) << where << ": b1 lost [" << r.off << ", +" << r.len;
+    for (const Range& r : p.window)
+      EXPECT_TRUE(b1->IsDirty(r.off, r.len)) << where << ": b1 lost the window's change";
     for (const Range& r : p.after2)
       EXPECT_TRUE(b1->IsDirty(r.off, r.len)) << where << ": b1 lost [" << r.off << ", +" << r.len;
     if (names == s2) {  // merged: b0 holds what b1 held at the merge
@@ -293,9 +313,14 @@ void EnumerateEdits(Durability mode, const char* label) {
       auto t = Tracker::Open(Options(st, mode), kDisk);
       ASSERT_TRUE(t.ok()) << t.status().ToString();
       dev->CrashAfterWrites(n);
-      EditSession(**t, &p);
+      EditSession(**t, *dev, &p);
+      dev->SetWriteHook(nullptr);
     }
     const bool finished = !dev->crashed();
+    if (finished) {
+      EXPECT_EQ(p.window.size(), 1u) << "the change during the edit's store did not run";
+      EXPECT_EQ(p.edits_done, 2);
+    }
     const std::string where = std::string(label) + " edits, crash after write " + std::to_string(n);
     const Bytes kill9 = dev->ProcessCrashImage();
     JudgeEdit(kill9, mode, p, where + " (kill -9)");

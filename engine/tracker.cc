@@ -357,6 +357,7 @@ Status Tracker::Attach(uint64_t disk_size) {
     all.push_back(std::move(lb));
   }
   Publish(BitmapSet::Make(std::move(all)));
+  stored_set_ = set_;
   if (recovering) CBT_RETURN_IF_ERROR(Recover());
   CBT_RETURN_IF_ERROR(ArmRecord());
   attached_rw_.store(true);
@@ -368,7 +369,7 @@ Status Tracker::Attach(uint64_t disk_size) {
 // flush the record stays as found, so a crash during recovery recovers again.
 Status Tracker::Recover() {
   uint64_t before = 0, after = 0;
-  const BitmapSet& set = *set_;
+  const BitmapSet& set = *stored_set_;
   for (size_t i : set.recording) before += set.all[i].bits->DirtyGranules();
   for (auto [off, len] : found_record_->RecordedRanges())
     for (size_t i : set.recording) CBT_RETURN_IF_ERROR(set.all[i].bits->Mark(off, len).status());
@@ -466,7 +467,8 @@ Result<Tracker::Change> Tracker::BeginChange(uint64_t offset, uint64_t length) {
 // Group commit: every writer waiting here has Want()ed its regions, so the
 // first one through writes them all in one record write (and one flush).
 Status Tracker::EnsureRecorded(const BitmapSet& set, uint64_t first_region, uint64_t last_region) {
-  std::lock_guard lock(store_mu_);
+  std::unique_lock lock(store_mu_);
+  CBT_RETURN_IF_ERROR(WaitStored(lock, set));
   if (!image_) return Status::IOError("cbt: container already closed", ESHUTDOWN);
   intents_->Want(first_region, last_region);  // again: a persist may have cleared it
   std::vector<uint64_t> snap = intents_->Snapshot();
@@ -493,8 +495,21 @@ Status Tracker::EnsureRecorded(const BitmapSet& set, uint64_t first_region, uint
   return Status::OK();
 }
 
+// A change marked in a set an edit has swapped in but not stored yet waits
+// for the edit's commit: in_use goes on that set's bitmaps.
+Status Tracker::WaitStored(std::unique_lock<std::mutex>& lock, const BitmapSet& set) {
+  committed_cv_.wait(lock, [&] {
+    return !stored_set_ || stored_set_->generation >= set.generation ||
+           abandoned_generation_ == set.generation;
+  });
+  if (stored_set_ && stored_set_->generation < set.generation)
+    return Status::IOError("cbt: the online edit this change ran under failed to store");
+  return Status::OK();
+}
+
 Status Tracker::EnsureInUse(const BitmapSet& set) {
-  std::lock_guard lock(store_mu_);
+  std::unique_lock lock(store_mu_);
+  CBT_RETURN_IF_ERROR(WaitStored(lock, set));
   if (in_use_durable_.load()) return Status::OK();  // set by a writer we queued behind
   if (!image_) return Status::IOError("cbt: container already closed", ESHUTDOWN);
   CBT_RETURN_IF_ERROR(ArmLocked());

@@ -36,6 +36,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -151,8 +152,10 @@ class Tracker {
   // stores the new set with one directory switch when the container's set
   // changed, and swaps it in. Failure of `ops` or of the store: nothing
   // changed in memory; on disk the old set (maybe persisted further).
-  // Busy also before a writable Attach. REQUIRES: the calling thread holds
-  // no Change.
+  // Busy also before a writable Attach. Writes wait only for the drain and
+  // the swap (no I/O); the store runs while they go on, and Edit returns
+  // once it is durable. REQUIRES: the calling thread holds no Change; not
+  // concurrent with Close.
   using EditOps = std::function<Status(BitmapEditSet&)>;
   Status Edit(const EditOps& ops, std::chrono::milliseconds drain_timeout);
 
@@ -198,6 +201,9 @@ class Tracker {
   Status LoadContainerState();
   Status CheckBitmaps() const;
   Status EnsureInUse(const BitmapSet& set);
+  Status WaitStored(std::unique_lock<std::mutex>& lock, const BitmapSet& set);
+  struct PreparedEdit;
+  void RollBack(const PreparedEdit& p);
   Status EnsureRecorded(const BitmapSet& set, uint64_t first_region, uint64_t last_region);
   Status ClearInUseLocked();
   Status PersistLocked();
@@ -206,7 +212,7 @@ class Tracker {
   void RestoreLocked(const SlotWrites& w);
   void ApplyDurableLocked(const SlotWrites& w);
   Status StoreEditLocked(std::vector<qcow2::BitmapSpec>& specs, bool* committed);
-  Status EditLocked(const EditOps& ops);
+  Status PrepareEdit(const EditOps& ops, PreparedEdit& out);
   void Publish(std::shared_ptr<const BitmapSet> set);
   bool RecordRecoverable() const;
   Status Recover();
@@ -238,12 +244,19 @@ class Tracker {
   mutable std::mutex stats_mu_;  // guards stats_ (never held across I/O)
   TrackerStats stats_;
 
-  // The bitmaps. set_ owns the current version (swapped under store_mu_
-  // and set_mu_ while the gate is drained); live_ is the same pointer for
-  // the data path, read without a lock inside the gate.
+  // The bitmaps. set_ owns the current version (swapped under set_mu_
+  // while the gate is drained); live_ is the same pointer for the data
+  // path, read without a lock inside the gate. stored_set_ is the version
+  // the container holds (under store_mu_): between an edit's swap and its
+  // commit it is the one before, and committed_cv_ wakes writers waiting
+  // for the commit (a change needing the gate waits until its set is
+  // stored: in_use is set on the set's own bitmaps).
   mutable std::mutex set_mu_;
   std::shared_ptr<const BitmapSet> set_;
   std::atomic<const BitmapSet*> live_{nullptr};
+  std::shared_ptr<const BitmapSet> stored_set_;
+  std::condition_variable committed_cv_;
+  uint64_t abandoned_generation_ = 0;  // an edit whose commit failed
   ChangeGate gate_changes_;
   std::mutex edit_mu_;  // one edit at a time
 

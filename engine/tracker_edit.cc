@@ -1,28 +1,36 @@
 // Tracker: online edits of the bitmap set and the queries (tracker.h).
 //
-// An edit, step by step (store_mu_ held from 2 to 5):
+// An edit, step by step:
 //   1. Pause: new changes wait at the ChangeGate; the changes in flight are
 //      drained (bounded: Busy, nothing changed).
 //   2. The operations run on a BitmapEditSet seeded with the live bitmaps.
 //      Copy on write: a changed bitmap is a new object; the live ones are
-//      untouched, so a refused operation changes nothing.
-//   3. If the container's set changed: every changed chunk of the stored
-//      bitmaps is written in place (as a persist would, not flushed yet)...
+//      untouched, so a refused operation changes nothing. The new set is
+//      swapped in and changes go on. No I/O happens in 1-2: writes wait for
+//      the drain and some memory work, never for a flush.
+//   3. Under store_mu_, if the container's set changed: every changed chunk
+//      of the stored bitmaps is written in place (as a persist would)...
 //   4. ...and the new set goes in with one Image::Commit: new data to fresh
 //      clusters, one flush (which also covers step 3), one header switch,
 //      flushed. The new directory keeps in_use set on the bitmaps that go
 //      on recording (if it was set) and clear on the others, whose data is
-//      exact by then. A crash before the switch leaves the old set, in the
-//      state of any crash while serving (in_use set: recovered from the
-//      crash-safety record, or refused in mode none); after it, the new
-//      set. Never a mix.
-//   5. The new BitmapSet is published, with a durable shadow for every
-//      persistent recording bitmap, and changes go on. Under load in_use
-//      is set throughout, so the first change after an edit needs no flush.
-// Two flushes per edit (the commit's), whatever the load.
-// No change is in flight between 1 and the end, so every change is wholly
-// before the edit (marked in the old set, forwarded and answered) or wholly
-// after it (marked in the new set).
+//      exact by then. Only then does the edit return.
+// Every change is wholly before the swap (marked in the old set, forwarded
+// and answered: drained) or wholly after it (marked in the new set).
+//
+// Between the swap and the commit the container still holds the old set,
+// with in_use set if changes are pending. A change after the swap that
+// needs the durability gate (in_use or a record write) waits for the commit
+// (WaitStored: in_use goes on the new set's bitmaps); one that does not is
+// covered by the old set's in_use and the crash-safety record: a crash
+// before the switch recovers its region into the old set's bitmaps (or, in
+// mode none, refuses them), never loses it. A persist in that window
+// writes the old set's bitmaps and leaves in_use set. A crash before the
+// switch leaves the old set, after it the new one; never a mix.
+//
+// If the store fails, the edit is rolled back: changes waiting for it fail,
+// the old set becomes current again with every change marked since the
+// swap merged into its recording bitmaps.
 #include <spdlog/spdlog.h>
 
 #include <chrono>
@@ -71,6 +79,13 @@ std::vector<BitmapStatus> Tracker::QueryBitmaps() const {
   return out;
 }
 
+// What an edit swaps in and then stores.
+struct Tracker::PreparedEdit {
+  std::shared_ptr<const BitmapSet> before, next;
+  std::unique_ptr<BitmapEditSet> edit;  // its Specs() point into it
+  bool store = false;                   // the container's set changes
+};
+
 Status Tracker::Edit(const EditOps& ops, std::chrono::milliseconds drain_timeout) {
   if (opts_.readonly)
     return Status::InvalidArgument(
@@ -79,30 +94,85 @@ Status Tracker::Edit(const EditOps& ops, std::chrono::milliseconds drain_timeout
     return Status::Busy(
         "the bitmaps are loaded when the first writable client connects; no edits before that");
   std::lock_guard one(edit_mu_);
+  if (!image_) return Status::IOError("cbt: container already closed", ESHUTDOWN);
+
+  // 1-2. Drain, apply, swap: the only time writes wait (no I/O in it).
   const auto t0 = std::chrono::steady_clock::now();
   CBT_RETURN_IF_ERROR(gate_changes_.Pause(drain_timeout));
-  Status s;
-  {
-    std::lock_guard lock(store_mu_);
-    s = EditLocked(ops);
-  }
+  PreparedEdit p;
+  Status s = PrepareEdit(ops, p);
+  if (s.ok()) Publish(p.next);
   gate_changes_.Resume();
   const auto us = static_cast<uint64_t>(
       std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0)
           .count());
-  std::lock_guard lock(stats_mu_);
-  if (s.ok()) ++stats_.edits;
-  stats_.longest_drain_us = std::max(stats_.longest_drain_us, us);
-  return s;
+  {
+    std::lock_guard lock(stats_mu_);
+    stats_.longest_drain_us = std::max(stats_.longest_drain_us, us);
+  }
+  if (!s.ok()) return s;
+
+  // 3-4. Store, while changes go on.
+  std::unique_lock lock(store_mu_);
+  if (p.store) {
+    // in_use as it is now: set when changes are pending (the next change
+    // then needs no flush), and only on what goes on recording.
+    const bool in_use = in_use_on_disk_.load();
+    std::vector<qcow2::BitmapSpec> specs = p.edit->Specs();
+    for (qcow2::BitmapSpec& spec : specs)
+      for (const EditEntry& e : p.edit->entries())
+        if (e.name == spec.name && e.consistent) spec.in_use = in_use && e.recording;
+    bool committed = false;
+    s = image_ ? StoreEditLocked(specs, &committed)
+               : Status::IOError("cbt: container already closed", ESHUTDOWN);
+    if (!s.ok()) {
+      abandoned_generation_ = p.next->generation;
+      committed_cv_.notify_all();
+      lock.unlock();
+      RollBack(p);
+      return s;
+    }
+    const bool now_in_use = in_use && !p.next->in_use_names.empty();
+    in_use_on_disk_.store(now_in_use);
+    in_use_durable_.store(now_in_use);
+  }
+  stored_set_ = p.next;
+  committed_cv_.notify_all();
+  std::lock_guard st(stats_mu_);
+  ++stats_.edits;
+  return Status::OK();
 }
 
-Status Tracker::EditLocked(const EditOps& ops) {
-  if (!image_) return Status::IOError("cbt: container already closed", ESHUTDOWN);
-  const std::shared_ptr<const BitmapSet> cur = set_;
+// The store failed: the container still holds `before`. Changes since the
+// swap may be marked only in the new set's bitmaps; they go into every
+// recording bitmap of `before` (a superset), which becomes current again.
+void Tracker::RollBack(const PreparedEdit& p) {
+  // Unbounded on purpose: the changes in flight finish (those waiting for
+  // the store were failed just now); the set must not stay half there.
+  while (!gate_changes_.Pause(std::chrono::milliseconds(60000)).ok())
+    spdlog::warn("cbt: rolling back a failed edit: still waiting for changes in flight");
+  std::vector<LiveBitmap> all = p.before->all;
+  for (size_t i : p.next->recording) {
+    const LiveBitmap& n = p.next->all[i];
+    for (size_t j : p.before->recording)
+      if (all[j].bits != n.bits) all[j].bits->Merge(*n.bits);
+  }
+  std::shared_ptr<const BitmapSet> back = BitmapSet::Make(std::move(all), p.next->generation + 1);
+  Publish(back);
+  {
+    std::lock_guard lock(store_mu_);
+    stored_set_ = back;
+    committed_cv_.notify_all();
+  }
+  gate_changes_.Resume();
+}
 
-  // 2. The operations, copy-on-write; nothing is written yet.
+// Under the drained gate: the operations on a copy-on-write working set,
+// and the new set to swap in. Touches no container I/O.
+Status Tracker::PrepareEdit(const EditOps& ops, PreparedEdit& p) {
+  p.before = Snapshot();
   std::vector<EditEntry> entries;
-  for (const LiveBitmap& b : cur->all) {
+  for (const LiveBitmap& b : p.before->all) {
     EditEntry e;
     e.name = b.name;
     e.granularity_bits = b.granularity_bits;
@@ -113,27 +183,18 @@ Status Tracker::EditLocked(const EditOps& ops) {
     e.data = b.bits;
     entries.push_back(std::move(e));
   }
-  BitmapEditSet edit(*image_, disk_size_, std::move(entries), BitmapEditSet::Where::kOnline);
-  CBT_RETURN_IF_ERROR(ops(edit));
+  p.edit = std::make_unique<BitmapEditSet>(*image_, disk_size_, std::move(entries),
+                                           BitmapEditSet::Where::kOnline);
+  CBT_RETURN_IF_ERROR(ops(*p.edit));
+  p.store = p.edit->stored_set_changed();
 
-  // 3-4. The changed chunks in place and the new set in one directory
-  // switch. in_use stays as it was for what keeps recording (set when
-  // changes are pending, so the next change needs no flush), and is clear
-  // on everything else: its data is exact once the switch is durable.
-  const bool in_use = in_use_on_disk_.load();
-  if (edit.stored_set_changed()) {
-    std::vector<qcow2::BitmapSpec> specs = edit.Specs();
-    for (qcow2::BitmapSpec& spec : specs)
-      for (const EditEntry& e : edit.entries())
-        if (e.name == spec.name && e.consistent) spec.in_use = in_use && e.recording;
-    bool committed = false;
-    CBT_RETURN_IF_ERROR(StoreEditLocked(specs, &committed));
-  }
-
-  // 5. The new set. Every stored bitmap is exact or in use on disk; every
-  // recording persistent one gets a shadow equal to what is durable.
+  // The new set. A kept recording bitmap keeps its shadow (still exact). A
+  // bitmap with new bits, or newly recording, starts with an empty one:
+  // nothing of it counts as durable until a persist has written it. New
+  // bits are written whole by the commit; what is marked from now on is
+  // pending for the next persist.
   std::vector<LiveBitmap> all;
-  for (const EditEntry& e : edit.entries()) {
+  for (const EditEntry& e : p.edit->entries()) {
     LiveBitmap lb;
     lb.name = e.name;
     lb.granularity_bits = e.granularity_bits;
@@ -143,21 +204,18 @@ Status Tracker::EditLocked(const EditOps& ops) {
     lb.bits = e.data;
     if (e.consistent && e.persistent && e.new_content) (void)lb.bits->TakeChangedChunks();
     if (e.consistent && e.persistent && e.recording) {
-      for (const LiveBitmap& o : cur->all)
+      for (const LiveBitmap& o : p.before->all)
         if (!e.new_content && o.bits == e.data && o.durable) lb.durable = o.durable;
       if (!lb.durable) {
-        CBT_ASSIGN_OR_RETURN(lb.durable, CopyOf(*lb.bits));
+        CBT_ASSIGN_OR_RETURN(std::unique_ptr<DirtyBitmap> empty,
+                             DirtyBitmap::Create(lb.bits->disk_size(), lb.bits->granularity(),
+                                                 lb.bits->chunk_bytes()));
+        lb.durable = std::move(empty);
       }
     }
     all.push_back(std::move(lb));
   }
-  std::shared_ptr<const BitmapSet> next = BitmapSet::Make(std::move(all));
-  // in_use on disk now: set on the new set's recording bitmaps iff it was
-  // set before (and there are any).
-  const bool now_in_use = in_use && !next->in_use_names.empty();
-  Publish(std::move(next));
-  in_use_on_disk_.store(now_in_use);
-  in_use_durable_.store(now_in_use);
+  p.next = BitmapSet::Make(std::move(all), p.before->generation + 1);
   return Status::OK();
 }
 

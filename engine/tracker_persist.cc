@@ -53,7 +53,7 @@ struct Tracker::SlotWrites {
 // Writes every changed chunk of every stored bitmap in place; not flushed.
 // On failure every taken chunk is pending again.
 Status Tracker::WriteChangedLocked(SlotWrites& w) {
-  const BitmapSet& set = *set_;  // edits swap it under store_mu_ only
+  const BitmapSet& set = *stored_set_;  // what the container holds
   w.set = &set;
   const size_t n = set.stored.size();
   w.taken.assign(n, {});
@@ -106,7 +106,7 @@ void Tracker::ApplyDurableLocked(const SlotWrites& w) {
 
 Status Tracker::PersistLocked() {
   if (!image_) return Status::IOError("cbt: container already closed", ESHUTDOWN);
-  if (opts_.readonly || !set_) return Status::OK();
+  if (opts_.readonly || !stored_set_) return Status::OK();
   SlotWrites w;
   CBT_RETURN_IF_ERROR(WriteChangedLocked(w));
   if (w.wrote) {
@@ -149,7 +149,15 @@ Status Tracker::ClearInUseLocked() {
   if (!in_use_on_disk_.load()) return Status::OK();
   in_use_durable_.store(false);  // (C) new writers now queue at the gate
   while (marks_in_progress_.load() != 0) std::this_thread::yield();  // (D)
-  const BitmapSet& set = *set_;
+  // An edit has swapped in a set it has not stored yet: changes may be
+  // marked only in its new bitmaps, which this persist did not write; the
+  // edit's commit decides in_use. Checked after (C): a set swapped in
+  // later has writers that read in_use_durable_ false and queue.
+  if (Snapshot()->generation != stored_set_->generation) {
+    in_use_durable_.store(true);
+    return Status::OK();
+  }
+  const BitmapSet& set = *stored_set_;
   for (size_t i : set.stored) {
     if (set.all[i].bits->HasChangedChunks()) {  // (E) a change raced in: keep in_use
       in_use_durable_.store(true);

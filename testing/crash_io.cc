@@ -80,7 +80,18 @@ Status CrashIO::pread(std::span<std::byte> out, uint64_t offset) {
   return Status::OK();
 }
 
+void CrashIO::SetWriteHook(std::function<void()> hook) {
+  std::lock_guard lock(mu_);
+  hook_ = std::move(hook);
+}
+
 Status CrashIO::pwrite(std::span<const std::byte> in, uint64_t offset) {
+  std::function<void()> hook;
+  {
+    std::lock_guard lock(mu_);
+    hook = hook_;
+  }
+  if (hook) hook();  // outside the lock: it may use the device's owner
   std::lock_guard lock(mu_);
   CBT_RETURN_IF_ERROR(CheckAlive());
   if (budget_ == 0) {

@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <mutex>
 #include <vector>
@@ -42,6 +43,9 @@ class CrashIO final : public BlockIO {
 
   std::vector<std::byte> ProcessCrashImage() const;
   std::vector<std::byte> PowerCutImage(uint64_t variant) const;
+  // Called at the start of every pwrite, on the writing thread, outside the
+  // device's lock (a test runs something "while the write is under way").
+  void SetWriteHook(std::function<void()> hook);
   // Unflushed writes at this moment (what power-cut variants choose from).
   size_t pending_writes() const;
 
@@ -66,6 +70,7 @@ class CrashIO final : public BlockIO {
   uint64_t budget_ = kNever;
   bool crashed_ = false;
   uint64_t writes_ = 0, flushes_ = 0;
+  std::function<void()> hook_;
 };
 
 }  // namespace cbt::testing
