@@ -78,24 +78,7 @@ int RunMap(const std::vector<std::string>& args) {
   if (!b.ok()) return Fail(b.status());
   std::vector<Extent> extents = (*b)->Extents(offset, len);
 
-  if (common.format() == OutputFormat::kJson) {
-    Json j = Json::array();
-    for (const Extent& e : extents)
-      j.push_back({{"start", e.offset}, {"length", e.length}, {"dirty", e.dirty}});
-    PrintJson(j);
-    return kExitOk;
-  }
-  std::printf("%-20s%-20s%s\n", "Offset", "Length", "Dirty");
-  uint64_t dirty = 0, count = 0;
-  for (const Extent& e : extents) {
-    if (!e.dirty) continue;
-    std::printf("%-20s%-20s%s\n", Hex(e.offset).c_str(), Hex(e.length).c_str(), "yes");
-    dirty += e.length;
-    ++count;
-  }
-  std::printf("%s dirty in %llu extent%s (of %s from %s)\n", HumanSize(dirty).c_str(),
-              static_cast<unsigned long long>(count), count == 1 ? "" : "s", HumanSize(len).c_str(),
-              Hex(offset).c_str());
+  PrintExtents(extents, offset, len, common.format());
   return kExitOk;
 }
 

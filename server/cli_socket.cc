@@ -220,24 +220,7 @@ int RunMapSocket(const std::string& socket, const CommonOptions& common, const s
     if (end && at >= *end) break;
   }
 
-  if (common.format() == OutputFormat::kJson) {
-    Json j = Json::array();
-    for (const Extent& e : extents)
-      j.push_back({{"start", e.offset}, {"length", e.length}, {"dirty", e.dirty}});
-    PrintJson(j);
-    return kExitOk;
-  }
-  std::printf("%-20s%-20s%s\n", "Offset", "Length", "Dirty");
-  uint64_t dirty = 0, count = 0;
-  for (const Extent& e : extents) {
-    if (!e.dirty) continue;
-    std::printf("%-20s%-20s%s\n", Hex(e.offset).c_str(), Hex(e.length).c_str(), "yes");
-    dirty += e.length;
-    ++count;
-  }
-  std::printf("%s dirty in %llu extent%s (of %s from %s)\n", HumanSize(dirty).c_str(),
-              static_cast<unsigned long long>(count), count == 1 ? "" : "s",
-              HumanSize(at - offset).c_str(), Hex(offset).c_str());
+  PrintExtents(extents, offset, at - offset, common.format());
   return kExitOk;
 }
 

@@ -3,6 +3,8 @@
 #include <cstdio>
 #include <iostream>
 
+#include "server/size_parse.h"
+
 namespace cbt::cli {
 
 int Fail(std::string_view message, int code) {
@@ -28,6 +30,28 @@ std::string Hex(uint64_t v) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
   return buf;
+}
+
+void PrintExtents(const std::vector<Extent>& extents, uint64_t offset, uint64_t length,
+                  OutputFormat format) {
+  if (format == OutputFormat::kJson) {
+    Json j = Json::array();
+    for (const Extent& e : extents)
+      j.push_back({{"start", e.offset}, {"length", e.length}, {"dirty", e.dirty}});
+    PrintJson(j);
+    return;
+  }
+  std::printf("%-20s%-20s%s\n", "Offset", "Length", "Dirty");
+  uint64_t dirty = 0, count = 0;
+  for (const Extent& e : extents) {
+    if (!e.dirty) continue;
+    std::printf("%-20s%-20s%s\n", Hex(e.offset).c_str(), Hex(e.length).c_str(), "yes");
+    dirty += e.length;
+    ++count;
+  }
+  std::printf("%s dirty in %llu extent%s (of %s from %s)\n", HumanSize(dirty).c_str(),
+              static_cast<unsigned long long>(count), count == 1 ? "" : "s",
+              HumanSize(length).c_str(), Hex(offset).c_str());
 }
 
 }  // namespace cbt::cli

@@ -9,7 +9,9 @@
 #include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
+#include <vector>
 
+#include "bitmap/dirty_bitmap.h"
 #include "common/status.h"
 
 namespace cbt::cli {
@@ -31,5 +33,11 @@ void PrintJson(const Json& j);
 
 // "0x10000": offsets and lengths in human tables, as qemu-img map.
 std::string Hex(uint64_t v);
+
+// `cbt map`'s output (offline and --socket): extents exactly covering
+// [offset, offset + length): the JSON list of {"start", "length", "dirty"},
+// or the human table of the dirty ones and a summary line.
+void PrintExtents(const std::vector<Extent>& extents, uint64_t offset, uint64_t length,
+                  OutputFormat format);
 
 }  // namespace cbt::cli
