@@ -91,7 +91,7 @@ def report(d, rounds):
     iops = {"plain": [], "ckpt": []}
     maxlat = {"plain": [], "ckpt": []}
     p99 = {"plain": [], "ckpt": []}
-    rtts, removes, stalls, outside = [], [], [], []
+    rtts, removes, stalls, outside, control = [], [], [], [], []
     worst = None
     for r in range(1, rounds + 1):
         for n in ("plain", "ckpt"):
@@ -102,6 +102,8 @@ def report(d, rounds):
         cks = json.load(open(f"{d}/ckpt.r{r}.ckpt.json"))
         lat = sorted(lat_log(f"{d}/ckpt.r{r}_lat.1.log"))
         times = [t for t, _ in lat]
+        plat = sorted(lat_log(f"{d}/plain.r{r}_lat.1.log"))
+        ptimes = [t for t, _ in plat]
         in_window = [False] * len(lat)
         for ck in cks:
             rtts.append(ck["rtt_ms"])
@@ -109,14 +111,20 @@ def report(d, rounds):
                 removes.append(ck["remove_ms"])
             # A write a checkpoint holds up completes between the request
             # and shortly after the reply (fio logs whole milliseconds).
-            lo = bisect.bisect_left(times, ck["send"] * 1e3 - 1)
-            hi = bisect.bisect_right(times, ck["reply"] * 1e3 + 10)
+            lo_t, hi_t = ck["send"] * 1e3 - 1, ck["reply"] * 1e3 + 10
+            lo, hi = bisect.bisect_left(times, lo_t), bisect.bisect_right(times, hi_t)
             m = max((lat[k][1] for k in range(lo, hi)), default=0.0)
             for k in range(lo, hi):
                 in_window[k] = True
             stalls.append(m)
             if worst is None or m > worst[0]:
                 worst = (m, r, ck["rtt_ms"])
+            # The noise floor: the same window, at the same time into the
+            # run, in the run without checkpoints.
+            shift = ptimes[0] - times[0]
+            plo = bisect.bisect_left(ptimes, lo_t + shift)
+            phi = bisect.bisect_right(ptimes, hi_t + shift)
+            control.append(max((plat[k][1] for k in range(plo, phi)), default=0.0))
         outside.append(max((l for k, (_, l) in enumerate(lat) if not in_window[k]), default=0.0))
     ratio = med(iops["ckpt"]) / med(iops["plain"])
     print(f"| run | IOPS (median) | ratio | clat p99 ms (median) | clat max ms (median; worst) |")
@@ -136,8 +144,10 @@ def report(d, rounds):
           f"(median over checkpoints {med(stalls):.2f} ms; round {worst[1]}, that checkpoint's "
           f"round trip {worst[2]:.2f} ms) (target < 10 ms): "
           f"{'met' if max(stalls) < 10 else 'NOT met'}")
-    print(f"for comparison: longest write latency outside those windows {max(outside):.2f} ms, "
-          f"in the runs without checkpoints {max(maxlat['plain']):.2f} ms")
+    print(f"noise floor: the same windows at the same times in the runs without checkpoints: "
+          f"longest {max(control):.2f} ms, median {med(control):.2f} ms; longest write latency "
+          f"outside the windows {max(outside):.2f} ms, in the runs without checkpoints "
+          f"{max(maxlat['plain']):.2f} ms")
     print(f"per-round IOPS: none {[round(x) for x in iops['plain']]}, "
           f"checkpoints {[round(x) for x in iops['ckpt']]}")
 

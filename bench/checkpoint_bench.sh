@@ -32,7 +32,7 @@ trap 'for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "
 start() {  # start SOCK CMD... ; waits for the socket, sets $srv
   rm -f "$1"; local s=$1; shift
   "$@" >>"$d/server.log" 2>&1 &
-  srv=$!; pids+=("$srv")
+  srv=$!; pids+=("$srv"); disown "$srv" 2>/dev/null || true
   for _ in $(seq 200); do [ -S "$s" ] && return 0; sleep 0.05; done
   echo "server did not start: $*" >&2; cat "$d/server.log" >&2; exit 1
 }
