@@ -28,7 +28,7 @@
 
 #include "bitmap/dirty_bitmap.h"
 #include "common/status.h"
-#include "engine/bitmap_store.h"
+#include "engine/bitmap_edit.h"
 #include "qcow2/image.h"
 
 namespace cbt::cli {
@@ -50,13 +50,11 @@ struct OpOptions {
   bool add_disabled = false;            // --add --disabled
 };
 
-// Default granularity for --add on an image with this cluster size.
-uint64_t DefaultGranularity(uint64_t cluster_size);
+using ::cbt::DefaultGranularity;
+using ::cbt::InconsistentMessage;
 
-// The message for an operation refused on an inconsistent bitmap.
-std::string InconsistentMessage(const std::string& file, const std::string& bitmap,
-                                const std::string& op);
-
+// The `cbt bitmap FILE` verbs over the engine's BitmapEditSet (shared with
+// the running filter's control socket).
 class BitmapEditor {
  public:
   // REQUIRES: img outlives the editor. Starts from img's current set.
@@ -74,25 +72,11 @@ class BitmapEditor {
   Status Commit();
 
   // The working set as it would be committed (for tests and dry runs).
-  std::vector<qcow2::BitmapSpec> Specs() const;
+  std::vector<qcow2::BitmapSpec> Specs() { return set_.Specs(); }
 
  private:
-  struct Entry {
-    qcow2::BitmapSpec spec;
-    bool consistent = true;
-    // New content when set; else spec.existing's stored data (or zeros).
-    std::unique_ptr<DirtyBitmap> data;
-    std::unique_ptr<DirtyBitmapSource> source;
-  };
-  Entry* FindEntry(const std::string& name);
-  std::string NotFoundMessage(const std::string& name, const std::string& file) const;
-  Status Add(const std::string& name, const OpOptions& opts);
-  Status Merge(Entry& target, const std::string& src, qcow2::Image* source_image);
-  // Makes target.data hold the bitmap's current content.
-  Status Materialise(Entry& e);
-
   qcow2::Image& img_;
-  std::vector<Entry> entries_;
+  BitmapEditSet set_;
 };
 
 }  // namespace cbt::cli
