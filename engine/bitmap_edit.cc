@@ -105,7 +105,8 @@ Status BitmapEditSet::Add(const std::string& name, std::optional<uint64_t> granu
         "a transient bitmap exists only in a running server; add it through its control socket");
   const uint64_t g = granularity.value_or(DefaultGranularity(img_.cluster_size()));
   Status s = qcow2::ValidateGranularity(g);
-  if (!s.ok()) return Status::InvalidArgument("granularity " + std::to_string(g) + ": " + s.message());
+  if (!s.ok())
+    return Status::InvalidArgument("granularity " + std::to_string(g) + ": " + s.message());
   const auto gbits = static_cast<uint32_t>(std::countr_zero(g));
   const auto cbits = static_cast<uint32_t>(std::countr_zero(img_.cluster_size()));
   s = qcow2::ValidateBitmapSize(img_.virtual_size(), gbits, cbits);
@@ -244,7 +245,8 @@ Status BitmapEditSet::Rename(const std::string& name, const std::string& new_nam
 
 Status BitmapEditSet::SetPersistent(const std::string& name, bool persistent) {
   if (where_ == Where::kOffline)
-    return Status::InvalidArgument("a bitmap's persistence can be changed only in a running server");
+    return Status::InvalidArgument(
+        "a bitmap's persistence can be changed only in a running server");
   EditEntry* e = Find(name);
   if (!e) return NotFound(name, img_);
   CBT_RETURN_IF_ERROR(RequireConsistent(*e, "set-persistent"));

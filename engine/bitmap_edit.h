@@ -75,8 +75,7 @@ class BitmapEditSet {
   };
   // REQUIRES: img outlives the set. disk_size: the disk the bitmaps cover
   // (online: the tracker's; offline: the image's virtual size).
-  BitmapEditSet(qcow2::Image& img, uint64_t disk_size, std::vector<EditEntry> entries,
-                Where where);
+  BitmapEditSet(qcow2::Image& img, uint64_t disk_size, std::vector<EditEntry> entries, Where where);
   // Offline: every stored bitmap, content not loaded.
   static std::vector<EditEntry> FromImage(const qcow2::Image& img);
 

@@ -32,4 +32,16 @@ Result<std::unique_ptr<DirtyBitmap>> LoadBitmap(qcow2::Image& img, std::string_v
   return b;
 }
 
+Result<std::shared_ptr<DirtyBitmap>> CopyOf(const DirtyBitmap& b) {
+  CBT_ASSIGN_OR_RETURN(std::unique_ptr<DirtyBitmap> c,
+                       DirtyBitmap::Create(b.disk_size(), b.granularity(), b.chunk_bytes()));
+  std::vector<std::byte> buf(b.chunk_bytes());
+  for (uint64_t i = 0; i < b.chunk_count(); ++i) {
+    if (b.ChunkIsZero(i)) continue;
+    b.SerializeChunk(i, buf);
+    c->LoadChunk(i, buf);
+  }
+  return std::shared_ptr<DirtyBitmap>(std::move(c));
+}
+
 }  // namespace cbt

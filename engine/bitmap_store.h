@@ -39,4 +39,8 @@ Result<std::unique_ptr<DirtyBitmap>> NewBitmapLike(const qcow2::Image& img, std:
 Result<std::unique_ptr<DirtyBitmap>> LoadBitmap(qcow2::Image& img, std::string_view name,
                                                 uint64_t disk_size = 0);
 
+// An exact copy of b (same size, granularity and chunk size; the copy's
+// changed-chunk record is empty).
+Result<std::shared_ptr<DirtyBitmap>> CopyOf(const DirtyBitmap& b);
+
 }  // namespace cbt

@@ -14,8 +14,10 @@
 // during the recovery itself are enumerated too.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cstdio>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "engine/tracker.h"
@@ -54,7 +56,7 @@ Bytes Initial(Durability mode, const std::vector<Range>& durable) {
   MemStorage st;
   auto t = Tracker::Open(Options(st, mode), kDisk);
   EXPECT_TRUE(t.ok()) << t.status().ToString();
-  for (const Range& r : durable) EXPECT_TRUE((*t)->BeforeChange(r.off, r.len).ok());
+  for (const Range& r : durable) EXPECT_TRUE((*t)->BeginChange(r.off, r.len).ok());
   EXPECT_TRUE((*t)->Close().ok());
   return st.device(kPath)->ProcessCrashImage();
 }
@@ -67,7 +69,7 @@ void Session(Tracker& t, std::vector<Range>* forwarded) {
     std::function<Status()> run;
   };
   auto change = [&](uint64_t off, uint64_t len) {
-    return Step{{off, len}, [&t, off, len] { return t.BeforeChange(off, len); }};
+    return Step{{off, len}, [&t, off, len] { return t.BeginChange(off, len).status(); }};
   };
   const std::vector<Step> steps = {
       change(1 * MiB, 64 * KiB),              // arms the record, sets in_use
@@ -101,7 +103,7 @@ Bytes Judge(const Bytes& img, Durability mode, const std::vector<Range>& must,
     return {};
   }
   for (const Range& r : must)
-    EXPECT_TRUE((*t)->bitmap(0).IsDirty(r.off, r.len))
+    EXPECT_TRUE((*(*t)->Bitmap("b0")).IsDirty(r.off, r.len))
         << where << ": lost [" << r.off << ", +" << r.len << ")";
   EXPECT_TRUE((*t)->Close().ok()) << where;
   return st.device(kPath)->ProcessCrashImage();
@@ -171,6 +173,150 @@ void Enumerate(Durability mode, const char* label) {
               label, static_cast<unsigned long long>(n) + 1,
               static_cast<unsigned long long>(recovery_points),
               static_cast<unsigned long long>(g_images));
+}
+
+// ---- online edits (Tracker::Edit) ----
+//
+// A session with two edits: a checkpoint (b0 frozen, b1 new) together with
+// adding a disabled t2, then merging b1 into b0 and renaming t2 to t3. After
+// a crash at every write, the container holds the set before or after each
+// edit, never a mix; every change forwarded before the checkpoint is in b0,
+// every change forwarded after it is in b1, and after the merge b0 also
+// holds what b1 held then.
+
+struct EditProgress {
+  int edits_done = 0;                         // edits that returned OK
+  bool in_edit = false;                       // the crash hit an edit
+  std::vector<Range> before, after1, after2;  // forwarded changes by stage
+};
+
+void EditSession(Tracker& t, EditProgress* p) {
+  auto change = [&](uint64_t off, uint64_t len, std::vector<Range>* into) {
+    if (!t.BeginChange(off, len).ok()) return false;
+    into->push_back({off, len});
+    return true;
+  };
+  auto edit = [&](const Tracker::EditOps& ops) {
+    p->in_edit = true;
+    if (!t.Edit(ops, std::chrono::milliseconds(1000)).ok()) return false;
+    p->in_edit = false;
+    ++p->edits_done;
+    return true;
+  };
+  if (!change(1 * MiB, 64 * KiB, &p->before)) return;
+  if (!change(130 * MiB, 1 * MiB, &p->before)) return;
+  if (!edit([](BitmapEditSet& s) {
+        Status st = s.Checkpoint("b0", "b1");
+        return st.ok() ? s.Add("t2", 4096, true, /*disabled=*/true) : st;
+      }))
+    return;
+  if (!change(200 * MiB, 64 * KiB, &p->after1)) return;
+  if (!change(5 * MiB, 4 * KiB, &p->after1)) return;
+  if (!edit([](BitmapEditSet& s) {
+        Status st = s.Merge("b0", {"b1"});
+        return st.ok() ? s.Rename("t2", "t3") : st;
+      }))
+    return;
+  if (!change(kDisk - 4 * KiB, 4 * KiB, &p->after2)) return;
+  (void)t.Close();
+}
+
+std::vector<std::string> StoredNames(const Bytes& img) {
+  MemStorage st;
+  st.Put(kPath, img);
+  auto f = st.Open(kPath, Storage::Mode::kReadOnly);
+  EXPECT_TRUE(f.ok());
+  auto i = qcow2::Image::Open(std::move(f).value());
+  EXPECT_TRUE(i.ok()) << i.status().ToString();
+  std::vector<std::string> names;
+  if (i.ok())
+    for (const auto& b : (*i)->Bitmaps()) names.push_back(b.name);
+  return names;
+}
+
+void JudgeEdit(const Bytes& img, Durability mode, const EditProgress& p, const std::string& where) {
+  ++g_images;
+  using Names = std::vector<std::string>;
+  const Names s0 = {"b0"}, s1 = {"b0", "b1", "t2"}, s2 = {"b0", "b1", "t3"};
+  const Names names = StoredNames(img);
+  // The set is the one after the last edit that returned, or (crash inside
+  // the next edit) the one after that edit.
+  const Names& done = p.edits_done == 0 ? s0 : p.edits_done == 1 ? s1 : s2;
+  const Names& next = p.edits_done == 0 ? s1 : s2;
+  EXPECT_TRUE(names == done || (p.in_edit && names == next))
+      << where << ": a mixed or unexpected bitmap set after the crash";
+  const bool has_b1 = names != s0;
+  MemStorage st;
+  st.Put(kPath, img);
+  TrackerOptions o = Options(st, mode);
+  o.bitmaps = {has_b1 ? "b1" : "b0"};
+  o.create = false;
+  auto t = Tracker::Open(o, kDisk);
+  if (!t.ok()) {
+    EXPECT_EQ(mode, Durability::kNone) << where << ": refused: " << t.status().ToString();
+    return;
+  }
+  auto b0 = (*t)->Bitmap("b0");
+  if (!b0) {
+    ADD_FAILURE() << where << ": b0 is not loaded (left in use)";
+    return;
+  }
+  for (const Range& r : p.before)
+    EXPECT_TRUE(b0->IsDirty(r.off, r.len)) << where << ": b0 lost [" << r.off << ", +" << r.len;
+  if (has_b1) {
+    auto b1 = (*t)->Bitmap("b1");
+    if (!b1) {
+      ADD_FAILURE() << where << ": b1 is not loaded";
+      return;
+    }
+    for (const Range& r : p.after1)
+      EXPECT_TRUE(b1->IsDirty(r.off, r.len)) << where << ": b1 lost [" << r.off << ", +" << r.len;
+    for (const Range& r : p.after2)
+      EXPECT_TRUE(b1->IsDirty(r.off, r.len)) << where << ": b1 lost [" << r.off << ", +" << r.len;
+    if (names == s2) {  // merged: b0 holds what b1 held at the merge
+      for (const Range& r : p.after1)
+        EXPECT_TRUE(b0->IsDirty(r.off, r.len)) << where << ": merge lost [" << r.off;
+    }
+  }
+  EXPECT_TRUE((*t)->Close().ok()) << where;
+}
+
+void EnumerateEdits(Durability mode, const char* label) {
+  const Bytes initial = Initial(mode, {{10 * MiB, 64 * KiB}});
+  uint64_t n = 0;
+  for (;; ++n) {
+    MemStorage st;
+    st.Put(kPath, initial);
+    auto dev = st.device(kPath);
+    EditProgress p;
+    {
+      auto t = Tracker::Open(Options(st, mode), kDisk);
+      ASSERT_TRUE(t.ok()) << t.status().ToString();
+      dev->CrashAfterWrites(n);
+      EditSession(**t, &p);
+    }
+    const bool finished = !dev->crashed();
+    const std::string where = std::string(label) + " edits, crash after write " + std::to_string(n);
+    const Bytes kill9 = dev->ProcessCrashImage();
+    JudgeEdit(kill9, mode, p, where + " (kill -9)");
+    if (n % 4 == 0) QemuCheck(kill9, where + " (kill -9)");
+    if (mode == Durability::kPower)
+      for (uint64_t k = 0; k < kPowerVariants; ++k)
+        JudgeEdit(dev->PowerCutImage(k), mode, p, where + " (power cut " + std::to_string(k) + ")");
+    if (finished || ::testing::Test::HasFailure()) break;
+  }
+  std::printf("%s: %llu edit-session crash points, %llu images judged in all\n", label,
+              static_cast<unsigned long long>(n) + 1, static_cast<unsigned long long>(g_images));
+}
+
+TEST(TrackerCrashPoints, EditsAreBeforeOrAfterAtAnyCrashPointPower) {
+  CBT_REQUIRE_QEMU();
+  EnumerateEdits(Durability::kPower, "power");
+}
+
+TEST(TrackerCrashPoints, EditsAreBeforeOrAfterAtAnyKillPointProcess) {
+  CBT_REQUIRE_QEMU();
+  EnumerateEdits(Durability::kProcess, "process");
 }
 
 TEST(TrackerCrashPoints, PowerModeLosesNothingAtAnyCrashPoint) {

@@ -193,8 +193,8 @@ Status Tracker::OpenContainer() {
   return Status::OK();
 }
 
-// Requested bitmaps must exist (unless they may be created) and be enabled;
-// no enabled bitmap may be inconsistent (P4).
+// Requested bitmaps must exist (unless they may be created), and some
+// bitmap must record; no enabled bitmap may be inconsistent (P4).
 Status Tracker::CheckBitmaps() const {
   const std::string& path = opts_.container_path;
   for (const std::string& name : opts_.bitmaps) {
@@ -205,10 +205,30 @@ Status Tracker::CheckBitmaps() const {
                                 "; add cbt-create=true to create it");
       continue;
     }
-    if (!info->enabled)
-      return Status::InvalidArgument("cbt-bitmap=" + name + ": the bitmap is disabled in " + path +
-                                     "; enable it with 'cbt bitmap " + path + " " + name +
-                                     " --enable' or choose another");
+  }
+  // A named bitmap found disabled (frozen by an online checkpoint, say) is
+  // fine while another one records: the container's flags are the truth
+  // after online edits. With nothing recording, changes would go untracked.
+  std::string recording;
+  for (const qcow2::BitmapInfo& info : image_->Bitmaps())
+    if (info.enabled) recording += (recording.empty() ? "'" : ", '") + info.name + "'";
+  for (const std::string& name : opts_.bitmaps) {
+    auto info = image_->Find(name);
+    if (!info.ok()) recording += (recording.empty() ? "'" : ", '") + name + "' (new)";
+  }
+  for (const std::string& name : opts_.bitmaps) {
+    auto info = image_->Find(name);
+    if (!info.ok() || info->enabled) continue;
+    if (recording.empty())
+      return Status::InvalidArgument(
+          "cbt-bitmap=" + name + ": the bitmap is disabled in " + path +
+          " and no other bitmap records, so changes would go untracked; enable it with 'cbt "
+          "bitmap " +
+          path + " " + name + " --enable' or name a new one with cbt-create=true");
+    spdlog::info(
+        "cbt-bitmap={}: disabled in {} (frozen by a checkpoint?), so it does not record; "
+        "recording: {}",
+        name, path, recording);
   }
   for (const qcow2::BitmapInfo& info : image_->Bitmaps()) {
     if (info.enabled && !info.consistent && !RecordRecoverable()) {
@@ -284,6 +304,7 @@ Status Tracker::Attach(uint64_t disk_size) {
   }
 
   CBT_RETURN_IF_ERROR(CheckSize(*image_, path, disk_size_));
+  cluster_size_.store(image_->cluster_size());
 
   // Bitmaps our own crash left in_use: take them back (CheckBitmaps made
   // sure the record covers them); Recover() below makes them a superset.
@@ -316,27 +337,31 @@ Status Tracker::Attach(uint64_t disk_size) {
     }
   }
 
+  // Every consistent bitmap is loaded (disabled ones too: edits and queries
+  // need them); recording persistent ones get their durable shadow.
+  std::vector<LiveBitmap> all;
   for (const qcow2::BitmapInfo& info : image_->Bitmaps()) {
-    if (!info.enabled) continue;
-    CBT_ASSIGN_OR_RETURN(std::unique_ptr<DirtyBitmap> b,
-                         LoadBitmap(*image_, info.name, disk_size_));
-    CBT_ASSIGN_OR_RETURN(std::unique_ptr<DirtyBitmap> d,
-                         NewBitmapLike(*image_, info.name, disk_size_));
-    std::vector<std::byte> buf(b->chunk_bytes());
-    for (uint64_t c = 0; c < b->chunk_count(); ++c) {
-      if (b->ChunkIsZero(c)) continue;
-      b->SerializeChunk(c, buf);
-      d->LoadChunk(c, buf);
+    LiveBitmap lb;
+    lb.name = info.name;
+    lb.granularity_bits = info.granularity_bits;
+    lb.recording = info.enabled;
+    lb.consistent = info.consistent;
+    if (info.consistent) {
+      CBT_ASSIGN_OR_RETURN(std::unique_ptr<DirtyBitmap> bits,
+                           LoadBitmap(*image_, info.name, disk_size_));
+      lb.bits = std::move(bits);
+      if (lb.recording) {
+        CBT_ASSIGN_OR_RETURN(lb.durable, CopyOf(*lb.bits));
+      }
+      spdlog::debug("loaded bitmap '{}' (granularity {}, {} dirty bytes)", info.name,
+                    info.granularity(), lb.bits->DirtyBytes());
     }
-    spdlog::debug("loaded bitmap '{}' (granularity {}, {} dirty bytes)", info.name,
-                  info.granularity(), b->DirtyBytes());
-    names_.push_back(info.name);
-    bitmaps_.push_back(std::move(b));
-    durable_.push_back(std::move(d));
+    all.push_back(std::move(lb));
   }
+  Publish(BitmapSet::Make(std::move(all)));
   if (recovering) CBT_RETURN_IF_ERROR(Recover());
   CBT_RETURN_IF_ERROR(ArmRecord());
-  attached_rw_ = true;
+  attached_rw_.store(true);
   return Status::OK();
 }
 
@@ -345,16 +370,17 @@ Status Tracker::Attach(uint64_t disk_size) {
 // flush the record stays as found, so a crash during recovery recovers again.
 Status Tracker::Recover() {
   uint64_t before = 0, after = 0;
-  for (auto& b : bitmaps_) before += b->DirtyGranules();
+  const BitmapSet& set = *set_;
+  for (size_t i : set.recording) before += set.all[i].bits->DirtyGranules();
   for (auto [off, len] : found_record_->RecordedRanges())
-    for (auto& b : bitmaps_) CBT_RETURN_IF_ERROR(b->Mark(off, len).status());
-  for (auto& b : bitmaps_) after += b->DirtyGranules();
-  in_use_on_disk_ = true;
+    for (size_t i : set.recording) CBT_RETURN_IF_ERROR(set.all[i].bits->Mark(off, len).status());
+  for (size_t i : set.recording) after += set.all[i].bits->DirtyGranules();
+  in_use_on_disk_.store(true);
   CBT_RETURN_IF_ERROR(Persist().WithContext("crash recovery"));
   // Make the cleared in_use durable too: the record found at open is
   // replaced at the first change, and in_use must never outlive it on disk.
   CBT_RETURN_IF_ERROR(image_->io()->flush().WithContext("crash recovery"));
-  stats_.recovered_granules = after - before;
+  AddStat(&TrackerStats::recovered_granules, after - before);
   // RecordedRanges merges adjacent regions: count the regions themselves.
   const uint64_t region = uint64_t{1} << found_record_->region_bits();
   uint64_t regions = 0;
@@ -421,43 +447,53 @@ class RecordingSource final : public qcow2::BitmapDataSource {
 
 }  // namespace
 
-Status Tracker::BeforeChange(uint64_t offset, uint64_t length) {
-  // Already dirty on disk and flushed in every enabled bitmap: covered.
+Result<Tracker::Change> Tracker::BeginChange(uint64_t offset, uint64_t length) {
+  gate_changes_.Enter();
+  Change change(&gate_changes_);  // leaves the gate on every return path
+  const BitmapSet* set = live_.load(std::memory_order_acquire);
+  if (!set || set->recording.empty()) return change;  // nothing records
+  // Already dirty in every recording bitmap, on disk and flushed (or, for a
+  // transient bitmap, in memory): covered.
   bool covered = true;
-  for (auto& d : durable_) {
-    if (!d->IsDirty(offset, length)) {
+  for (size_t i : set->recording) {
+    const LiveBitmap& b = set->all[i];
+    const DirtyBitmap& known = b.durable ? *b.durable : *b.bits;
+    if (!known.IsDirty(offset, length)) {
       covered = false;
       break;
     }
   }
-  if (covered && !durable_.empty()) return Status::OK();
+  if (covered) return change;
 
-  // P1: in memory first, in every enabled bitmap.
+  // P1: in memory first, in every recording bitmap.
   change_count_.fetch_add(1, std::memory_order_relaxed);
   marks_in_progress_.fetch_add(1);
-  for (auto& b : bitmaps_) {
-    auto r = b->Mark(offset, length);
+  for (size_t i : set->recording) {
+    auto r = set->all[i].bits->Mark(offset, length);
     if (!r.ok()) {
       marks_in_progress_.fetch_sub(1);
       return r.status();
     }
   }
   marks_in_progress_.fetch_sub(1);
+  if (set->in_use_names.empty()) return change;  // only transient bitmaps record
   if (!intents_) {
     // P2: in_use durable before the change is forwarded.
-    if (in_use_durable_.load()) return Status::OK();
-    return EnsureInUse();
+    if (in_use_durable_.load()) return change;
+    CBT_RETURN_IF_ERROR(EnsureInUse(*set));
+    return change;
   }
   // process/power: also the region's intent recorded before it is forwarded.
   auto [r0, r1] = intents_->Regions(offset, length);
-  if (in_use_durable_.load() && intents_->AllDurable(r0, r1)) return Status::OK();
+  if (in_use_durable_.load() && intents_->AllDurable(r0, r1)) return change;
   intents_->Want(r0, r1);  // before queueing: whoever writes next takes it along
-  return EnsureRecorded(r0, r1);
+  CBT_RETURN_IF_ERROR(EnsureRecorded(*set, r0, r1));
+  return change;
 }
 
 // Group commit: every writer waiting here has Want()ed its regions, so the
 // first one through writes them all in one record write (and one flush).
-Status Tracker::EnsureRecorded(uint64_t first_region, uint64_t last_region) {
+Status Tracker::EnsureRecorded(const BitmapSet& set, uint64_t first_region, uint64_t last_region) {
   std::lock_guard lock(store_mu_);
   if (!image_) return Status::IOError("cbt: container already closed", ESHUTDOWN);
   intents_->Want(first_region, last_region);  // again: a persist may have cleared it
@@ -470,8 +506,8 @@ Status Tracker::EnsureRecorded(uint64_t first_region, uint64_t last_region) {
   CBT_RETURN_IF_ERROR(
       image_->RewriteExtensionInPlace(kIntentExtensionType, intents_->Serialize(snap)));
   if (set_in_use) {
-    CBT_RETURN_IF_ERROR(image_->SetInUse(names_, true));
-    in_use_on_disk_ = true;
+    CBT_RETURN_IF_ERROR(image_->SetInUse(set.in_use_names, true));
+    in_use_on_disk_.store(true);
   }
   // power: record durable before the change. process: the page cache orders
   // it for kill -9; in_use is still synced, so that after a power cut the
@@ -479,79 +515,91 @@ Status Tracker::EnsureRecorded(uint64_t first_region, uint64_t last_region) {
   if (opts_.durability == Durability::kPower || set_in_use)
     CBT_RETURN_IF_ERROR(image_->io()->flush());
   intents_->SetDurable(snap);
-  ++stats_.intent_writes;
-  if (set_in_use) ++stats_.in_use_sets;
+  AddStat(&TrackerStats::intent_writes);
+  if (set_in_use) AddStat(&TrackerStats::in_use_sets);
   in_use_durable_.store(true);
   return Status::OK();
 }
 
-Status Tracker::EnsureInUse() {
+Status Tracker::EnsureInUse(const BitmapSet& set) {
   std::lock_guard lock(store_mu_);
   if (in_use_durable_.load()) return Status::OK();  // set by a writer we queued behind
   if (!image_) return Status::IOError("cbt: container already closed", ESHUTDOWN);
   CBT_RETURN_IF_ERROR(ArmLocked());
-  CBT_RETURN_IF_ERROR(image_->SetInUse(names_, true));
-  in_use_on_disk_ = true;  // maybe on disk now, whatever the flush says
+  CBT_RETURN_IF_ERROR(image_->SetInUse(set.in_use_names, true));
+  in_use_on_disk_.store(true);  // maybe on disk now, whatever the flush says
   CBT_RETURN_IF_ERROR(image_->io()->flush());
-  ++stats_.in_use_sets;
+  AddStat(&TrackerStats::in_use_sets);
   in_use_durable_.store(true);
   return Status::OK();
 }
 
 Status Tracker::Persist() {
   std::lock_guard lock(store_mu_);
+  return PersistLocked();
+}
+
+Status Tracker::PersistLocked() {
   if (!image_) return Status::IOError("cbt: container already closed", ESHUTDOWN);
-  if (opts_.readonly) return Status::OK();
+  if (opts_.readonly || !set_) return Status::OK();
+  const BitmapSet& set = *set_;  // edits swap it under store_mu_ only
   Status first;
   bool wrote = false;
-  std::vector<std::vector<uint64_t>> taken(bitmaps_.size());
+  uint64_t written = 0;
+  const size_t n = set.stored.size();
+  std::vector<std::vector<uint64_t>> taken(n);
   std::vector<std::unique_ptr<RecordingSource>> sources;
-  for (size_t i = 0; i < bitmaps_.size(); ++i) {
-    sources.push_back(std::make_unique<RecordingSource>(*bitmaps_[i]));
-    taken[i] = bitmaps_[i]->TakeChangedChunks();
-    if (taken[i].empty()) continue;
-    auto r = image_->WriteSlots(names_[i], taken[i], *sources[i]);
+  for (size_t k = 0; k < n; ++k) {
+    const LiveBitmap& b = set.all[set.stored[k]];
+    sources.push_back(std::make_unique<RecordingSource>(*b.bits));
+    taken[k] = b.bits->TakeChangedChunks();
+    if (taken[k].empty()) continue;
+    auto r = image_->WriteSlots(b.name, taken[k], *sources[k]);
     if (!r.ok()) {
-      if (first.ok()) first = r.status().WithContext("persist bitmap '" + names_[i] + "'");
+      if (first.ok()) first = r.status().WithContext("persist bitmap '" + b.name + "'");
       continue;
     }
-    stats_.bytes_written += *r;
+    written += *r;
     wrote = true;
   }
+  AddStat(&TrackerStats::bytes_written, written);
   if (wrote && first.ok()) {
     Status f = image_->io()->flush();
     if (!f.ok()) first = f.WithContext("persist");
   }
   if (!first.ok()) {
     // Keep every taken chunk pending; in_use stays set on disk.
-    for (size_t i = 0; i < bitmaps_.size(); ++i) bitmaps_[i]->MarkChunksChanged(taken[i]);
+    for (size_t k = 0; k < n; ++k) set.all[set.stored[k]].bits->MarkChunksChanged(taken[k]);
     return first;  // the caller reports it (nbdkit error, or the scheduler's log)
   }
   // Flushed: what was written is now durable on disk.
   std::vector<std::byte> zeros;
-  for (size_t i = 0; i < bitmaps_.size(); ++i) {
-    for (const auto& [slot, bytes] : sources[i]->written()) {
+  for (size_t k = 0; k < n; ++k) {
+    DirtyBitmap* d = set.all[set.stored[k]].durable.get();
+    if (!d) continue;  // not recording: nobody asks
+    for (const auto& [slot, bytes] : sources[k]->written()) {
       if (bytes.empty()) {
-        zeros.assign(durable_[i]->chunk_bytes(), std::byte{0});
-        durable_[i]->LoadChunk(slot, zeros);
+        zeros.assign(d->chunk_bytes(), std::byte{0});
+        d->LoadChunk(slot, zeros);
       } else {
-        durable_[i]->LoadChunk(slot, bytes);
+        d->LoadChunk(slot, bytes);
       }
     }
   }
   if (wrote) {
-    ++stats_.persists;
-    spdlog::debug("persist: {} bytes written to the container so far", stats_.bytes_written);
+    AddStat(&TrackerStats::persists);
+    spdlog::debug("persist: {} bytes written to the container", written);
   }
   return ClearInUseLocked();
 }
 
 Status Tracker::ClearInUseLocked() {
-  if (!in_use_on_disk_) return Status::OK();
+  if (!in_use_on_disk_.load()) return Status::OK();
   in_use_durable_.store(false);  // (C) new writers now queue at the gate
   while (marks_in_progress_.load() != 0) std::this_thread::yield();  // (D)
-  for (auto& b : bitmaps_) {
-    if (b->HasChangedChunks()) {  // (E) a change raced in: keep in_use
+  const BitmapSet& set = *set_;
+  for (size_t i : set.stored) {
+    if (set.all[i].bits->HasChangedChunks()) {  // (E) a change raced in: keep in_use
       in_use_durable_.store(true);
       return Status::OK();
     }
@@ -563,8 +611,8 @@ Status Tracker::ClearInUseLocked() {
   // kill -9. This saves one sync per NBD flush (see docs/perf.md). From here
   // in_use_durable_ stays false, so the next writer sets in_use again and
   // flushes before its change is forwarded (P2).
-  CBT_RETURN_IF_ERROR(image_->SetInUse(names_, false));
-  in_use_on_disk_ = false;
+  CBT_RETURN_IF_ERROR(image_->SetInUse(set.in_use_names, false));
+  in_use_on_disk_.store(false);
   if (intents_ && armed_) {
     // Everything is persisted: the record may be emptied (same reasoning as
     // in_use: lost, it only recovers granules that are dirty already).
@@ -583,25 +631,30 @@ Status Tracker::Close() {
 }
 
 bool Tracker::HasPendingChanges() const {
-  for (auto& b : bitmaps_)
-    if (b->HasChangedChunks()) return true;
+  std::shared_ptr<const BitmapSet> set = Snapshot();
+  for (size_t i : set->stored)
+    if (set->all[i].bits->HasChangedChunks()) return true;
   return false;
 }
 
 uint64_t Tracker::PendingBytes() const {
+  std::shared_ptr<const BitmapSet> set = Snapshot();
   uint64_t n = 0;
-  for (auto& b : bitmaps_) n += b->ChangedChunkCount() * b->chunk_bytes();
+  for (size_t i : set->stored) {
+    const DirtyBitmap& b = *set->all[i].bits;
+    n += b.ChangedChunkCount() * b.chunk_bytes();
+  }
   return n;
 }
 
 TrackerStats Tracker::stats() const {
-  std::lock_guard lock(store_mu_);
+  std::lock_guard lock(stats_mu_);
   return stats_;
 }
 
-bool Tracker::InUseOnDisk() const {
-  std::lock_guard lock(store_mu_);
-  return in_use_on_disk_;
+void Tracker::AddStat(uint64_t TrackerStats::*field, uint64_t n) {
+  std::lock_guard lock(stats_mu_);
+  stats_.*field += n;
 }
 
 }  // namespace cbt

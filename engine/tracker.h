@@ -16,21 +16,39 @@
 //      unless cbt's own crash-safety record covers it (process/power modes):
 //      then it recovers a superset and carries on (see intent_map.h).
 //
-// Threading: BeforeChange may run on many threads at once; it is lock-free
-// while in_use is known durable. Persist and the in_use gate serialise on
-// store_mu_ (the qcow2 Image is single-threaded). Never call BeforeChange
-// while holding store_mu_.
+// Online edits (Edit: the control socket's bitmap commands, checkpoints):
+// the bitmaps are an immutable BitmapSet (bitmap_set.h) swapped whole. An
+// edit pauses new changes and drains those in flight (ChangeGate: every
+// change is counted from BeginChange until its Change is destroyed, after
+// forwarding), persists, builds the new set copy-on-write (BitmapEditSet),
+// stores it with one directory switch, swaps it in and lets changes go on.
+// So every change is wholly before or wholly after an edit, in memory and
+// on disk, and a crash leaves the old set or the new one.
+//
+// Threading: BeginChange may run on many threads at once; it is lock-free
+// while in_use is known durable and no edit is draining. Persist, the in_use
+// gate and edits serialise on store_mu_ (the qcow2 Image is single-threaded;
+// container I/O, fsync included, happens under it). Queries (QueryBitmaps,
+// stats, Snapshot) never take store_mu_: they do not wait for I/O. Never
+// call BeginChange while holding store_mu_, nor Edit while holding a Change
+// (it would wait for itself).
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "bitmap/dirty_bitmap.h"
 #include "common/status.h"
+#include "engine/bitmap_edit.h"
+#include "engine/bitmap_set.h"
+#include "engine/change_gate.h"
 #include "engine/intent_map.h"
 #include "engine/storage.h"
 #include "qcow2/image.h"
@@ -52,12 +70,25 @@ struct TrackerOptions {
   Storage* storage = nullptr;
 };
 
+// What query-bitmaps reports about one bitmap.
+struct BitmapStatus {
+  std::string name;
+  uint64_t granularity = 0;
+  bool recording = false;
+  bool persistent = true;
+  bool consistent = true;
+  bool in_use = false;                  // the flag may be set on disk now
+  std::optional<uint64_t> dirty_bytes;  // from memory; none when inconsistent
+};
+
 struct TrackerStats {
   uint64_t persists = 0;            // Persist() calls that wrote something
   uint64_t bytes_written = 0;       // container bytes written by persists
   uint64_t in_use_sets = 0;         // times the P2 gate wrote in_use
   uint64_t intent_writes = 0;       // crash-safety record writes (process/power)
   uint64_t recovered_granules = 0;  // granules crash recovery added at open
+  uint64_t edits = 0;               // online edits applied (Edit)
+  uint64_t longest_drain_us = 0;    // longest pause of new changes by an edit
 };
 
 class Tracker {
@@ -86,14 +117,51 @@ class Tracker {
   // client) may follow and does the rest.
   Status AttachReadOnly(uint64_t disk_size);
   // False until an Attach(size) succeeded: Persist and Close write nothing.
-  bool attached_for_writing() const { return attached_rw_; }
+  bool attached_for_writing() const { return attached_rw_.load(); }
   ~Tracker();
 
-  // Call before forwarding a write, zero or trim of [offset, offset+length).
-  // OK: the change is recorded in memory and in_use is durable on disk.
+  // A change in flight: from BeginChange until destroyed, which the caller
+  // does once the change has been forwarded and answered. Edits wait for
+  // every live Change (bounded) and block new ones meanwhile.
+  class [[nodiscard]] Change {
+   public:
+    Change(Change&& o) noexcept : gate_(o.gate_) { o.gate_ = nullptr; }
+    Change& operator=(Change&&) = delete;
+    ~Change() {
+      if (gate_) gate_->Leave();
+    }
+
+   private:
+    friend class Tracker;
+    explicit Change(ChangeGate* g) : gate_(g) {}
+    ChangeGate* gate_;
+  };
+
+  // Call before forwarding a write, zero or trim of [offset, offset+length);
+  // keep the Change until the change has been answered.
+  // OK: the change is recorded in memory, in every recording bitmap, and
+  // in_use (with the crash-safety record) is durable on disk.
   // Failure: the change must not be forwarded; the error carries the errno
   // of the failed container write (bits stay marked in memory).
-  Status BeforeChange(uint64_t offset, uint64_t length);
+  Result<Change> BeginChange(uint64_t offset, uint64_t length);
+
+  // Applies `ops` to a working copy of the bitmap set (BitmapEditSet,
+  // online) and makes the result current atomically: drains the changes in
+  // flight (up to drain_timeout: then Busy, nothing changed), persists,
+  // stores the new set with one directory switch when the container's set
+  // changed, and swaps it in. Failure of `ops` or of the store: nothing
+  // changed in memory; on disk the old set (maybe persisted further).
+  // Busy also before a writable Attach. REQUIRES: the calling thread holds
+  // no Change.
+  using EditOps = std::function<Status(BitmapEditSet&)>;
+  Status Edit(const EditOps& ops, std::chrono::milliseconds drain_timeout);
+
+  // The current set (empty before Attach(size)); valid as long as held.
+  std::shared_ptr<const BitmapSet> Snapshot() const;
+  // The current set's bitmaps as query-bitmaps reports them.
+  std::vector<BitmapStatus> QueryBitmaps() const;
+  // A bitmap of the current set; null if absent or not loaded.
+  std::shared_ptr<const DirtyBitmap> Bitmap(const std::string& name) const;
 
   // Writes changed bitmap clusters, flushes, clears in_use (P3). On failure
   // the changes stay pending and a later Persist retries; the first error is
@@ -104,8 +172,9 @@ class Tracker {
   Status Close();
 
   uint64_t disk_size() const { return disk_size_; }
-  const std::vector<std::string>& enabled_bitmaps() const { return names_; }
-  const DirtyBitmap& bitmap(size_t i) const { return *bitmaps_[i]; }
+  const std::string& container_path() const { return opts_.container_path; }
+  // 0 until a container is open.
+  uint64_t cluster_size() const { return cluster_size_.load(); }
   bool HasPendingChanges() const;
   // Bitmap data a Persist would write now: changed chunks x chunk bytes,
   // over the persistent bitmaps (the persist triggers' measure of change).
@@ -114,21 +183,24 @@ class Tracker {
   // those already covered): a persist trigger's sign of activity.
   uint64_t ChangeCount() const { return change_count_.load(std::memory_order_relaxed); }
   TrackerStats stats() const;
-  // True while in_use may be set on disk for the enabled bitmaps: set by the
-  // P2 gate, not yet cleared durably by a persist. Takes store_mu_, so it
-  // waits for a persist under way (never call it on the data path).
-  bool InUseOnDisk() const;
+  // True while in_use may be set on disk for the recording bitmaps: set by
+  // the P2 gate, not yet cleared by a persist. Lock-free.
+  bool InUseOnDisk() const { return in_use_on_disk_.load(); }
 
  private:
   class WriteGate;
+  void AddStat(uint64_t TrackerStats::*field, uint64_t n = 1);
   explicit Tracker(const TrackerOptions& opts) : opts_(opts) {}
   Storage& storage() const { return opts_.storage ? *opts_.storage : PosixStorage(); }
   Status OpenContainer();
   Status LoadContainerState();
   Status CheckBitmaps() const;
-  Status EnsureInUse();
-  Status EnsureRecorded(uint64_t first_region, uint64_t last_region);
+  Status EnsureInUse(const BitmapSet& set);
+  Status EnsureRecorded(const BitmapSet& set, uint64_t first_region, uint64_t last_region);
   Status ClearInUseLocked();
+  Status PersistLocked();
+  Status EditLocked(const EditOps& ops);
+  void Publish(std::shared_ptr<const BitmapSet> set);
   bool RecordRecoverable() const;
   Status Recover();
   Status ArmRecord();
@@ -146,25 +218,27 @@ class Tracker {
   std::shared_ptr<WriteGate> gate_;
   bool container_readonly_ = false;
   bool reopen_writable_ = false;
-  bool attached_rw_ = false;
+  std::atomic<bool> attached_rw_{false};
 
-  // Guards image_, in_use_on_disk_ and stats_. Held across container I/O,
-  // never across BeforeChange's marking.
+  // Guards image_, armed_ and the container I/O; held across fsync, never
+  // across BeginChange's marking and never by queries.
   mutable std::mutex store_mu_;
   std::unique_ptr<qcow2::Image> image_;
-  bool in_use_on_disk_ = false;  // may be set on disk (not yet cleared durably)
+  std::atomic<uint64_t> cluster_size_{0};
+  // May be set on disk (not yet cleared). Written under store_mu_.
+  std::atomic<bool> in_use_on_disk_{false};
   bool armed_ = false;           // this session's record written (ArmLocked)
+  mutable std::mutex stats_mu_;  // guards stats_ (never held across I/O)
   TrackerStats stats_;
 
-  // Fixed after Open: the enabled bitmaps, in directory order.
-  std::vector<std::string> names_;
-  std::vector<std::unique_ptr<DirtyBitmap>> bitmaps_;
-  // Per enabled bitmap, the bits known to be on disk and flushed (as loaded,
-  // then updated after each persist's flush with exactly what it wrote).
-  // A change whose granules are all set here is already covered on disk and
-  // needs neither marking nor in_use. Only grows, like bitmaps_ (the filter
-  // never clears bits), so a reader never sees a bit vanish.
-  std::vector<std::unique_ptr<DirtyBitmap>> durable_;
+  // The bitmaps. set_ owns the current version (swapped under store_mu_
+  // and set_mu_ while the gate is drained); live_ is the same pointer for
+  // the data path, read without a lock inside the gate.
+  mutable std::mutex set_mu_;
+  std::shared_ptr<const BitmapSet> set_;
+  std::atomic<const BitmapSet*> live_{nullptr};
+  ChangeGate gate_changes_;
+  std::mutex edit_mu_;  // one edit at a time
 
   // process/power: the write-intent map (null in mode none), and the record
   // found at open, if vouched for (null otherwise).

@@ -48,27 +48,27 @@ TEST_F(TrackerTest, InUseDurableBeforeFirstChangeIsForwarded) {
   auto t = Tracker::Open(opts_, 1 * GiB);
   ASSERT_TRUE(t.ok()) << t.status().ToString();
   EXPECT_FALSE(InUseOnDisk());
-  ASSERT_TRUE((*t)->BeforeChange(5 * MiB, 4096).ok());
+  ASSERT_TRUE((*t)->BeginChange(5 * MiB, 4096).ok());
   EXPECT_TRUE(InUseOnDisk());  // P2: set before BeforeChange returned
   EXPECT_EQ((*t)->stats().in_use_sets, 1u);
-  ASSERT_TRUE((*t)->BeforeChange(7 * MiB, 4096).ok());
+  ASSERT_TRUE((*t)->BeginChange(7 * MiB, 4096).ok());
   EXPECT_EQ((*t)->stats().in_use_sets, 1u);  // no second sync while set
 }
 
 TEST_F(TrackerTest, PersistStoresExactBitsAndClearsInUse) {
   auto t = Tracker::Open(opts_, 1 * GiB);
   ASSERT_TRUE(t.ok());
-  ASSERT_TRUE((*t)->BeforeChange(0, 1).ok());
-  ASSERT_TRUE((*t)->BeforeChange(100 * MiB + 1, 64 * KiB).ok());
+  ASSERT_TRUE((*t)->BeginChange(0, 1).ok());
+  ASSERT_TRUE((*t)->BeginChange(100 * MiB + 1, 64 * KiB).ok());
   ASSERT_TRUE((*t)->Persist().ok());
   EXPECT_FALSE(InUseOnDisk());
   auto img = Peek();
   auto b = LoadBitmap(*img, "b0", 1 * GiB);
   ASSERT_TRUE(b.ok()) << b.status().ToString();
-  EXPECT_EQ((*b)->Extents(0, 1 * GiB), (*t)->bitmap(0).Extents(0, 1 * GiB));
+  EXPECT_EQ((*b)->Extents(0, 1 * GiB), (*(*t)->Bitmap("b0")).Extents(0, 1 * GiB));
   EXPECT_EQ((*b)->DirtyGranules(), 3u);
   // The next change to a clean granule sets in_use again.
-  ASSERT_TRUE((*t)->BeforeChange(500 * MiB, 1).ok());
+  ASSERT_TRUE((*t)->BeginChange(500 * MiB, 1).ok());
   EXPECT_TRUE(InUseOnDisk());
   EXPECT_EQ((*t)->stats().in_use_sets, 2u);
 }
@@ -76,16 +76,16 @@ TEST_F(TrackerTest, PersistStoresExactBitsAndClearsInUse) {
 TEST_F(TrackerTest, ChangesToGranulesDirtyOnDiskNeedNoInUse) {
   auto t = Tracker::Open(opts_, 1 * GiB);
   ASSERT_TRUE(t.ok());
-  ASSERT_TRUE((*t)->BeforeChange(3 * MiB, 100 * KiB).ok());
+  ASSERT_TRUE((*t)->BeginChange(3 * MiB, 100 * KiB).ok());
   ASSERT_TRUE((*t)->Persist().ok());
   EXPECT_FALSE(InUseOnDisk());
   // Inside the persisted granules: nothing to record, in_use stays clear.
-  ASSERT_TRUE((*t)->BeforeChange(3 * MiB + 5, 4096).ok());
-  ASSERT_TRUE((*t)->BeforeChange(3 * MiB + 64 * KiB, 64 * KiB).ok());
+  ASSERT_TRUE((*t)->BeginChange(3 * MiB + 5, 4096).ok());
+  ASSERT_TRUE((*t)->BeginChange(3 * MiB + 64 * KiB, 64 * KiB).ok());
   EXPECT_FALSE(InUseOnDisk());
   EXPECT_EQ((*t)->stats().in_use_sets, 1u);
   // One granule further is a new change.
-  ASSERT_TRUE((*t)->BeforeChange(3 * MiB + 100 * KiB, 64 * KiB).ok());
+  ASSERT_TRUE((*t)->BeginChange(3 * MiB + 100 * KiB, 64 * KiB).ok());
   EXPECT_TRUE(InUseOnDisk());
   EXPECT_EQ((*t)->stats().in_use_sets, 2u);
 }
@@ -94,12 +94,12 @@ TEST_F(TrackerTest, ReopenedBitmapCountsAsDurable) {
   {
     auto t = Tracker::Open(opts_, 1 * GiB);
     ASSERT_TRUE(t.ok());
-    ASSERT_TRUE((*t)->BeforeChange(0, 1 * MiB).ok());
+    ASSERT_TRUE((*t)->BeginChange(0, 1 * MiB).ok());
     ASSERT_TRUE((*t)->Close().ok());
   }
   auto t = Tracker::Open(opts_, 1 * GiB);
   ASSERT_TRUE(t.ok());
-  ASSERT_TRUE((*t)->BeforeChange(4096, 4096).ok());
+  ASSERT_TRUE((*t)->BeginChange(4096, 4096).ok());
   EXPECT_FALSE(InUseOnDisk());
   EXPECT_EQ((*t)->stats().in_use_sets, 0u);
 }
@@ -109,7 +109,7 @@ TEST_F(TrackerTest, PersistAfterOneWriteOn16TiBWritesOneCluster) {
   ASSERT_TRUE(t.ok()) << t.status().ToString();
   ASSERT_TRUE((*t)->Persist().ok());  // nothing pending: nothing written
   EXPECT_EQ((*t)->stats().bytes_written, 0u);
-  ASSERT_TRUE((*t)->BeforeChange(9 * TiB, 4096).ok());
+  ASSERT_TRUE((*t)->BeginChange(9 * TiB, 4096).ok());
   ASSERT_TRUE((*t)->Persist().ok());
   TrackerStats s = (*t)->stats();
   std::printf("persist after one 4 KiB write on a 16 TiB disk: %llu bytes\n",
@@ -140,7 +140,7 @@ TEST_F(TrackerTest, BitmapLeftInUseIsRefusedWithRecoveryHint) {
   {
     auto t = Tracker::Open(opts_, 1 * GiB);
     ASSERT_TRUE(t.ok());
-    ASSERT_TRUE((*t)->BeforeChange(0, 1).ok());
+    ASSERT_TRUE((*t)->BeginChange(0, 1).ok());
     // Simulated crash: the tracker is dropped without Persist/Close.
   }
   auto t = Tracker::Open(opts_, 1 * GiB);
@@ -155,7 +155,7 @@ TEST_F(TrackerTest, PowerModeRecordsTheRegionBeforeTheChange) {
   opts_.durability = Durability::kPower;
   auto t = Tracker::Open(opts_, 1 * GiB);
   ASSERT_TRUE(t.ok()) << t.status().ToString();
-  ASSERT_TRUE((*t)->BeforeChange(300 * MiB, 4096).ok());
+  ASSERT_TRUE((*t)->BeginChange(300 * MiB, 4096).ok());
   auto img = Peek();
   ASSERT_TRUE(img->private_record_vouched());
   auto rec = IntentMap::Parse(*img->GetExtension(kIntentExtensionType));
@@ -166,7 +166,7 @@ TEST_F(TrackerTest, PowerModeRecordsTheRegionBeforeTheChange) {
   EXPECT_GT(ranges[0].first + ranges[0].second, 300 * MiB);
   // Same region again: no further record write.
   uint64_t writes = (*t)->stats().intent_writes;
-  ASSERT_TRUE((*t)->BeforeChange(300 * MiB + 8192, 4096).ok());
+  ASSERT_TRUE((*t)->BeginChange(300 * MiB + 8192, 4096).ok());
   EXPECT_EQ((*t)->stats().intent_writes, writes);
 }
 
@@ -175,10 +175,10 @@ TEST_F(TrackerTest, CrashInPowerModeRecoversASuperset) {
   {
     auto t = Tracker::Open(opts_, 1 * GiB);
     ASSERT_TRUE(t.ok());
-    ASSERT_TRUE((*t)->BeforeChange(0, 1).ok());
+    ASSERT_TRUE((*t)->BeginChange(0, 1).ok());
     ASSERT_TRUE((*t)->Persist().ok());
-    ASSERT_TRUE((*t)->BeforeChange(200 * MiB + 5, 3 * MiB).ok());
-    ASSERT_TRUE((*t)->BeforeChange(900 * MiB, 4096).ok());
+    ASSERT_TRUE((*t)->BeginChange(200 * MiB + 5, 3 * MiB).ok());
+    ASSERT_TRUE((*t)->BeginChange(900 * MiB, 4096).ok());
     // Crash: the tracker goes away without persisting.
   }
   EXPECT_TRUE(InUseOnDisk());
@@ -186,7 +186,7 @@ TEST_F(TrackerTest, CrashInPowerModeRecoversASuperset) {
   ASSERT_TRUE(t.ok()) << t.status().ToString();
   EXPECT_GT((*t)->stats().recovered_granules, 0u);
   EXPECT_FALSE(InUseOnDisk());
-  const DirtyBitmap& b = (*t)->bitmap(0);
+  const DirtyBitmap& b = (*(*t)->Bitmap("b0"));
   EXPECT_TRUE(b.IsDirty(0, 1));
   EXPECT_TRUE(b.IsDirty(200 * MiB + 5, 3 * MiB));
   EXPECT_TRUE(b.IsDirty(900 * MiB, 4096));
@@ -201,7 +201,7 @@ TEST_F(TrackerTest, ProcessModeRecordFromAnotherBootIsRefused) {
   {
     auto t = Tracker::Open(opts_, 1 * GiB);
     ASSERT_TRUE(t.ok());
-    ASSERT_TRUE((*t)->BeforeChange(0, 1).ok());
+    ASSERT_TRUE((*t)->BeginChange(0, 1).ok());
   }
   {  // Pretend the machine rebooted: another boot id in the record.
     auto f = PosixFile::Open(opts_.container_path, PosixFile::Mode::kReadWrite);
@@ -221,11 +221,11 @@ TEST_F(TrackerTest, ProcessModeSameBootRecovers) {
   {
     auto t = Tracker::Open(opts_, 1 * GiB);
     ASSERT_TRUE(t.ok());
-    ASSERT_TRUE((*t)->BeforeChange(500 * MiB, 1).ok());
+    ASSERT_TRUE((*t)->BeginChange(500 * MiB, 1).ok());
   }
   auto t = Tracker::Open(opts_, 1 * GiB);
   ASSERT_TRUE(t.ok()) << t.status().ToString();
-  EXPECT_TRUE((*t)->bitmap(0).Test(500 * MiB));
+  EXPECT_TRUE((*(*t)->Bitmap("b0")).Test(500 * MiB));
 }
 
 TEST_F(TrackerTest, ModeNoneDropsTheRecordSoACrashIsRefused) {
@@ -236,7 +236,7 @@ TEST_F(TrackerTest, ModeNoneDropsTheRecordSoACrashIsRefused) {
     auto t = Tracker::Open(opts_, 1 * GiB);
     ASSERT_TRUE(t.ok());
     EXPECT_EQ(Peek()->GetExtension(kIntentExtensionType), nullptr);
-    ASSERT_TRUE((*t)->BeforeChange(0, 1).ok());
+    ASSERT_TRUE((*t)->BeginChange(0, 1).ok());
   }
   opts_.durability = Durability::kPower;
   EXPECT_FALSE(Tracker::Open(opts_, 1 * GiB).ok());
@@ -248,7 +248,7 @@ TEST_F(TrackerTest, QemuWritingTheFileInvalidatesTheRecord) {
   {
     auto t = Tracker::Open(opts_, 1 * GiB);
     ASSERT_TRUE(t.ok());
-    ASSERT_TRUE((*t)->BeforeChange(0, 1).ok());
+    ASSERT_TRUE((*t)->BeginChange(0, 1).ok());
   }
   // QEMU opens read-write (adds a bitmap): it clears unknown autoclear bits.
   std::string cmd = "qemu-img bitmap --add " + opts_.container_path + " other";
@@ -315,7 +315,7 @@ RaceResult RunClearedInUseRace(Tracker& tr, uint64_t size, PeekFn peek, testing:
   for (int w = 0; w < kWriters; ++w)
     writers.emplace_back([&, w] {
       for (int i = 0; i < kOps; ++i) {
-        Status st = tr.BeforeChange(ops[w][i].first, ops[w][i].second);
+        Status st = tr.BeginChange(ops[w][i].first, ops[w][i].second).status();
         // After a failure (here or in another thread) leave the barrier, so
         // that no writer waits for this one; the test then ends early.
         if (!wf.Check(st.ok(),

@@ -19,7 +19,9 @@
 //                           Another export name is refused. An attach error
 //                           fails the connection and shuts the server down
 //                           with a non-zero exit status.
-//   pwrite/zero/trim        Tracker::BeforeChange, then next->...
+//   pwrite/zero/trim        Tracker::BeginChange, then next->...; the
+//                           Change lives until the plugin answered (edits
+//                           drain it)
 //   flush                   Tracker::Persist, then next->flush
 //   finalize                Tracker::Persist (client disconnect; also runs on
 //                           SIGTERM, unlike .close)
@@ -423,8 +425,9 @@ int cbt_pwrite(nbdkit_next* next, void* /*handle*/, const void* buf, uint32_t co
                uint64_t offset, uint32_t flags, int* err) noexcept {
   return Guard(err, [&]() -> int {
     if (!state->tracking.load()) return NotTracking(err);
-    if (Status s = state->tracker->BeforeChange(offset, count); !s.ok()) return Fail(s, err);
-    return next->pwrite(next, buf, count, offset, flags, err);
+    auto change = state->tracker->BeginChange(offset, count);
+    if (!change.ok()) return Fail(change.status(), err);
+    return next->pwrite(next, buf, count, offset, flags, err);  // `change` ends after the answer
   });
 }
 
@@ -432,8 +435,9 @@ int cbt_zero(nbdkit_next* next, void* /*handle*/, uint32_t count, uint64_t offse
              int* err) noexcept {
   return Guard(err, [&]() -> int {
     if (!state->tracking.load()) return NotTracking(err);
-    if (Status s = state->tracker->BeforeChange(offset, count); !s.ok()) return Fail(s, err);
-    return next->zero(next, count, offset, flags, err);
+    auto change = state->tracker->BeginChange(offset, count);
+    if (!change.ok()) return Fail(change.status(), err);
+    return next->zero(next, count, offset, flags, err);  // `change` ends after the answer
   });
 }
 
@@ -441,8 +445,9 @@ int cbt_trim(nbdkit_next* next, void* /*handle*/, uint32_t count, uint64_t offse
              int* err) noexcept {
   return Guard(err, [&]() -> int {
     if (!state->tracking.load()) return NotTracking(err);
-    if (Status s = state->tracker->BeforeChange(offset, count); !s.ok()) return Fail(s, err);
-    return next->trim(next, count, offset, flags, err);
+    auto change = state->tracker->BeginChange(offset, count);
+    if (!change.ok()) return Fail(change.status(), err);
+    return next->trim(next, count, offset, flags, err);  // `change` ends after the answer
   });
 }
 

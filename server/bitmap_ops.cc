@@ -26,7 +26,8 @@ std::string OpName(const BitmapOp& op) {
 
 BitmapEditor::BitmapEditor(qcow2::Image& img)
     : img_(img),
-      set_(img, img.virtual_size(), BitmapEditSet::FromImage(img), BitmapEditSet::Where::kOffline) {}
+      set_(img, img.virtual_size(), BitmapEditSet::FromImage(img), BitmapEditSet::Where::kOffline) {
+}
 
 Status BitmapEditor::Apply(const std::string& name, const BitmapOp& op, const OpOptions& opts,
                            qcow2::Image* source_image) {

@@ -143,7 +143,8 @@ Result<BitmapAddArgs> ParseAdd(const json& a, std::string_view w) {
 Result<std::optional<uint64_t>> Uint(const json& obj, std::string_view where, const char* key) {
   auto it = obj.find(key);
   if (it == obj.end()) return std::optional<uint64_t>{};
-  if (!it->is_number_unsigned()) return Bad(std::string(where) + key, "must be a non-negative integer");
+  if (!it->is_number_unsigned())
+    return Bad(std::string(where) + key, "must be a non-negative integer");
   return std::optional<uint64_t>{it->get<uint64_t>()};
 }
 
@@ -308,8 +309,7 @@ std::optional<Command> CommandFromName(std::string_view name) {
 
 bool AllowedInTransaction(Command c) {
   return c != Command::kQueryBitmaps && c != Command::kQueryStats &&
-         c != Command::kQueryBitmapExtents && c != Command::kPersist &&
-         c != Command::kTransaction;
+         c != Command::kQueryBitmapExtents && c != Command::kPersist && c != Command::kTransaction;
 }
 
 ParsedLine ParseRequest(std::string_view line) {

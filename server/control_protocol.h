@@ -124,8 +124,8 @@ struct TransactionArgs {
   std::vector<Action> actions;
 };
 
-using Arguments = std::variant<NoArgs, ExtentsArgs, BitmapAddArgs, NameArgs, MergeArgs, CopyArgs, RenameArgs,
-                               SetPersistentArgs, CheckpointArgs, TransactionArgs>;
+using Arguments = std::variant<NoArgs, ExtentsArgs, BitmapAddArgs, NameArgs, MergeArgs, CopyArgs,
+                               RenameArgs, SetPersistentArgs, CheckpointArgs, TransactionArgs>;
 
 struct Request {
   Command command;

@@ -157,7 +157,8 @@ TEST(ControlParse, QueryBitmapExtents) {
   EXPECT_EQ(a.name, "b0");
   EXPECT_EQ(a.offset, 0u);
   EXPECT_FALSE(a.length.has_value());
-  r = Parse(R"({"execute":"query-bitmap-extents","arguments":{"name":"b","offset":512,"length":4096}})");
+  r = Parse(
+      R"({"execute":"query-bitmap-extents","arguments":{"name":"b","offset":512,"length":4096}})");
   EXPECT_EQ(std::get<ExtentsArgs>(r.args).offset, 512u);
   EXPECT_EQ(std::get<ExtentsArgs>(r.args).length, 4096u);
   EXPECT_EQ(Refusal(R"({"execute":"query-bitmap-extents","arguments":{"name":"b","offset":-1}})"),

@@ -4,8 +4,9 @@
 # over the socket: query-bitmaps' dirty-bytes is what the writes imply (and,
 # after a clean stop, what qemu-nbd -B reads), in-use is set while the
 # writer is connected and `persist` clears it (in the reply and in qemu-img's
-# flags), query-stats counts the persist, an unimplemented command gets
-# NotSupported. The socket is mode 0600 and gone after a clean stop. A
+# flags), query-stats counts the persist; an edit before any client is Busy;
+# a checkpoint while the writer stays connected freezes b0 and starts b1, as
+# QEMU reads the container after the stop. The socket is mode 0600 and gone after a clean stop. A
 # regular file (or a missing directory) at PATH: nbdkit refuses to start,
 # naming the parameter, and the file is left intact; a second server on the
 # live socket is refused after its fork and the first keeps serving.
@@ -73,15 +74,16 @@ wait_for 60 [ -S "$T/ctl" ] || fail "no control socket at $T/ctl"
 [ "$(stat -c %a "$T/ctl")" = 600 ] || fail "control socket mode $(stat -c %a "$T/ctl"), want 600"
 
 r=$(ctl "$T/ctl" '{"execute":"query-bitmaps","id":1}')
-[ "$(jq -c . <<<"$r")" = '{"id":1,"return":{"attached":false,"bitmaps":[]}}' ] ||
-  fail "query-bitmaps before any client: $r"
+jq -e --arg c "$T/disk.cbt" '.id == 1 and .return.attached == false and
+  .return.bitmaps == [] and .return."disk-size" == 0 and .return.container == $c' \
+  <<<"$r" >/dev/null || fail "query-bitmaps before any client: $r"
 r=$(ctl "$T/ctl" '{"execute":"persist","id":2}')
 [ "$(jq -c . <<<"$r")" = '{"id":2,"return":{}}' ] || fail "persist before any client: $r"
 
 r=$(ctl "$T/ctl" '{"execute":"bitmap-add","arguments":{"name":"x"},"id":3}')
-[ "$(jq -c . <<<"$r")" = \
-  '{"error":{"class":"NotSupported","desc":"not implemented yet (issue 9)"},"id":3}' ] ||
-  fail "unimplemented command: $r"
+jq -e '.id == 3 and .error.class == "Busy" and
+  (.error.desc | test("first writable client"))' <<<"$r" >/dev/null ||
+  fail "an edit before any writable client: $r"
 
 # A second server on the live PATH passes the pre-fork check (a socket) and
 # is refused after its fork, exiting non-zero; the first keeps serving.
@@ -138,6 +140,20 @@ jq -e --argjson p "$persists_before" '.id == 5 and .return.attached == true and
   (.return | has("intent-writes") and has("recovered-granules"))' <<<"$r" >/dev/null ||
   fail "query-stats after persist (persists before: $persists_before): $r"
 
+# Online: a checkpoint freezes b0 and starts b1 while the writer stays
+# connected; the next write (granule 320) lands in b1 only.
+r=$(ctl "$T/ctl" '{"execute":"checkpoint","arguments":{"freeze":"b0","new":"b1"},"id":6}')
+[ "$(jq -c . <<<"$r")" = '{"id":6,"return":{}}' ] || fail "checkpoint: $r"
+echo "write 20M 4k" >&3
+wait_for 60 grep -qE "bytes at offset 20971520\$" "$T/qio.out" ||
+  fail "qemu-io did not complete 'write 20M 4k': $(cat "$T/qio.out")"
+r=$(ctl "$T/ctl" '{"execute":"query-bitmaps"}')
+jq -e --argjson w "$want" '[.return.bitmaps[] | [.name, .recording, ."dirty-bytes"]] ==
+  [["b0", false, $w], ["b1", true, 65536]]' <<<"$r" >/dev/null ||
+  fail "query-bitmaps after the checkpoint: $r"
+r=$(ctl "$T/ctl" '{"execute":"bitmap-remove","arguments":{"name":"nope"},"id":7}')
+jq -e '.id == 7 and .error.class == "NotFound"' <<<"$r" >/dev/null || fail "remove nope: $r"
+
 echo quit >&3
 exec 3>&-
 wait "$qio" || fail "qemu-io failed: $(cat "$T/qio.out")"
@@ -154,5 +170,12 @@ rc=0; wait "$NBDKIT_PID" || rc=$?
 # What QEMU reads from the container agrees with what the socket said.
 got=$(qemu_map "$T/disk.cbt" b0 | jq '[.[] | select(.dirty) | .length] | add')
 [ "$got" = "$want" ] || fail "qemu-nbd -B reads $got dirty bytes, the control socket said $want"
-echo "OK: control socket: attached false, dirty-bytes $want = qemu's, persist clears in-use," \
-  "NotSupported, mode 0600, removed at stop, regular file refused and kept"
+got=$(qemu_map "$T/disk.cbt" b1 | jq -c '[.[] | select(.dirty) | [.start, .length]]')
+[ "$got" = '[[20971520,65536]]' ] || fail "qemu-nbd -B reads b1's dirty extents as $got"
+[ "$(bitmap_flags "$T/disk.cbt" b0)" = '[]' ] ||
+  fail "frozen b0 flags after stop: $(bitmap_flags "$T/disk.cbt" b0)"
+[ "$(bitmap_flags "$T/disk.cbt" b1)" = '["auto"]' ] ||
+  fail "b1 flags after stop: $(bitmap_flags "$T/disk.cbt" b1)"
+echo "OK: control socket: attached false, edits Busy before a client, dirty-bytes $want =" \
+  "qemu's, persist clears in-use, checkpoint b0 -> b1 as qemu reads it, mode 0600," \
+  "removed at stop, regular file refused and kept"
