@@ -6,8 +6,9 @@
 # a real disk, not tmpfs) warmed so every granule of b0 is dirty:
 #   plain  no checkpoints
 #   ckpt   bench/checkpoint_bench.py loop: every second `checkpoint` freezes
-#          the recording bitmap and starts the next (b0 -> c0 -> c1 ...),
-#          then `bitmap-remove` drops the frozen one (one bitmap at a time)
+#          the recording bitmap and starts the next (b0 -> r1c0 -> r1c1 ...),
+#          and half a second later `bitmap-remove` drops the frozen one (one
+#          bitmap at a time; the remove's own pause is reported apart)
 # Rounds are interleaved (plain, ckpt, plain, ckpt ...); the summary gives the
 # medians, the throughput ratio (target >= 0.95), the checkpoint round trip
 # as the client sees it, and the longest write latency (fio's per-I/O latency
@@ -70,10 +71,15 @@ echo "checkpoint bench: fio nbd engine, 4k randwrite QD16, ${secs}s per run, $ro
   "rounds, cbt-durability=power (default), $(date -u +%F)"
 echo
 python3 "$here/checkpoint_bench.py" report "$d" "$rounds"
-echo "bitmaps on the checkpointed server at the end:" \
-  "$(python3 -c '
+python3 -c '
 import json, socket, sys
-s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.settimeout(30)
-s.sendall(b"{\"execute\":\"query-bitmaps\"}\n"); b = b""
-while not b.endswith(b"\n"): b += s.recv(65536)
-print([x["name"] for x in json.loads(b)["return"]["bitmaps"]])' "$d/ckpt.ctl")"
+def call(path, cmd):
+    s = socket.socket(socket.AF_UNIX); s.settimeout(30); s.connect(path)
+    s.sendall(json.dumps({"execute": cmd}).encode() + b"\n"); b = b""
+    while not b.endswith(b"\n"): b += s.recv(65536)
+    return json.loads(b)["return"]
+st = call(sys.argv[1], "query-stats")
+print("server side (query-stats): %d edits (checkpoints and removes), longest pause of the writers "
+      "by an edit (drain + persist + directory switch) %.2f ms" % (st["edits"], st["longest-drain-us"] / 1e3))
+print("bitmaps on the checkpointed server at the end:",
+      [b["name"] for b in call(sys.argv[1], "query-bitmaps")["bitmaps"]])' "$d/ckpt.ctl"
