@@ -5,9 +5,11 @@
 # (K = 0: as soon as the reply is read; K = 200: while the writers go on into
 # b1). The restart names only b1 (b0 is disabled; a missing b1 means the
 # checkpoint acknowledged to the client was lost) and recovers; after a clean
-# stop QEMU judges the container and checkpoint_check.py --mode kill: no
-# acknowledged write is missing from b0 ∪ b1 (b1 may be a superset after
-# recovery), and every acknowledged write sent after the reply is in b1.
+# stop QEMU judges the container (b0 frozen, b1 recording) and
+# checkpoint_check.py --mode kill: no acknowledged write is missing from
+# b0 ∪ b1, every one sent after the reply is in b1 (which recovery may have
+# made a superset), and b0, persisted by the checkpoint, is still exact:
+# every write acknowledged before the request, none sent after the reply.
 source "$(dirname "$0")/lib.sh"
 need python3
 source "$(dirname "$0")/checkpoint_lib.sh"
