@@ -539,45 +539,55 @@ Status Tracker::Persist() {
   return PersistLocked();
 }
 
-Status Tracker::PersistLocked() {
-  if (!image_) return Status::IOError("cbt: container already closed", ESHUTDOWN);
-  if (opts_.readonly || !set_) return Status::OK();
-  const BitmapSet& set = *set_;  // edits swap it under store_mu_ only
-  Status first;
-  bool wrote = false;
-  uint64_t written = 0;
-  const size_t n = set.stored.size();
-  std::vector<std::vector<uint64_t>> taken(n);
+// The changed chunks of the stored bitmaps, taken and written in place.
+struct Tracker::SlotWrites {
+  const BitmapSet* set = nullptr;
+  std::vector<std::vector<uint64_t>> taken;  // per set->stored entry
   std::vector<std::unique_ptr<RecordingSource>> sources;
+  uint64_t bytes = 0;
+  bool wrote = false;
+};
+
+// Writes every changed chunk of every stored bitmap in place; not flushed.
+// On failure every taken chunk is pending again.
+Status Tracker::WriteChangedLocked(SlotWrites& w) {
+  const BitmapSet& set = *set_;  // edits swap it under store_mu_ only
+  w.set = &set;
+  const size_t n = set.stored.size();
+  w.taken.assign(n, {});
+  Status first;
   for (size_t k = 0; k < n; ++k) {
     const LiveBitmap& b = set.all[set.stored[k]];
-    sources.push_back(std::make_unique<RecordingSource>(*b.bits));
-    taken[k] = b.bits->TakeChangedChunks();
-    if (taken[k].empty()) continue;
-    auto r = image_->WriteSlots(b.name, taken[k], *sources[k]);
+    w.sources.push_back(std::make_unique<RecordingSource>(*b.bits));
+    w.taken[k] = b.bits->TakeChangedChunks();
+    if (w.taken[k].empty()) continue;
+    auto r = image_->WriteSlots(b.name, w.taken[k], *w.sources[k]);
     if (!r.ok()) {
       if (first.ok()) first = r.status().WithContext("persist bitmap '" + b.name + "'");
       continue;
     }
-    written += *r;
-    wrote = true;
+    w.bytes += *r;
+    w.wrote = true;
   }
-  AddStat(&TrackerStats::bytes_written, written);
-  if (wrote && first.ok()) {
-    Status f = image_->io()->flush();
-    if (!f.ok()) first = f.WithContext("persist");
-  }
-  if (!first.ok()) {
-    // Keep every taken chunk pending; in_use stays set on disk.
-    for (size_t k = 0; k < n; ++k) set.all[set.stored[k]].bits->MarkChunksChanged(taken[k]);
-    return first;  // the caller reports it (nbdkit error, or the scheduler's log)
-  }
-  // Flushed: what was written is now durable on disk.
+  AddStat(&TrackerStats::bytes_written, w.bytes);
+  if (!first.ok()) RestoreLocked(w);
+  return first;
+}
+
+// A write or its flush failed: keep every taken chunk pending (in_use
+// stays set on disk).
+void Tracker::RestoreLocked(const SlotWrites& w) {
+  for (size_t k = 0; k < w.taken.size(); ++k)
+    w.set->all[w.set->stored[k]].bits->MarkChunksChanged(w.taken[k]);
+}
+
+// Flushed: what was written is now durable on disk; the shadows learn it.
+void Tracker::ApplyDurableLocked(const SlotWrites& w) {
   std::vector<std::byte> zeros;
-  for (size_t k = 0; k < n; ++k) {
-    DirtyBitmap* d = set.all[set.stored[k]].durable.get();
+  for (size_t k = 0; k < w.taken.size(); ++k) {
+    DirtyBitmap* d = w.set->all[w.set->stored[k]].durable.get();
     if (!d) continue;  // not recording: nobody asks
-    for (const auto& [slot, bytes] : sources[k]->written()) {
+    for (const auto& [slot, bytes] : w.sources[k]->written()) {
       if (bytes.empty()) {
         zeros.assign(d->chunk_bytes(), std::byte{0});
         d->LoadChunk(slot, zeros);
@@ -586,11 +596,51 @@ Status Tracker::PersistLocked() {
       }
     }
   }
-  if (wrote) {
+  if (w.wrote) {
     AddStat(&TrackerStats::persists);
-    spdlog::debug("persist: {} bytes written to the container", written);
+    spdlog::debug("persist: {} bytes written to the container", w.bytes);
   }
+}
+
+Status Tracker::PersistLocked() {
+  if (!image_) return Status::IOError("cbt: container already closed", ESHUTDOWN);
+  if (opts_.readonly || !set_) return Status::OK();
+  SlotWrites w;
+  CBT_RETURN_IF_ERROR(WriteChangedLocked(w));
+  if (w.wrote) {
+    Status f = image_->io()->flush();
+    if (!f.ok()) {
+      RestoreLocked(w);
+      return f.WithContext("persist");  // the caller reports it
+    }
+  }
+  ApplyDurableLocked(w);
   return ClearInUseLocked();
+}
+
+// An edit's store: the changed chunks in place (their flush is the
+// commit's own, before its header switch), then the new set with one
+// directory switch. On failure before the switch nothing changed.
+Status Tracker::StoreEditLocked(std::vector<qcow2::BitmapSpec>& specs, bool* committed) {
+  *committed = false;
+  SlotWrites w;
+  CBT_RETURN_IF_ERROR(WriteChangedLocked(w));
+  Status c = image_->Commit(specs);
+  if (!c.ok()) {
+    // Failed while freeing the old clusters: the new set is in place.
+    std::vector<qcow2::BitmapInfo> now = image_->Bitmaps();
+    bool switched = now.size() == specs.size();
+    for (size_t i = 0; switched && i < now.size(); ++i)
+      switched = now[i].name == specs[i].name && now[i].enabled == specs[i].enabled;
+    if (!switched) {
+      RestoreLocked(w);
+      return c.WithContext("cbt-file=" + opts_.container_path);
+    }
+    spdlog::warn("cbt-file={}: {}", opts_.container_path, c.message());
+  }
+  *committed = true;
+  ApplyDurableLocked(w);
+  return Status::OK();
 }
 
 Status Tracker::ClearInUseLocked() {

@@ -182,6 +182,8 @@ class Tracker {
   // Monotonic count of changes that marked something new in memory (not
   // those already covered): a persist trigger's sign of activity.
   uint64_t ChangeCount() const { return change_count_.load(std::memory_order_relaxed); }
+  // Changes between BeginChange and the end of their Change right now.
+  int64_t ChangesInFlight() const { return gate_changes_.in_flight(); }
   TrackerStats stats() const;
   // True while in_use may be set on disk for the recording bitmaps: set by
   // the P2 gate, not yet cleared by a persist. Lock-free.
@@ -199,6 +201,11 @@ class Tracker {
   Status EnsureRecorded(const BitmapSet& set, uint64_t first_region, uint64_t last_region);
   Status ClearInUseLocked();
   Status PersistLocked();
+  struct SlotWrites;
+  Status WriteChangedLocked(SlotWrites& w);
+  void RestoreLocked(const SlotWrites& w);
+  void ApplyDurableLocked(const SlotWrites& w);
+  Status StoreEditLocked(std::vector<qcow2::BitmapSpec>& specs, bool* committed);
   Status EditLocked(const EditOps& ops);
   void Publish(std::shared_ptr<const BitmapSet> set);
   bool RecordRecoverable() const;

@@ -3,17 +3,23 @@
 // An edit, step by step (store_mu_ held from 2 to 5):
 //   1. Pause: new changes wait at the ChangeGate; the changes in flight are
 //      drained (bounded: Busy, nothing changed).
-//   2. Persist: every change so far is written and flushed and in_use is
-//      cleared, so the container holds exactly the memory bits.
-//   3. The operations run on a BitmapEditSet seeded with the live bitmaps.
+//   2. The operations run on a BitmapEditSet seeded with the live bitmaps.
 //      Copy on write: a changed bitmap is a new object; the live ones are
 //      untouched, so a refused operation changes nothing.
-//   4. If the container's set changed: one Image::Commit (new data to fresh
-//      clusters, flushed, one header switch, flushed). A crash before the
-//      switch leaves the old set, after it the new one; never a mix.
+//   3. If the container's set changed: every changed chunk of the stored
+//      bitmaps is written in place (as a persist would, not flushed yet)...
+//   4. ...and the new set goes in with one Image::Commit: new data to fresh
+//      clusters, one flush (which also covers step 3), one header switch,
+//      flushed. The new directory keeps in_use set on the bitmaps that go
+//      on recording (if it was set) and clear on the others, whose data is
+//      exact by then. A crash before the switch leaves the old set, in the
+//      state of any crash while serving (in_use set: recovered from the
+//      crash-safety record, or refused in mode none); after it, the new
+//      set. Never a mix.
 //   5. The new BitmapSet is published, with a durable shadow for every
-//      persistent recording bitmap (what was just stored), then changes go
-//      on: the first one sets in_use again (P2) on the new set's bitmaps.
+//      persistent recording bitmap, and changes go on. Under load in_use
+//      is set throughout, so the first change after an edit needs no flush.
+// Two flushes per edit (the commit's), whatever the load.
 // No change is in flight between 1 and the end, so every change is wholly
 // before the edit (marked in the old set, forwarded and answered) or wholly
 // after it (marked in the new set).
@@ -90,27 +96,11 @@ Status Tracker::Edit(const EditOps& ops, std::chrono::milliseconds drain_timeout
   return s;
 }
 
-namespace {
-
-// Did a failed Commit still switch to the new set (it failed only while
-// freeing the old clusters)? The image's model says which set it holds.
-bool Committed(const qcow2::Image& img, const std::vector<qcow2::BitmapSpec>& specs) {
-  std::vector<qcow2::BitmapInfo> now = img.Bitmaps();
-  if (now.size() != specs.size()) return false;
-  for (size_t i = 0; i < now.size(); ++i)
-    if (now[i].name != specs[i].name || now[i].enabled != specs[i].enabled) return false;
-  return true;
-}
-
-}  // namespace
-
 Status Tracker::EditLocked(const EditOps& ops) {
   if (!image_) return Status::IOError("cbt: container already closed", ESHUTDOWN);
-  // 2. The container catches up with memory (and in_use is cleared).
-  CBT_RETURN_IF_ERROR(PersistLocked().WithContext("before the edit"));
   const std::shared_ptr<const BitmapSet> cur = set_;
 
-  // 3. The operations, copy-on-write.
+  // 2. The operations, copy-on-write; nothing is written yet.
   std::vector<EditEntry> entries;
   for (const LiveBitmap& b : cur->all) {
     EditEntry e;
@@ -126,17 +116,22 @@ Status Tracker::EditLocked(const EditOps& ops) {
   BitmapEditSet edit(*image_, disk_size_, std::move(entries), BitmapEditSet::Where::kOnline);
   CBT_RETURN_IF_ERROR(ops(edit));
 
-  // 4. One directory switch.
+  // 3-4. The changed chunks in place and the new set in one directory
+  // switch. in_use stays as it was for what keeps recording (set when
+  // changes are pending, so the next change needs no flush), and is clear
+  // on everything else: its data is exact once the switch is durable.
+  const bool in_use = in_use_on_disk_.load();
   if (edit.stored_set_changed()) {
     std::vector<qcow2::BitmapSpec> specs = edit.Specs();
-    Status c = image_->Commit(specs);
-    if (!c.ok()) {
-      if (!Committed(*image_, specs)) return c.WithContext("cbt-file=" + opts_.container_path);
-      spdlog::warn("cbt-file={}: {}", opts_.container_path, c.message());
-    }
+    for (qcow2::BitmapSpec& spec : specs)
+      for (const EditEntry& e : edit.entries())
+        if (e.name == spec.name && e.consistent) spec.in_use = in_use && e.recording;
+    bool committed = false;
+    CBT_RETURN_IF_ERROR(StoreEditLocked(specs, &committed));
   }
 
-  // 5. The new set. Memory equals the container now: every shadow is exact.
+  // 5. The new set. Every stored bitmap is exact or in use on disk; every
+  // recording persistent one gets a shadow equal to what is durable.
   std::vector<LiveBitmap> all;
   for (const EditEntry& e : edit.entries()) {
     LiveBitmap lb;
@@ -156,10 +151,13 @@ Status Tracker::EditLocked(const EditOps& ops) {
     }
     all.push_back(std::move(lb));
   }
-  Publish(BitmapSet::Make(std::move(all)));
-  // in_use is clear on disk (step 2); new bitmaps start clear: the next
-  // change sets it on the new set's recording bitmaps.
-  in_use_durable_.store(false);
+  std::shared_ptr<const BitmapSet> next = BitmapSet::Make(std::move(all));
+  // in_use on disk now: set on the new set's recording bitmaps iff it was
+  // set before (and there are any).
+  const bool now_in_use = in_use && !next->in_use_names.empty();
+  Publish(std::move(next));
+  in_use_on_disk_.store(now_in_use);
+  in_use_durable_.store(now_in_use);
   return Status::OK();
 }
 

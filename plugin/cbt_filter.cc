@@ -61,12 +61,12 @@ namespace {
 
 using cbt::Status;
 
-// Filter state. opts and persist_interval are written during config
+// Filter state. opts and persist are written during config
 // (single-threaded); tracker in get_ready. The attach state is written in
 // .prepare under attach_mu; `tracking` is also read without it.
 struct State {
   cbt::TrackerOptions opts;
-  unsigned persist_interval = 0;  // seconds; 0 = off
+  cbt::PersistTriggers persist;  // cbt-persist-interval/-threshold/-idle; 0 = off
   std::unique_ptr<cbt::Tracker> tracker;
   std::unique_ptr<cbt::PersistScheduler> scheduler;
 
@@ -82,6 +82,8 @@ struct State {
   // its handler exist from .after_fork to .cleanup.
   std::string control_path;
   std::unique_ptr<cbt::control::TrackerHandler> control_handler;
+  // How long an edit waits for the changes in flight (cbt-drain-timeout).
+  unsigned drain_timeout_ms = 5000;
   std::unique_ptr<cbt::control::ControlServer> control;
 };
 State* state;  // cbt-durability defaults to power: see docs/crash-safety.md
@@ -226,9 +228,28 @@ int cbt_config(nbdkit_next_config* next, nbdkit_backend* nxdata, const char* key
       }
       o.cluster_size = static_cast<uint32_t>(c);
     } else if (strcmp(key, "cbt-persist-interval") == 0) {
-      if (!*value ||
-          nbdkit_parse_unsigned("cbt-persist-interval", value, &state->persist_interval) == -1) {
+      unsigned sec = 0;
+      if (!*value || nbdkit_parse_unsigned("cbt-persist-interval", value, &sec) == -1) {
         nbdkit_error("cbt-persist-interval=%s: must be a number of seconds (0 = off)", value);
+        return -1;
+      }
+      state->persist.interval = std::chrono::seconds(sec);
+    } else if (strcmp(key, "cbt-persist-threshold") == 0) {
+      int64_t n = ParseSize(key, value, "bytes of pending bitmap data, e.g. 64K (0 = off)");
+      if (n == -1) return -1;
+      state->persist.threshold_bytes = static_cast<uint64_t>(n);
+    } else if (strcmp(key, "cbt-persist-idle") == 0) {
+      unsigned ms = 0;
+      if (!*value || nbdkit_parse_unsigned("cbt-persist-idle", value, &ms) == -1) {
+        nbdkit_error("cbt-persist-idle=%s: must be a number of milliseconds (0 = off)", value);
+        return -1;
+      }
+      state->persist.idle = std::chrono::milliseconds(ms);
+    } else if (strcmp(key, "cbt-drain-timeout") == 0) {
+      if (!*value ||
+          nbdkit_parse_unsigned("cbt-drain-timeout", value, &state->drain_timeout_ms) == -1 ||
+          state->drain_timeout_ms == 0 || state->drain_timeout_ms > 600000) {
+        nbdkit_error("cbt-drain-timeout=%s: must be milliseconds from 1 to 600000", value);
         return -1;
       }
     } else if (strcmp(key, "cbt-control") == 0) {
@@ -306,7 +327,8 @@ int cbt_after_fork(nbdkit_backend* /*backend*/) noexcept {
   return Guard(&err, [&]() -> int {
     if (state->control_path.empty()) return 0;
     state->control_handler =
-        std::make_unique<cbt::control::TrackerHandler>(*state->tracker, state->tracking);
+        std::make_unique<cbt::control::TrackerHandler>(
+            *state->tracker, state->tracking, std::chrono::milliseconds(state->drain_timeout_ms));
     cbt::control::ServerOptions opt;
     opt.path = state->control_path;
     state->control =
@@ -375,9 +397,8 @@ int cbt_prepare(nbdkit_next* next, void* handle, int readonly_export) noexcept {
       return 0;
     }
     state->tracking.store(true);
-    if (state->persist_interval) {
-      state->scheduler =
-          std::make_unique<cbt::PersistScheduler>(t, std::chrono::seconds(state->persist_interval));
+    if (state->persist.any()) {
+      state->scheduler = std::make_unique<cbt::PersistScheduler>(t, state->persist);
       state->scheduler->Start();
     }
     return 0;
@@ -479,10 +500,18 @@ nbdkit_filter filter = [] {
       "cbt-granularity=SIZE     granularity of created bitmaps (default 64K)\n"
       "cbt-cluster-size=SIZE    cluster size of a created container (default 64K)\n"
       "cbt-persist-interval=SEC persist every SEC seconds while changes are pending\n"
+      "cbt-persist-threshold=SIZE\n"
+      "                         persist once SIZE bytes of bitmap data are pending\n"
+      "                         (changed bitmap clusters x cluster size), e.g. 64K\n"
+      "cbt-persist-idle=MS      persist when changes are pending and none came for MS\n"
+      "                         milliseconds (interval, threshold, idle: 0 = off,\n"
+      "                         the default)\n"
       "cbt-durability=MODE      power (default: survive power loss), process\n"
       "                         (survive kill -9) or none (QEMU's semantics)\n"
       "cbt-control=PATH         serve the control protocol on unix socket PATH\n"
-      "                         (mode 0600; see docs/control.md)";
+      "                         (mode 0600; see docs/control.md)\n"
+      "cbt-drain-timeout=MS     how long an online edit waits for writes in flight\n"
+      "                         (default 5000; then the edit fails, Busy)";
   f.get_ready = cbt_get_ready;
   f.after_fork = cbt_after_fork;
   f.open = cbt_open;

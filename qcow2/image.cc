@@ -274,7 +274,8 @@ Result<BitmapInfo> Image::Find(std::string_view name) const {
 std::vector<BitmapSpec> Image::CurrentSpecs() const {
   std::vector<BitmapSpec> out;
   for (const auto& e : entries_)
-    out.push_back(BitmapSpec{e.name, e.granularity_bits, e.enabled(), e.name, nullptr});
+    out.push_back(
+        BitmapSpec{e.name, e.granularity_bits, e.enabled(), e.name, nullptr, std::nullopt});
   return out;
 }
 
@@ -478,7 +479,7 @@ Status Image::Commit(const std::vector<BitmapSpec>& specs, OldClusters old) {
     if (src >= 0 && inconsistent_[src]) {
       const auto& e = entries_[src];
       if (s.name != e.name || s.granularity_bits != e.granularity_bits ||
-          s.enabled != e.enabled() || s.data)
+          s.enabled != e.enabled() || s.data || s.in_use.has_value())
         return RequireConsistent(src);
     }
     if (src >= 0 && !s.data) {
@@ -505,6 +506,8 @@ Status Image::Commit(const std::vector<BitmapSpec>& specs, OldClusters old) {
       p.entry.table_offset = cs;  // placeholder for validation
       p.data = s.data;
     }
+    if (s.in_use.has_value())
+      p.entry.flags = (p.entry.flags & ~kBitmapFlagInUse) | (*s.in_use ? kBitmapFlagInUse : 0);
     plans.push_back(std::move(p));
   }
   std::vector<BitmapDirEntry> new_entries;

@@ -74,6 +74,12 @@ struct BitmapSpec {
   // New content (not owned; must outlive Commit). nullptr: keep `existing`'s
   // stored data (its table is reused, not copied), or all zeros if new.
   const BitmapDataSource* data = nullptr;
+  // The in_use flag of the new entry. nullopt: a kept bitmap keeps its
+  // flag, a new one starts clear. true: the bitmap is (still) being
+  // recorded by the caller, whose crash-safety covers it; false: its stored
+  // data is exact (flushed before the switch, like everything Commit
+  // writes). Not allowed on an inconsistent bitmap.
+  std::optional<bool> in_use;
 };
 
 // What Commit() does with the old directory and the clusters of dropped

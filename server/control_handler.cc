@@ -94,7 +94,8 @@ json TrackerHandler::QueryStats() const {
           {"recovered-granules", s.recovered_granules},
           {"edits", s.edits},
           {"longest-drain-us", s.longest_drain_us},
-          {"pending-bytes", attached_.load() ? tracker_.PendingBytes() : 0}};
+          {"pending-bytes", attached_.load() ? tracker_.PendingBytes() : 0},
+          {"changes-in-flight", tracker_.ChangesInFlight()}};
 }
 
 Result<json> TrackerHandler::QueryExtents(const ExtentsArgs& a) const {

@@ -3,9 +3,12 @@
 // print a failed flush's errno). Used by integration tests.
 //   nbd_ops SOCKET OP...   OP: w:OFFSET:LENGTH  z:OFFSET:LENGTH
 //                              t:OFFSET:LENGTH  f
+//                              h:FILE  (hold: create FILE, then wait, still
+//                              connected, until it is removed; 120 s at most)
 // Prints "w 0 4096 ok" or "f error ENOSPC (No space left on device)".
 // Exit status: 0 if all succeeded, 1 otherwise, 2 on bad usage.
 #include <libnbd.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
@@ -39,7 +42,7 @@ const char* ErrnoName(int e) {
 
 int main(int argc, char** argv) {
   if (argc < 3) {
-    fprintf(stderr, "usage: nbd_ops SOCKET OP...  (w|z|t:OFFSET:LENGTH, f)\n");
+    fprintf(stderr, "usage: nbd_ops SOCKET OP...  (w|z|t:OFFSET:LENGTH, f, h:FILE)\n");
     return 2;
   }
   nbd_handle* h = nbd_create();
@@ -55,6 +58,21 @@ int main(int argc, char** argv) {
     int r;
     if (op == "f") {
       r = nbd_flush(h, 0);
+    } else if (op.size() > 2 && op.compare(0, 2, "h:") == 0) {
+      const std::string path = op.substr(2);
+      FILE* f = fopen(path.c_str(), "w");
+      if (!f) {
+        fprintf(stderr, "nbd_ops: %s: %s\n", path.c_str(), strerror(errno));
+        return 1;
+      }
+      fclose(f);
+      int i = 0;
+      for (; i < 2400 && access(path.c_str(), F_OK) == 0; ++i) usleep(50000);
+      r = i < 2400 ? 0 : -1;
+      if (r == -1) {
+        fprintf(stderr, "nbd_ops: %s still there after 120 s\n", path.c_str());
+        return 1;
+      }
     } else if (op.size() > 2 && sscanf(op.c_str() + 2, "%llu:%llu", &off, &len) == 2) {
       switch (op[0]) {
         case 'w':
