@@ -1,6 +1,7 @@
 #include "server/bitmap_args.h"
 
 #include <sstream>
+#include <utility>
 
 #include "server/cli_parse.h"
 #include "server/size_parse.h"
@@ -18,7 +19,11 @@ BitmapArgs ParseBitmapArgs(const std::vector<std::string>& args) {
       "enable", po::bool_switch(), "make NAME record changes (flag auto)")(
       "disable", po::bool_switch(), "freeze NAME (clear flag auto)")(
       "merge", po::value<std::string>()->value_name("SRC"),
-      "OR bitmap SRC (of FILE, or of -b SRCFILE) into NAME");
+      "OR bitmap SRC (of FILE, or of -b SRCFILE) into NAME")(
+      "persistent", po::bool_switch(), "--socket only: NAME is stored in the container again")(
+      "transient", po::bool_switch(),
+      "--socket only: NAME lives in the filter's memory only and is gone at stop (with --add: "
+      "add it so)");
   po::options_description mods("Modifiers");
   mods.add_options()("granularity,g", po::value<std::string>()->value_name("SIZE"),
                      "--add: granularity, a power of two from 512 to 2G (default: the cluster size "
@@ -27,7 +32,9 @@ BitmapArgs ParseBitmapArgs(const std::vector<std::string>& args) {
       "source-file,b", po::value<std::string>()->value_name("SRCFILE"),
       "--merge: read SRC from this qcow2 file (a disk of FILE's size)")(
       "source-format,F", po::value<std::string>()->value_name("qcow2"),
-      "format of SRCFILE, as qemu-img -F; only qcow2");
+      "format of SRCFILE, as qemu-img -F; only qcow2")(
+      "socket", po::value<std::string>()->value_name("PATH"),
+      "change NAME in the filter serving the control socket PATH (cbt-control=PATH); no FILE");
   CommonOptions& c = out.common;
   AddCommonOptions(mods, c);
   po::options_description visible;
@@ -74,6 +81,12 @@ BitmapArgs ParseBitmapArgs(const std::vector<std::string>& args) {
       out.ops.push_back({OpKind::kDisable, {}});
     else if (k == "merge")
       out.ops.push_back({OpKind::kMerge, v});
+    else if (k == "persistent")
+      out.ops.push_back({OpKind::kPersistent, {}});
+    else if (k == "transient")
+      out.ops.push_back({OpKind::kTransient, {}});
+    else if (k == "socket")
+      out.socket = v;
     else if (k == "disabled")
       out.opts.add_disabled = true;
     else if (k == "source-file")
@@ -84,18 +97,40 @@ BitmapArgs ParseBitmapArgs(const std::vector<std::string>& args) {
       throw UsageError("unexpected argument '" + k + "'");
   }
   if (out.common.help) return out;
-  if (out.file.empty()) throw UsageError("missing FILE and NAME");
+  const bool online = !out.socket.empty();
+  if (online) {
+    // The one positional is NAME.
+    if (!out.name.empty())
+      throw UsageError(
+          "FILE and --socket PATH together; give one: --socket changes a running "
+          "filter's bitmaps, FILE a stored container");
+    out.name = std::move(out.file);
+    out.file.clear();
+  }
+  if (!online && out.file.empty())
+    throw UsageError("missing FILE and NAME (or --socket PATH NAME)");
   if (out.name.empty()) throw UsageError("missing NAME (the bitmap to work on)");
   if (out.ops.empty())
     throw UsageError(
         "no operation; give at least one of --add, --remove, --clear, --enable, "
         "--disable, --merge SRC");
-  bool add = false, merge = false;
+  bool add = false, merge = false, persistence = false;
   for (const auto& op : out.ops) {
     add |= op.kind == OpKind::kAdd;
     merge |= op.kind == OpKind::kMerge;
+    persistence |= op.kind == OpKind::kPersistent || op.kind == OpKind::kTransient;
     if (op.kind == OpKind::kMerge && op.source.empty())
       throw UsageError("--merge needs the name of the source bitmap");
+  }
+  if (persistence && !online)
+    throw UsageError(
+        "--persistent and --transient need --socket PATH: every bitmap stored in "
+        "FILE is persistent");
+  if (add) {
+    // With --add, --transient is its modifier (as --disabled), not an operation.
+    const size_t before = out.ops.size();
+    std::erase_if(out.ops, [](const BitmapOp& op) { return op.kind == OpKind::kTransient; });
+    out.opts.add_transient = out.ops.size() != before;
   }
   if (have_granularity) {
     if (!add) throw UsageError("-g/--granularity only applies to --add");
@@ -106,6 +141,11 @@ BitmapArgs ParseBitmapArgs(const std::vector<std::string>& args) {
   if (out.opts.add_disabled && !add) throw UsageError("--disabled only applies to --add");
   if (!out.source_file.empty() && !merge)
     throw UsageError("-b/--source-file only applies to --merge");
+  if (!out.source_file.empty() && online)
+    throw UsageError(
+        "--merge SRC -b SRCFILE cannot be used with --socket: the filter merges only "
+        "the bitmaps it serves (merge from another image offline, into a FILE no "
+        "server holds)");
   CheckImageFormat(out.common.image_format, "-f");
   if (!source_format.empty()) {
     if (out.source_file.empty()) throw UsageError("-F/--source-format only applies to -b");

@@ -11,10 +11,11 @@ namespace cbt::cli {
 
 struct BitmapArgs {
   CommonOptions common;
-  std::string file;
+  std::string file;    // "" with --socket
+  std::string socket;  // --socket PATH: a running filter's control socket
   std::string name;
   std::vector<BitmapOp> ops;  // in the order given
-  OpOptions opts;             // -g, --disabled
+  OpOptions opts;             // -g, --disabled, --transient (with --add)
   std::string source_file;    // -b: where --merge reads SRC ("" = FILE)
   std::string help;           // the rendered option list, for --help
 };
@@ -23,8 +24,14 @@ struct BitmapArgs {
 // (Boost's parsed options, not a variables_map, which would sort and merge
 // them). Throws po::error for unknown options or missing values and
 // UsageError for: missing FILE or NAME, no operation, -g without --add,
-// --disabled without --add, -b without --merge, a bad -g size. With --help
-// nothing but `common.help` and `help` is guaranteed.
+// --disabled without --add, -b without --merge, a bad -g size.
+// With --socket PATH the only positional is NAME (FILE as well is an error),
+// -b is refused (the filter merges only bitmaps it serves), and --persistent
+// and --transient are allowed: --transient is the modifier of every --add
+// when the call has one (bitmap-add "persistent": false), else, like
+// --persistent, an operation in command-line order (bitmap-set-persistent).
+// Without --socket both are refused. With --help nothing but `common.help`
+// and `help` is guaranteed.
 BitmapArgs ParseBitmapArgs(const std::vector<std::string>& args);
 
 }  // namespace cbt::cli

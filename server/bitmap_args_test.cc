@@ -61,6 +61,34 @@ TEST(ParseBitmapArgs, UsageErrors) {
   EXPECT_THROW(ParseBitmapArgs({"f", "b", "--dis"}), po::error);  // no prefix guessing
 }
 
+TEST(ParseBitmapArgs, SocketTakesNameOnly) {
+  BitmapArgs a = ParseBitmapArgs({"--socket", "/run/c.sock", "b1", "--add", "--clear"});
+  EXPECT_EQ(a.socket, "/run/c.sock");
+  EXPECT_EQ(a.file, "");
+  EXPECT_EQ(a.name, "b1");
+  EXPECT_EQ(Kinds(a), (std::vector<OpKind>{OpKind::kAdd, OpKind::kClear}));
+  // FILE and --socket together, or no NAME.
+  EXPECT_THROW(ParseBitmapArgs({"--socket", "s", "f", "b1", "--add"}), UsageError);
+  EXPECT_THROW(ParseBitmapArgs({"--socket", "s", "--add"}), UsageError);
+  // -b reads another image: not over the socket.
+  EXPECT_THROW(ParseBitmapArgs({"--socket", "s", "b1", "--merge", "b0", "-b", "x.qcow2"}),
+               UsageError);
+}
+
+TEST(ParseBitmapArgs, TransientModifiesAddElseIsAnOperation) {
+  BitmapArgs a = ParseBitmapArgs({"--socket", "s", "b1", "--transient", "--add", "--disabled"});
+  EXPECT_EQ(Kinds(a), (std::vector<OpKind>{OpKind::kAdd}));
+  EXPECT_TRUE(a.opts.add_transient);
+  EXPECT_TRUE(a.opts.add_disabled);
+  BitmapArgs b = ParseBitmapArgs({"--socket", "s", "b1", "--clear", "--transient", "--persistent"});
+  EXPECT_EQ(Kinds(b),
+            (std::vector<OpKind>{OpKind::kClear, OpKind::kTransient, OpKind::kPersistent}));
+  EXPECT_FALSE(b.opts.add_transient);
+  // Offline every bitmap is persistent.
+  EXPECT_THROW(ParseBitmapArgs({"f", "b", "--add", "--transient"}), UsageError);
+  EXPECT_THROW(ParseBitmapArgs({"f", "b", "--persistent"}), UsageError);
+}
+
 TEST(ParseBitmapArgs, HelpNeedsNothingElse) {
   BitmapArgs a = ParseBitmapArgs({"--help"});
   EXPECT_TRUE(a.common.help);

@@ -20,6 +20,10 @@ std::string OpName(const BitmapOp& op) {
       return "--disable";
     case OpKind::kMerge:
       return "--merge " + op.source;
+    case OpKind::kPersistent:
+      return "--persistent";
+    case OpKind::kTransient:
+      return "--transient";
   }
   return "?";
 }
@@ -33,7 +37,7 @@ Status BitmapEditor::Apply(const std::string& name, const BitmapOp& op, const Op
                            qcow2::Image* source_image) {
   switch (op.kind) {
     case OpKind::kAdd: {
-      Status s = set_.Add(name, opts.granularity, /*persistent=*/true, opts.add_disabled);
+      Status s = set_.Add(name, opts.granularity, !opts.add_transient, opts.add_disabled);
       // Offline, the granularity comes from -g.
       if (s.IsInvalidArgument() && s.message().rfind("granularity ", 0) == 0)
         return Status::InvalidArgument("-g " + s.message().substr(12));
@@ -48,6 +52,11 @@ Status BitmapEditor::Apply(const std::string& name, const BitmapOp& op, const Op
       return set_.SetRecording(name, op.kind == OpKind::kEnable);
     case OpKind::kMerge:
       return set_.Merge(name, {op.source}, source_image);
+    case OpKind::kPersistent:
+    case OpKind::kTransient:
+      // ParseBitmapArgs allows these with --socket only; the set refuses
+      // them offline too.
+      return set_.SetPersistent(name, op.kind == OpKind::kPersistent);
   }
   return Status::InvalidArgument("internal: unhandled bitmap operation");
 }

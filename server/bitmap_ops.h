@@ -33,7 +33,10 @@
 
 namespace cbt::cli {
 
-enum class OpKind { kAdd, kRemove, kClear, kEnable, kDisable, kMerge };
+// kPersistent / kTransient (--persistent, --transient) exist only online
+// (cbt bitmap --socket: bitmap-set-persistent); every bitmap stored in a file
+// is persistent, and BitmapEditor refuses them.
+enum class OpKind { kAdd, kRemove, kClear, kEnable, kDisable, kMerge, kPersistent, kTransient };
 
 struct BitmapOp {
   OpKind kind;
@@ -48,6 +51,7 @@ std::string OpName(const BitmapOp& op);
 struct OpOptions {
   std::optional<uint64_t> granularity;  // --add; nullopt: default
   bool add_disabled = false;            // --add --disabled
+  bool add_transient = false;           // --add --transient (online only)
 };
 
 using ::cbt::DefaultGranularity;

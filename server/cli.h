@@ -45,10 +45,11 @@ void CheckImageFormat(const std::string& fmt, const char* option);
 // The common shape of a subcommand taking one FILE: adds the common options
 // to `desc`, parses args (FILE positional), prints the help and returns true
 // when -h was given (the caller exits 0), applies -v/--output, and throws
-// UsageError when FILE is missing.
+// UsageError when FILE is missing. With `socket` (a --socket PATH option the
+// caller added to `desc`): exactly one of FILE and --socket is required.
 bool ParseFileCommand(const std::vector<std::string>& args, po::options_description& desc,
                       CommonOptions& common, std::string& file, const char* synopsis,
-                      const char* description);
+                      const char* description, const std::string* socket = nullptr);
 
 // Prints "Usage: <synopsis>\n\n<description>\n\n<options>" to stdout.
 void PrintHelp(const std::string& synopsis, const std::string& description,
@@ -62,5 +63,6 @@ int RunBitmap(const std::vector<std::string>& args);
 int RunMap(const std::vector<std::string>& args);
 int RunCheck(const std::vector<std::string>& args);
 int RunRecover(const std::vector<std::string>& args);
+int RunCheckpoint(const std::vector<std::string>& args);
 
 }  // namespace cbt::cli

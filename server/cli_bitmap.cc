@@ -8,6 +8,7 @@
 #include "server/bitmap_args.h"
 #include "server/bitmap_ops.h"
 #include "server/cli.h"
+#include "server/cli_socket.h"
 #include "server/image_open.h"
 
 namespace cbt::cli {
@@ -16,22 +17,27 @@ namespace {
 
 constexpr char kSynopsis[] =
     "cbt bitmap FILE NAME (--add [-g SIZE] [--disabled] | --remove | --clear |\n"
-    "       --enable | --disable | --merge SRC [-b SRCFILE])... [--output=json]";
+    "       --enable | --disable | --merge SRC [-b SRCFILE])... [--output=json]\n"
+    "       cbt bitmap --socket PATH NAME (--add [-g SIZE] [--disabled] [--transient] |\n"
+    "       --remove | --clear | --enable | --disable | --merge SRC | --persistent |\n"
+    "       --transient)... [--output=json]";
 constexpr char kDescription[] =
     "Changes bitmap NAME of the qcow2 file FILE, as 'qemu-img bitmap' does.\n"
     "Several operations apply in the order given, atomically: if one fails,\n"
     "FILE is left exactly as it was. Example: --add --merge b0 creates NAME as a\n"
-    "copy of b0. An inconsistent bitmap (see 'cbt info') only allows --remove.";
+    "copy of b0. An inconsistent bitmap (see 'cbt info') only allows --remove.\n"
+    "--socket PATH changes NAME in the filter serving the control socket PATH\n"
+    "(cbt-control=PATH) while it runs, several operations as one transaction (all\n"
+    "or nothing, atomic with respect to writes). Online a bitmap can also be\n"
+    "transient (in memory only, gone at stop): --add --transient, or --transient /\n"
+    "--persistent as operations. -b is offline only.";
 
 Json BitmapJson(const qcow2::BitmapInfo& b) {
   std::vector<std::string> flags;
   if (b.in_use) flags.push_back("in-use");
   if (b.enabled) flags.push_back("auto");
-  return {{"name", b.name},
-          {"granularity", b.granularity()},
-          {"flags", flags},
-          {"enabled", b.enabled},
-          {"consistent", b.consistent}};
+  return {{"name", b.name},       {"granularity", b.granularity()}, {"flags", flags},
+          {"enabled", b.enabled}, {"consistent", b.consistent},     {"persistent", true}};
 }
 
 }  // namespace
@@ -43,6 +49,7 @@ int RunBitmap(const std::vector<std::string>& args) {
     return kExitOk;
   }
   ApplyCommonOptions(a.common);
+  if (!a.socket.empty()) return RunBitmapSocket(a);
 
   Result<OpenedImage> opened = OpenImage(a.file, /*writable=*/true);
   if (!opened.ok()) return Fail(opened.status());

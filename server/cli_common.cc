@@ -65,7 +65,7 @@ void ParseCommandLine(const std::vector<std::string>& args, const po::options_de
 
 bool ParseFileCommand(const std::vector<std::string>& args, po::options_description& desc,
                       CommonOptions& common, std::string& file, const char* synopsis,
-                      const char* description) {
+                      const char* description, const std::string* socket) {
   AddCommonOptions(desc, common);
   po::options_description hidden;
   hidden.add_options()("file", po::value(&file));
@@ -78,7 +78,14 @@ bool ParseFileCommand(const std::vector<std::string>& args, po::options_descript
     return true;
   }
   ApplyCommonOptions(common);
-  if (file.empty()) throw UsageError("missing FILE");
+  if (socket && !socket->empty()) {
+    if (!file.empty())
+      throw UsageError(
+          "FILE and --socket PATH together; give one: --socket asks a running "
+          "filter, FILE reads a stored container");
+    return false;
+  }
+  if (file.empty()) throw UsageError(socket ? "missing FILE (or --socket PATH)" : "missing FILE");
   return false;
 }
 

@@ -6,6 +6,7 @@
 
 #include "server/bitmap_io.h"
 #include "server/cli.h"
+#include "server/cli_socket.h"
 #include "server/image_open.h"
 #include "server/size_parse.h"
 
@@ -13,7 +14,9 @@ namespace cbt::cli {
 
 namespace {
 
-constexpr char kSynopsis[] = "cbt info FILE [-U] [-f qcow2] [--output=json]";
+constexpr char kSynopsis[] =
+    "cbt info FILE [-U] [-f qcow2] [--output=json]\n"
+    "       cbt info --socket PATH [--output=json]";
 constexpr char kDescription[] =
     "Shows FILE's virtual size, cluster size and data file, and for every bitmap\n"
     "its name, granularity, flags (in-use, auto), dirty bytes and whether it is\n"
@@ -23,7 +26,10 @@ constexpr char kDescription[] =
     "Opens FILE read-only. -U (--force-share), as qemu-img info -U, also looks at\n"
     "a file that a running server (the cbt filter, qemu-nbd) holds for writing:\n"
     "it takes no lock that would stop that server, and the server's bitmaps then\n"
-    "show as in use, their stored bits behind its memory.";
+    "show as in use, their stored bits behind its memory.\n"
+    "--socket PATH asks the running filter serving the control socket PATH\n"
+    "(cbt-control=PATH) instead, from its memory: the same fields, each bitmap's\n"
+    "live dirty bytes, and whether it is persistent or transient.";
 
 struct Row {
   qcow2::BitmapInfo info;
@@ -44,9 +50,16 @@ int RunInfo(const std::vector<std::string>& args) {
   std::string file;
   bool force_share = false;
   po::options_description desc("Options");
+  std::string socket;
   desc.add_options()("force-share,U", po::bool_switch(&force_share),
-                     "look at FILE even while another program holds it");
-  if (ParseFileCommand(args, desc, common, file, kSynopsis, kDescription)) return kExitOk;
+                     "look at FILE even while another program holds it")(
+      "socket", po::value(&socket)->value_name("PATH"),
+      "ask the filter serving this control socket (cbt-control=PATH); no FILE");
+  if (ParseFileCommand(args, desc, common, file, kSynopsis, kDescription, &socket)) return kExitOk;
+  if (!socket.empty()) {
+    if (force_share) throw UsageError("-U applies to FILE, not to --socket");
+    return RunInfoSocket(socket, common);
+  }
 
   Result<OpenedImage> opened = OpenImage(file, /*writable=*/false, force_share);
   if (!opened.ok()) return Fail(opened.status());
@@ -72,7 +85,8 @@ int RunInfo(const std::vector<std::string>& args) {
                          {"in-use", r.info.in_use},
                          {"enabled", r.info.enabled},
                          {"consistent", r.info.consistent},
-                         {"dirty-bytes", r.dirty ? Json(*r.dirty) : Json()}});
+                         {"dirty-bytes", r.dirty ? Json(*r.dirty) : Json()},
+                         {"persistent", true}});
     }
     PrintJson({{"filename", file},
                {"format", "qcow2"},

@@ -7,6 +7,7 @@
 #include "engine/bitmap_store.h"
 #include "server/bitmap_ops.h"
 #include "server/cli.h"
+#include "server/cli_socket.h"
 #include "server/image_open.h"
 #include "server/size_parse.h"
 
@@ -15,13 +16,16 @@ namespace cbt::cli {
 namespace {
 
 constexpr char kSynopsis[] =
-    "cbt map FILE --bitmap NAME [--offset N] [--length N] [-U] [-f qcow2] [--output=json]";
+    "cbt map FILE --bitmap NAME [--offset N] [--length N] [-U] [-f qcow2] [--output=json]\n"
+    "       cbt map --socket PATH --bitmap NAME [--offset N] [--length N] [--output=json]";
 constexpr char kDescription[] =
     "Lists the extents of bitmap NAME in FILE. The JSON form is a list of\n"
     "{\"start\", \"length\", \"dirty\"} exactly covering the range, adjacent extents\n"
     "of the same state merged. The human form is a table of the dirty extents\n"
     "(hexadecimal, like qemu-img map). Opens FILE read-only; -U (--force-share)\n"
-    "also reads a file a running server holds (its bitmaps in use stay refused).";
+    "also reads a file a running server holds (its bitmaps in use stay refused).\n"
+    "--socket PATH maps the bitmap in the memory of the filter serving the control\n"
+    "socket PATH (cbt-control=PATH): no FILE, no in-use problem, the same output.";
 
 }  // namespace
 
@@ -36,7 +40,11 @@ int RunMap(const std::vector<std::string>& args) {
       "length of the range (default: to the end of the disk)")(
       "force-share,U", po::bool_switch(&force_share),
       "read FILE even while another program holds it");
-  if (ParseFileCommand(args, desc, common, file, kSynopsis, kDescription)) return kExitOk;
+  std::string socket;
+  desc.add_options()("socket", po::value(&socket)->value_name("PATH"),
+                     "map the bitmap of the filter serving this control socket; no FILE");
+  if (ParseFileCommand(args, desc, common, file, kSynopsis, kDescription, &socket)) return kExitOk;
+  if (!socket.empty() && force_share) throw UsageError("-U applies to FILE, not to --socket");
   if (bitmap.empty()) throw UsageError("missing --bitmap NAME");
   uint64_t offset = 0;
   std::optional<uint64_t> length;
@@ -50,6 +58,7 @@ int RunMap(const std::vector<std::string>& args) {
     if (!v.ok()) return Fail(v.status());
     length = *v;
   }
+  if (!socket.empty()) return RunMapSocket(socket, common, bitmap, offset, length);
 
   Result<OpenedImage> opened = OpenImage(file, /*writable=*/false, force_share);
   if (!opened.ok()) return Fail(opened.status());

@@ -28,7 +28,7 @@ namespace cbt::control {
 
 // Longest request line, without its '\n'. The socket reader enforces it
 // before any parsing (a client cannot make the server buffer more).
-inline constexpr size_t kMaxLineBytes = 64 * 1024;
+inline constexpr size_t kMaxLineBytes = size_t{64} * 1024;
 // Deepest nesting of arrays/objects in a request (a transaction needs 4).
 inline constexpr int kMaxDepth = 8;
 inline constexpr size_t kMaxTransactionActions = 64;

@@ -1,4 +1,5 @@
-// cbt: offline management of the dirty bitmaps stored in qcow2 files.
+// cbt: management of the dirty bitmaps stored in qcow2 files, offline, and
+// online through a running filter's control socket (--socket PATH).
 // This file only dispatches to a subcommand (cli_*.cc) and turns exceptions
 // into one line on stderr; see docs/cli.md.
 #include <spdlog/sinks/stdout_sinks.h>
@@ -24,20 +25,24 @@ struct Command {
 
 constexpr Command kCommands[] = {
     {"create", cbt::cli::RunCreate, "create a qcow2 file to hold bitmaps (of a raw disk)"},
-    {"info", cbt::cli::RunInfo, "show a qcow2 file's size and bitmaps"},
+    {"info", cbt::cli::RunInfo, "show a qcow2 file's (or a running filter's) size and bitmaps"},
     {"bitmap", cbt::cli::RunBitmap,
      "add, remove, clear, enable, disable or merge bitmaps (as qemu-img bitmap)"},
-    {"map", cbt::cli::RunMap, "list the dirty extents of a bitmap"},
+    {"map", cbt::cli::RunMap, "list the dirty extents of a bitmap (stored, or live with --socket)"},
     {"check", cbt::cli::RunCheck, "check (and repair) a qcow2 file (as qemu-img check)"},
     {"recover", cbt::cli::RunRecover, "make a bitmap left in use by a crash usable again"},
+    {"checkpoint", cbt::cli::RunCheckpoint,
+     "freeze one bitmap and start another, atomically, in a running filter"},
 };
 
 void PrintUsage(FILE* out) {
   std::fprintf(out,
                "Usage: cbt [-v] SUBCOMMAND [OPTIONS] ...\n\n"
                "Changed block tracking: manage the dirty bitmaps stored in qcow2 files,\n"
-               "offline, the way qemu-img bitmap does.\n\nSubcommands:\n");
-  for (const Command& c : kCommands) std::fprintf(out, "  %-8s %s\n", c.name, c.summary);
+               "offline, the way qemu-img bitmap does, and (info, map, bitmap, checkpoint\n"
+               "with --socket PATH) online, in a running filter with cbt-control=PATH.\n\n"
+               "Subcommands:\n");
+  for (const Command& c : kCommands) std::fprintf(out, "  %-10s %s\n", c.name, c.summary);
   std::fprintf(out,
                "\n'cbt SUBCOMMAND --help' shows a subcommand's options. "
                "Every subcommand takes\n-v (debug log on stderr), --output=json and "
