@@ -80,6 +80,6 @@ def call(path, cmd):
     return json.loads(b)["return"]
 st = call(sys.argv[1], "query-stats")
 print("server side (query-stats): %d edits (checkpoints and removes), longest pause of the writers "
-      "by an edit (drain + persist + directory switch) %.2f ms" % (st["edits"], st["longest-drain-us"] / 1e3))
+      "by an edit (the whole edit: drain, store, swap) %.2f ms" % (st["edits"], st["longest-drain-us"] / 1e3))
 print("bitmaps on the checkpointed server at the end:",
       [b["name"] for b in call(sys.argv[1], "query-bitmaps")["bitmaps"]])' "$d/ckpt.ctl"
