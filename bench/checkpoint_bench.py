@@ -158,8 +158,8 @@ def report(d, rounds):
     print(f"longest write latency completing within a checkpoint's window "
           f"[request - 1 ms, reply + 10 ms]: {max(stalls):.2f} ms "
           f"(median over checkpoints {med(stalls):.2f} ms; round {worst[1]}, that checkpoint's "
-          f"round trip {worst[2]:.2f} ms) (target < 10 ms): "
-          f"{'met' if max(stalls) < 10 else 'NOT met'}")
+          f"round trip {worst[2]:.2f} ms); compare the noise floor below: the stall a checkpoint "
+          f"itself causes is the server's longest writer pause (last lines)")
     n = len(stalls)
     print(f"checkpoint windows with a write over 10 ms: {sum(1 for m in stalls if m > 10)} of {n}; "
           f"round trip p90 {sorted(rtts)[math.ceil(0.9 * n) - 1]:.2f} ms; "
