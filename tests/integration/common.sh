@@ -46,3 +46,22 @@ qemu_map() {
     [ qemu-nbd -r -f qcow2 -B "$2" "$1" ] |
     jq -c 'map({start: .offset, length: .length, dirty: ((.type % 2) == 1)})' | merge_runs
 }
+
+# ctl_call SOCKET JSON : one raw request line to a control socket
+# (docs/control.md), prints the reply line; bounded (30 s).
+ctl_call() {
+  timeout 30 python3 -c '
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(20)
+s.connect(sys.argv[1])
+s.sendall(sys.argv[2].encode() + b"\n")
+buf = b""
+while not buf.endswith(b"\n"):
+    d = s.recv(65536)
+    if not d:
+        break
+    buf += d
+sys.stdout.write(buf.decode())
+' "$1" "$2"
+}

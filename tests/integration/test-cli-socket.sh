@@ -43,22 +43,7 @@ expect_in() {
   done
 }
 # ctl JSON : one raw request line to the filter, prints the reply (bounded).
-ctl() {
-  timeout 30 python3 -c '
-import socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.settimeout(20)
-s.connect(sys.argv[1])
-s.sendall(sys.argv[2].encode() + b"\n")
-buf = b""
-while not buf.endswith(b"\n"):
-    d = s.recv(65536)
-    if not d:
-        break
-    buf += d
-sys.stdout.write(buf.decode())
-' "$CTL" "$1"
-}
+ctl() { ctl_call "$CTL" "$1"; }
 # live FIELD BITMAP : a field of the bitmap in `cbt info --socket --output=json`.
 live() {
   "$CBT" info --socket "$CTL" --output=json |

@@ -8,22 +8,7 @@
 source "$(dirname "$0")/lib.sh"
 need python3 qemu-io jq
 
-ctl() {
-  timeout 30 python3 -c '
-import socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.settimeout(20)
-s.connect(sys.argv[1])
-s.sendall(sys.argv[2].encode() + b"\n")
-buf = b""
-while not buf.endswith(b"\n"):
-    d = s.recv(65536)
-    if not d:
-        break
-    buf += d
-sys.stdout.write(buf.decode())
-' "$1" "$2"
-}
+ctl() { ctl_call "$1" "$2"; }
 in_flight_is() {
   [ "$(ctl "$T/ctl" '{"execute":"query-stats"}' | jq '.return."changes-in-flight"')" = "$1" ]
 }

@@ -14,22 +14,7 @@ source "$(dirname "$0")/lib.sh"
 need python3 qemu-io stat
 
 # ctl SOCKET JSON : one request line, prints the reply line (bounded).
-ctl() {
-  timeout 30 python3 -c '
-import socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.settimeout(20)
-s.connect(sys.argv[1])
-s.sendall(sys.argv[2].encode() + b"\n")
-buf = b""
-while not buf.endswith(b"\n"):
-    d = s.recv(65536)
-    if not d:
-        break
-    buf += d
-sys.stdout.write(buf.decode())
-' "$1" "$2"
-}
+ctl() { ctl_call "$1" "$2"; }
 # dirty_bytes_is N : query-bitmaps reports N dirty bytes for b0.
 dirty_bytes_is() {
   [ "$(ctl "$T/ctl" '{"execute":"query-bitmaps"}' |
