@@ -115,15 +115,20 @@ Status BitmapEditSet::Add(const std::string& name, std::optional<uint64_t> granu
   const auto cbits = static_cast<uint32_t>(std::countr_zero(img_.cluster_size()));
   s = qcow2::ValidateBitmapSize(img_.virtual_size(), gbits, cbits);
   if (!s.ok()) return Status::InvalidArgument("bitmap '" + name + "': " + s.message());
+  return AddEmpty(name, gbits, !disabled, persistent);
+}
+
+Status BitmapEditSet::AddEmpty(const std::string& name, uint32_t gbits, bool recording,
+                               bool persistent) {
   EditEntry e;
   e.name = name;
   e.granularity_bits = gbits;
-  e.recording = !disabled;
+  e.recording = recording;
   e.persistent = persistent;
   if (where_ == Where::kOnline) {
-    CBT_ASSIGN_OR_RETURN(e.data, Empty(gbits));
+    CBT_ASSIGN_OR_RETURN(e.data, Empty(gbits));  // memory to record into
     e.new_content = true;
-  }
+  }  // offline: not stored and no data = all zeros
   entries_.push_back(std::move(e));
   stored_changed_ = stored_changed_ || persistent;
   return Status::OK();
@@ -284,17 +289,8 @@ Status BitmapEditSet::Checkpoint(const std::string& freeze, const std::string& n
   const uint32_t gbits = f->granularity_bits;
   const bool persistent = f->persistent;
   f->recording = false;
-  EditEntry e;
-  e.name = new_name;
-  e.granularity_bits = gbits;
-  e.persistent = persistent;
-  if (where_ == Where::kOnline) {
-    CBT_ASSIGN_OR_RETURN(e.data, Empty(gbits));
-  }
-  e.new_content = true;
-  entries_.push_back(std::move(e));
   stored_changed_ = stored_changed_ || persistent;
-  return Status::OK();
+  return AddEmpty(new_name, gbits, /*recording=*/true, persistent);
 }
 
 std::vector<qcow2::BitmapSpec> BitmapEditSet::Specs() {

@@ -108,6 +108,8 @@ class BitmapEditSet {
   Status NotFound(const std::string& name, const qcow2::Image& img) const;
   Status RequireConsistent(const EditEntry& e, const std::string& op) const;
   Status CheckFreeName(const std::string& name) const;
+  // Appends a new, empty bitmap (the name is checked by the caller).
+  Status AddEmpty(const std::string& name, uint32_t gbits, bool recording, bool persistent);
   // The entry's current content, loading it if needed; null = all zeros.
   Result<std::shared_ptr<DirtyBitmap>> Content(const EditEntry& e);
   Result<std::shared_ptr<DirtyBitmap>> Empty(uint32_t granularity_bits) const;
