@@ -5,6 +5,7 @@
 // --add` and `cbt bitmap FILE OLD --disable` do the same, since nothing
 // writes meanwhile.
 #include <iostream>
+#include <vector>
 
 #include "server/cli_parse.h"
 #include "server/cli_socket.h"
@@ -34,8 +35,11 @@ int RunCheckpoint(const std::vector<std::string>& args) {
       "freeze", po::value(&freeze)->value_name("OLD"), "the bitmap to stop (required)")(
       "new", po::value(&new_name)->value_name("NEW"), "the bitmap to start (required)");
   AddCommonOptions(desc, common);
+  std::vector<std::string> files;  // only to refuse them clearly
   po::options_description hidden;
+  hidden.add_options()("file", po::value(&files));
   po::positional_options_description pos;
+  pos.add("file", -1);
   po::variables_map vm;
   ParseCommandLine(args, desc, hidden, pos, vm);
   if (common.help) {
@@ -43,6 +47,10 @@ int RunCheckpoint(const std::vector<std::string>& args) {
     return kExitOk;
   }
   ApplyCommonOptions(common);
+  if (!files.empty())
+    throw UsageError("checkpoint works on a running filter only: give --socket PATH, not '" +
+                     files[0] + "' (offline: 'cbt bitmap FILE OLD --disable', then 'cbt bitmap " +
+                     "FILE NEW --add')");
   if (socket.empty())
     throw UsageError("missing --socket PATH (checkpoint works on a running filter only)");
   if (freeze.empty()) throw UsageError("missing --freeze OLD");

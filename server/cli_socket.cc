@@ -274,7 +274,15 @@ int RunBitmapSocket(const BitmapArgs& a) {
   Result<json> r = SocketCall(a.socket, command, args);
   if (!r.ok()) {
     if (a.ops.size() == 1) return Fail(r.status());
-    return Fail(r.status().message() + " (nothing was changed)");
+    // The server names the failed action of the transaction by its index
+    // ("action 1 (bitmap-merge): ..."); the user wrote options: name that.
+    std::string msg = r.status().message();
+    size_t n = 0, used = 0;
+    if (msg.rfind("action ", 0) == 0 &&
+        std::sscanf(msg.c_str(), "action %zu (%*[^)]): %zn", &n, &used) >= 1 && used > 0 &&
+        n < a.ops.size())
+      msg = OpName(a.ops[n]) + ": " + msg.substr(used);
+    return Fail(msg + " (nothing was changed)");
   }
   // The change is made; what follows only reports it.
   Result<LiveInfo> live = QueryLive(a.socket);

@@ -55,11 +55,28 @@ Result<bool> ExistingSocket(const std::string& path) {
 
 }  // namespace
 
+namespace {
+// An existing socket at path: Busy if a server accepts on it, OK if it is
+// stale (connection refused).
+Status RefuseLive(const std::string& path, const sockaddr_un& addr) {
+  int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (probe < 0) return Status::FromErrno(errno, "control socket: socket");
+  int rc = connect(probe, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr));
+  int err = errno;
+  close(probe);
+  if (rc == 0) return Status::Busy("control socket '" + path + "': a server is listening on it");
+  if (err != ECONNREFUSED) return Status::FromErrno(err, "control socket '" + path + "'");
+  return Status::OK();
+}
+}  // namespace
+
 Status CheckSocketPath(const std::string& path) {
   sockaddr_un addr;
   CBT_RETURN_IF_ERROR(FillAddr(path, &addr));
   CBT_ASSIGN_OR_RETURN(bool exists, ExistingSocket(path));
-  if (exists) return Status::OK();  // stale or live: Start() tells them apart
+  // Live: refused now (Start() checks again for a server started since);
+  // stale: Start() replaces it.
+  if (exists) return RefuseLive(path, addr);
   struct stat st;
   const size_t slash = path.rfind('/');
   const std::string dir = slash == std::string::npos ? std::string(".")
@@ -90,13 +107,7 @@ Status ControlServer::Start() {
   CBT_ASSIGN_OR_RETURN(bool exists, ExistingSocket(path));
   if (exists) {
     // A socket: replace it only if nobody is listening (left by a crash).
-    int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (probe < 0) return Status::FromErrno(errno, "control socket: socket");
-    int rc = connect(probe, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-    int err = errno;
-    close(probe);
-    if (rc == 0) return Status::Busy("control socket '" + path + "': a server is listening on it");
-    if (err != ECONNREFUSED) return Status::FromErrno(err, "control socket '" + path + "'");
+    CBT_RETURN_IF_ERROR(RefuseLive(path, addr));
     if (unlink(path.c_str()) != 0 && errno != ENOENT)
       return Status::FromErrno(errno, "control socket '" + path + "': unlink stale socket");
   }

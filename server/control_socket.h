@@ -41,8 +41,10 @@ struct ServerOptions {
 
 // What Start() would refuse about `path` that can be seen without creating
 // anything: a length that does not fit sun_path, a parent that is not an
-// existing directory, an existing file that is not a socket. For checking a
-// configured path early (before nbdkit forks); Start() checks again.
+// existing directory, an existing file that is not a socket, a socket a
+// server is listening on (Busy). For checking a configured path early
+// (before nbdkit forks, so a daemonised nbdkit still reports it); Start()
+// checks again.
 Status CheckSocketPath(const std::string& path);
 
 class ControlServer {

@@ -169,10 +169,23 @@ TEST_F(ControlSocketTest, CheckSocketPathSeesWhatStartWouldRefuse) {
   EXPECT_TRUE(st.IsInvalidArgument()) << st.ToString();
   EXPECT_FALSE(CheckSocketPath("").ok());
 
-  // A socket (stale or live) passes: Start() tells them apart.
+  // A stale socket (bound, nobody listening) passes: Start() replaces it.
+  ASSERT_EQ(unlink(path_.c_str()), 0);
+  {
+    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un a{};
+    a.sun_family = AF_UNIX;
+    std::strncpy(a.sun_path, path_.c_str(), sizeof(a.sun_path) - 1);
+    ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+    close(fd);
+  }
+  EXPECT_TRUE(CheckSocketPath(path_).ok());
+  // A live one is refused already here (a daemonised nbdkit reports it).
   ASSERT_EQ(unlink(path_.c_str()), 0);
   StartServer();
-  EXPECT_TRUE(CheckSocketPath(path_).ok());
+  st = CheckSocketPath(path_);
+  EXPECT_TRUE(st.IsBusy()) << st.ToString();
+  EXPECT_NE(st.message().find("a server is listening on it"), std::string::npos) << st.message();
 }
 
 TEST_F(ControlSocketTest, StaleSocketReplacedLiveOneRefused) {

@@ -9,7 +9,8 @@
 # QEMU reads the container after the stop. The socket is mode 0600 and gone after a clean stop. A
 # regular file (or a missing directory) at PATH: nbdkit refuses to start,
 # naming the parameter, and the file is left intact; a second server on the
-# live socket is refused after its fork and the first keeps serving.
+# live socket is refused before its fork (also as a daemon) and the first
+# keeps serving.
 source "$(dirname "$0")/lib.sh"
 need python3 qemu-io stat
 
@@ -70,13 +71,18 @@ jq -e '.id == 3 and .error.class == "Busy" and
   (.error.desc | test("first writable client"))' <<<"$r" >/dev/null ||
   fail "an edit before any writable client: $r"
 
-# A second server on the live PATH passes the pre-fork check (a socket) and
-# is refused after its fork, exiting non-zero; the first keeps serving.
+# A second server on the live PATH is refused before it forks: run as a
+# daemon (no -f), as users do, it still reports the error and exits
+# non-zero; the first keeps serving.
 truncate -s 64M "$T/other.raw"
 rc=0
-"${NBDKIT_ENV[@]}" timeout 60 nbdkit -f -U "$T/sock2" --filter="$FILTER" file "$T/other.raw" \
-  cbt-file="$T/other.cbt" cbt-bitmap=b0 cbt-create=true cbt-control="$T/ctl" \
-  2>"$T/busy.log" || rc=$?
+"${NBDKIT_ENV[@]}" timeout 60 nbdkit -U "$T/sock2" -P "$T/sock2.pid" --filter="$FILTER" \
+  file "$T/other.raw" cbt-file="$T/other.cbt" cbt-bitmap=b0 cbt-create=true \
+  cbt-control="$T/ctl" 2>"$T/busy.log" || rc=$?
+if [ -s "$T/sock2.pid" ]; then
+  kill "$(cat "$T/sock2.pid")" 2>/dev/null
+  fail "a second server on a live cbt-control daemonised (pid file written)"
+fi
 [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || fail "a second server on a live cbt-control: rc $rc"
 grep -q "cbt-control=$T/ctl: .*a server is listening on it" "$T/busy.log" ||
   fail "second server's refusal: $(cat "$T/busy.log")"
