@@ -68,8 +68,12 @@ int RunCheckpoint(const std::vector<std::string>& args) {
   const LiveBitmap* frozen = live.ok() ? live->Find(freeze) : nullptr;
   const LiveBitmap* started = live.ok() ? live->Find(new_name) : nullptr;
   if (common.format() == OutputFormat::kJson) {
+    Json frozen_json = frozen ? LiveBitmapJson(*frozen) : Json();
+    // What the backup that follows will read.
+    if (frozen)
+      frozen_json["dirty-bytes"] = frozen->dirty_bytes ? Json(*frozen->dirty_bytes) : Json();
     PrintJson({{"filename", live.ok() && live->container ? Json(*live->container) : Json()},
-               {"frozen", frozen ? LiveBitmapJson(*frozen) : Json()},
+               {"frozen", std::move(frozen_json)},
                {"new", started ? LiveBitmapJson(*started) : Json()},
                {"socket", socket}});
     return kExitOk;
