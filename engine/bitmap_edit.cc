@@ -88,7 +88,7 @@ Result<std::shared_ptr<DirtyBitmap>> BitmapEditSet::Clone(const DirtyBitmap& src
   return b;
 }
 
-Result<std::shared_ptr<DirtyBitmap>> BitmapEditSet::Content(const EditEntry& e) {
+Result<std::shared_ptr<DirtyBitmap>> BitmapEditSet::Content(EditEntry& e) {
   if (e.data || e.stored.empty()) return e.data;
   // Online every consistent bitmap is in memory, and the container is not
   // read here (the edit runs without the store lock).
@@ -96,9 +96,8 @@ Result<std::shared_ptr<DirtyBitmap>> BitmapEditSet::Content(const EditEntry& e) 
     return Status::InvalidArgument("internal: bitmap '" + e.name + "' is not loaded");
   CBT_ASSIGN_OR_RETURN(std::unique_ptr<DirtyBitmap> b, LoadBitmap(img_, e.stored, disk_size_));
   // Cache it: equal to the stored data, so still not new content.
-  EditEntry* mut = Find(e.name);
-  mut->data = std::shared_ptr<DirtyBitmap>(std::move(b));
-  return mut->data;
+  e.data = std::shared_ptr<DirtyBitmap>(std::move(b));
+  return e.data;
 }
 
 Status BitmapEditSet::Add(const std::string& name, std::optional<uint64_t> granularity,
@@ -197,12 +196,11 @@ Status BitmapEditSet::Merge(const std::string& target, const std::vector<std::st
     if (!s) return NotFound(src, img_);
     if (!s->consistent)
       return Status::InvalidArgument(InconsistentMessage(img_.name(), src, "--merge from it"));
-    if (s == Find(target)) continue;  // x | x == x
+    if (s == t) continue;  // x | x == x
     CBT_ASSIGN_OR_RETURN(std::shared_ptr<DirtyBitmap> c, Content(*s));
     if (c && c->DirtyGranules() != 0) from.push_back(std::move(c));
   }
   if (from.empty()) return Status::OK();  // nothing to add
-  t = Find(target);  // Content() may have cached into entries_ (no reallocation, but be plain)
   CBT_ASSIGN_OR_RETURN(std::shared_ptr<DirtyBitmap> base, Content(*t));
   std::shared_ptr<DirtyBitmap> merged;
   if (base) {
@@ -223,7 +221,6 @@ Status BitmapEditSet::Copy(const std::string& source, const std::string& target)
   CBT_RETURN_IF_ERROR(RequireConsistent(*s, "copy"));
   CBT_RETURN_IF_ERROR(CheckFreeName(target));
   CBT_ASSIGN_OR_RETURN(std::shared_ptr<DirtyBitmap> c, Content(*s));
-  s = Find(source);
   EditEntry e;
   e.name = target;
   e.granularity_bits = s->granularity_bits;
@@ -246,7 +243,6 @@ Status BitmapEditSet::Rename(const std::string& name, const std::string& new_nam
   CBT_RETURN_IF_ERROR(RequireConsistent(*e, "rename"));
   if (name == new_name) return Status::OK();
   CBT_RETURN_IF_ERROR(CheckFreeName(new_name));
-  e = Find(name);
   e->name = new_name;
   stored_changed_ = stored_changed_ || e->persistent;
   return Status::OK();
@@ -266,7 +262,6 @@ Status BitmapEditSet::SetPersistent(const std::string& name, bool persistent) {
     if (!s.ok()) return Status::InvalidArgument("bitmap '" + name + "': " + s.message());
   }
   CBT_ASSIGN_OR_RETURN(std::shared_ptr<DirtyBitmap> c, Content(*e));
-  e = Find(name);
   if (!c) {
     CBT_ASSIGN_OR_RETURN(c, Empty(e->granularity_bits));
   }

@@ -110,8 +110,9 @@ class BitmapEditSet {
   Status CheckFreeName(const std::string& name) const;
   // Appends a new, empty bitmap (the name is checked by the caller).
   Status AddEmpty(const std::string& name, uint32_t gbits, bool recording, bool persistent);
-  // The entry's current content, loading it if needed; null = all zeros.
-  Result<std::shared_ptr<DirtyBitmap>> Content(const EditEntry& e);
+  // The entry's current content, loading (and caching) it if needed;
+  // null = all zeros. Never adds or removes entries: pointers stay valid.
+  Result<std::shared_ptr<DirtyBitmap>> Content(EditEntry& e);
   Result<std::shared_ptr<DirtyBitmap>> Empty(uint32_t granularity_bits) const;
   Result<std::shared_ptr<DirtyBitmap>> Clone(const DirtyBitmap& src, uint32_t gbits) const;
 

@@ -4,7 +4,7 @@
 // session arms the crash-safety record and sets in_use at its first change,
 // extends the record, persists (slot writes, in_use and record cleared), sets
 // in_use again, persists and closes. At each crash the changes whose
-// BeforeChange returned OK count as forwarded to the disk.
+// BeginChange returned OK count as forwarded to the disk.
 //
 // After every crash, for the kill -9 image and (power mode) the power-cut
 // images, a new tracker must open the container (recovering at open), and
@@ -62,7 +62,7 @@ Bytes Initial(Durability mode, const std::vector<Range>& durable) {
   return st.device(kPath)->ProcessCrashImage();
 }
 
-// One serving session; records the changes BeforeChange let through.
+// One serving session; records the changes BeginChange let through.
 // Stops at the first error (the device is dead from there on).
 void Session(Tracker& t, std::vector<Range>* forwarded) {
   struct Step {

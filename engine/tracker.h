@@ -2,7 +2,7 @@
 // (in memory), the qcow2 container that stores them, and the protocol that
 // keeps the two consistent (design promises P1-P4):
 //
-//  P1  BeforeChange() marks every touched granule in every enabled bitmap
+//  P1  BeginChange() marks every touched granule in every enabled bitmap
 //      before the caller forwards the change. A change that only touches
 //      granules already dirty on disk (flushed) passes straight through:
 //      it needs no mark and no in_use (the steady state costs nothing).
@@ -147,15 +147,15 @@ class Tracker {
   Result<Change> BeginChange(uint64_t offset, uint64_t length);
 
   // Applies `ops` to a working copy of the bitmap set (BitmapEditSet,
-  // online) and makes the result current atomically: drains the changes in
-  // flight (up to drain_timeout: then Busy, nothing changed), persists,
-  // stores the new set with one directory switch when the container's set
-  // changed, and swaps it in. Failure of `ops` or of the store: nothing
-  // changed in memory; on disk the old set (maybe persisted further).
-  // Busy also before a writable Attach. Writes wait only for the drain and
-  // the swap (no I/O); the store runs while they go on, and Edit returns
-  // once it is durable. REQUIRES: the calling thread holds no Change; not
-  // concurrent with Close.
+  // online) and makes the result current atomically with respect to
+  // changes: drains the changes in flight (up to drain_timeout: then Busy,
+  // nothing changed), swaps the new set in, lets changes go on, then stores
+  // it (changed clusters in place, one directory switch) and returns once
+  // that is durable. Writes wait only for the drain and the swap, never for
+  // I/O. A failure of `ops` changes nothing; a failed store rolls the swap
+  // back (the old set, with every change since merged into its recording
+  // bitmaps). Busy also before a writable Attach. REQUIRES: the calling
+  // thread holds no Change; not concurrent with Close.
   using EditOps = std::function<Status(BitmapEditSet&)>;
   Status Edit(const EditOps& ops, std::chrono::milliseconds drain_timeout);
 
@@ -211,7 +211,7 @@ class Tracker {
   Status WriteChangedLocked(SlotWrites& w);
   void RestoreLocked(const SlotWrites& w);
   void ApplyDurableLocked(const SlotWrites& w);
-  Status StoreEditLocked(std::vector<qcow2::BitmapSpec>& specs, bool* committed);
+  Status StoreEditLocked(std::vector<qcow2::BitmapSpec>& specs);
   Status PrepareEdit(const EditOps& ops, PreparedEdit& out);
   void Publish(std::shared_ptr<const BitmapSet> set);
   bool RecordRecoverable() const;
@@ -265,7 +265,7 @@ class Tracker {
   std::unique_ptr<IntentMap> intents_;
   std::unique_ptr<IntentMap> found_record_;
 
-  // True while in_use is durable on disk: BeforeChange may forward at once.
+  // True while in_use is durable on disk: BeginChange may forward at once.
   std::atomic<bool> in_use_durable_{false};
   // Marks under way (between the first and last bitmap's Mark). Persist waits
   // for zero after dropping in_use_durable_, so no mark is half done when it

@@ -122,8 +122,7 @@ Status Tracker::Edit(const EditOps& ops, std::chrono::milliseconds drain_timeout
     for (qcow2::BitmapSpec& spec : specs)
       for (const EditEntry& e : p.edit->entries())
         if (e.name == spec.name && e.consistent) spec.in_use = in_use && e.recording;
-    bool committed = false;
-    s = image_ ? StoreEditLocked(specs, &committed)
+    s = image_ ? StoreEditLocked(specs)
                : Status::IOError("cbt: container already closed", ESHUTDOWN);
     if (!s.ok()) {
       abandoned_generation_ = p.next->generation;

@@ -123,8 +123,7 @@ Status Tracker::PersistLocked() {
 // An edit's store: the changed chunks in place (their flush is the
 // commit's own, before its header switch), then the new set with one
 // directory switch. On failure before the switch nothing changed.
-Status Tracker::StoreEditLocked(std::vector<qcow2::BitmapSpec>& specs, bool* committed) {
-  *committed = false;
+Status Tracker::StoreEditLocked(std::vector<qcow2::BitmapSpec>& specs) {
   SlotWrites w;
   CBT_RETURN_IF_ERROR(WriteChangedLocked(w));
   Status c = image_->Commit(specs);
@@ -140,7 +139,6 @@ Status Tracker::StoreEditLocked(std::vector<qcow2::BitmapSpec>& specs, bool* com
     }
     spdlog::warn("cbt-file={}: {}", opts_.container_path, c.message());
   }
-  *committed = true;
   ApplyDurableLocked(w);
   return Status::OK();
 }
