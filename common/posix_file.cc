@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <string>
 
 namespace cbt {
@@ -36,6 +37,18 @@ Result<std::unique_ptr<PosixFile>> PosixFile::Open(const std::string& path, Mode
     return Status::InvalidArgument("open " + path + ": is a directory", EISDIR);
   }
   return std::unique_ptr<PosixFile>(new PosixFile(fd, path, mode != Mode::kReadOnly));
+}
+
+Result<std::unique_ptr<PosixFile>> PosixFile::CreateTemporary(const std::string& dir) {
+  int fd = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+  if (fd < 0 && (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)) {
+    // The file system has no O_TMPFILE: a named file, unlinked at once.
+    std::string templ = dir + "/.cbt-tmp-XXXXXX";
+    fd = ::mkostemp(templ.data(), O_CLOEXEC);
+    if (fd >= 0) ::unlink(templ.c_str());
+  }
+  if (fd < 0) return Status::FromErrno(errno, "create a temporary file in " + dir);
+  return std::unique_ptr<PosixFile>(new PosixFile(fd, dir + "/(temporary)", true));
 }
 
 PosixFile::~PosixFile() {

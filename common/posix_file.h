@@ -19,6 +19,10 @@ class PosixFile final : public BlockIO {
   // Opens path. Failure: IOError/NotFound/AlreadyExists with the errno and
   // the path in the message.
   static Result<std::unique_ptr<PosixFile>> Open(const std::string& path, Mode mode);
+  // A new, already unlinked file in dir (O_TMPFILE, else mkstemp + unlink),
+  // mode 0600: it disappears with its last descriptor, even after kill -9.
+  // name() is "dir/(temporary)". Failure: the errno, naming dir.
+  static Result<std::unique_ptr<PosixFile>> CreateTemporary(const std::string& dir);
   ~PosixFile() override;
   PosixFile(const PosixFile&) = delete;
   PosixFile& operator=(const PosixFile&) = delete;

@@ -156,8 +156,17 @@ class Tracker {
   // back (the old set, with every change since merged into its recording
   // bitmaps). Busy also before a writable Attach. REQUIRES: the calling
   // thread holds no Change; not concurrent with Close.
+  // while_paused, if given, runs after the swap and before changes go on
+  // (only if `ops` succeeded): what must begin atomically with the edit,
+  // such as a backup session's copy-before-write (engine/backup.h). It
+  // must not block on I/O, and runs even if the store fails later.
   using EditOps = std::function<Status(BitmapEditSet&)>;
-  Status Edit(const EditOps& ops, std::chrono::milliseconds drain_timeout);
+  Status Edit(const EditOps& ops, std::chrono::milliseconds drain_timeout,
+              const std::function<void()>& while_paused = {});
+  // Runs fn while new changes wait and none is in flight (the drain of an
+  // edit, without one). Busy when the drain times out (fn did not run) or
+  // before a writable Attach. Same REQUIREMENTS as Edit.
+  Status Quiesce(const std::function<void()>& fn, std::chrono::milliseconds drain_timeout);
 
   // The current set (empty before Attach(size)); valid as long as held.
   std::shared_ptr<const BitmapSet> Snapshot() const;

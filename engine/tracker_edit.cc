@@ -86,7 +86,18 @@ struct Tracker::PreparedEdit {
   bool store = false;                   // the container's set changes
 };
 
-Status Tracker::Edit(const EditOps& ops, std::chrono::milliseconds drain_timeout) {
+Status Tracker::Quiesce(const std::function<void()>& fn, std::chrono::milliseconds drain_timeout) {
+  if (!attached_rw_.load())
+    return Status::Busy("no writable client yet: nothing to pause");
+  std::lock_guard one(edit_mu_);
+  CBT_RETURN_IF_ERROR(gate_changes_.Pause(drain_timeout));
+  fn();
+  gate_changes_.Resume();
+  return Status::OK();
+}
+
+Status Tracker::Edit(const EditOps& ops, std::chrono::milliseconds drain_timeout,
+                     const std::function<void()>& while_paused) {
   if (opts_.readonly)
     return Status::InvalidArgument(
         "the bitmaps of a read-only server (cbt-readonly) cannot be edited");
@@ -101,7 +112,10 @@ Status Tracker::Edit(const EditOps& ops, std::chrono::milliseconds drain_timeout
   CBT_RETURN_IF_ERROR(gate_changes_.Pause(drain_timeout));
   PreparedEdit p;
   Status s = PrepareEdit(ops, p);
-  if (s.ok()) Publish(p.next);
+  if (s.ok()) {
+    Publish(p.next);
+    if (while_paused) while_paused();
+  }
   gate_changes_.Resume();
   const auto us = static_cast<uint64_t>(
       std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0)

@@ -52,67 +52,22 @@
 
 #include "engine/scheduler.h"
 #include "engine/tracker.h"
+#include "plugin/backup_export.h"
+#include "plugin/filter_state.h"
 #include "plugin/filter_storage.h"
 #include "plugin/nbdkit_log.h"
 #include "server/control_handler.h"
 #include "server/control_socket.h"
+#include "server/listen_sockets.h"
 
 namespace {
 
 using cbt::Status;
-
-// Filter state. opts and persist are written during config
-// (single-threaded); tracker in get_ready. The attach state is written in
-// .prepare under attach_mu; `tracking` is also read without it.
-struct State {
-  cbt::TrackerOptions opts;
-  cbt::PersistTriggers persist;  // cbt-persist-interval/-threshold/-idle; 0 = off
-  std::unique_ptr<cbt::Tracker> tracker;
-  std::unique_ptr<cbt::PersistScheduler> scheduler;
-
-  std::mutex attach_mu;
-  bool have_export = false;  // export_name is the tracked export
-  std::string export_name;   // canonical name, as the plugin sees it
-  bool attached_ro = false;  // AttachReadOnly done (a read-only client came first)
-  std::string fatal;         // attach failed: the server is shutting down
-  // Attached for writing: flush, finalize and cleanup persist.
-  std::atomic<bool> tracking{false};
-
-  // cbt-control=PATH (absolute; empty: no control socket). The server and
-  // its handler exist from .after_fork to .cleanup.
-  std::string control_path;
-  std::unique_ptr<cbt::control::TrackerHandler> control_handler;
-  // How long an edit waits for the changes in flight (cbt-drain-timeout).
-  unsigned drain_timeout_ms = 5000;
-  std::unique_ptr<cbt::control::ControlServer> control;
-};
-State* state;  // cbt-durability defaults to power: see docs/crash-safety.md
-
-// Reports a failed engine call to nbdkit: one error line, errno into *err.
-int Fail(const Status& s, int* err) {
-  nbdkit_error("cbt: %s", s.message().c_str());
-  *err = s.err() ? s.err() : EIO;
-  return -1;
-}
-
-// Runs f, turning any escaping exception into an nbdkit error: exceptions
-// must never unwind through nbdkit's C frames.
-template <class F>
-int Guard(int* err, F&& f) noexcept {
-  try {
-    return f();
-  } catch (const std::bad_alloc&) {
-    nbdkit_error("cbt: out of memory");
-    *err = ENOMEM;
-  } catch (const std::exception& e) {
-    nbdkit_error("cbt: internal error: %s", e.what());
-    *err = EIO;
-  } catch (...) {
-    nbdkit_error("cbt: internal error");
-    *err = EIO;
-  }
-  return -1;
-}
+using cbt::plugin::Fail;
+using cbt::plugin::Guard;
+using cbt::plugin::Handle;
+using cbt::plugin::State;
+using cbt::plugin::state;
 
 // nbdkit 1.32 has no way for a filter to set the exit status, and exits 0
 // after nbdkit_shutdown(). This makes the process exit with EXIT_FAILURE
@@ -276,6 +231,8 @@ int cbt_config(nbdkit_next_config* next, nbdkit_backend* nxdata, const char* key
         nbdkit_error("cbt-durability=%s: must be none, process or power", value);
         return -1;
       }
+    } else if (int b = cbt::plugin::BackupConfig(key, value); b != 0) {
+      return b == 1 ? 0 : -1;
     } else {
       return next(nxdata, key, value);
     }
@@ -315,7 +272,7 @@ int cbt_get_ready(int /*thread_model*/) noexcept {
       return -1;
     }
     state->tracker = std::move(t).value();
-    return 0;
+    return cbt::plugin::BackupGetReady();
   });
 }
 
@@ -329,6 +286,10 @@ int cbt_after_fork(nbdkit_backend* /*backend*/) noexcept {
     state->control_handler =
         std::make_unique<cbt::control::TrackerHandler>(
             *state->tracker, state->tracking, std::chrono::milliseconds(state->drain_timeout_ms));
+    state->control_handler->SetBackup(
+        {state->backup.get(), state->backup_export, [path = state->control_path] {
+           return cbt::control::ListeningUnixSockets({path});
+         }});
     cbt::control::ServerOptions opt;
     opt.path = state->control_path;
     state->control =
@@ -344,10 +305,67 @@ int cbt_after_fork(nbdkit_backend* /*backend*/) noexcept {
 
 void* cbt_open(nbdkit_next_open* next, nbdkit_context* ctx, int readonly, const char* exportname,
                int /*is_tls*/) noexcept {
-  if (next(ctx, readonly, exportname) == -1) return nullptr;
-  // The handle is the export name (canonical: nbdkit resolved "" to the
-  // plugin's default export), for .prepare. Interned: lives until .close.
-  return const_cast<char*>(nbdkit_strdup_intern(exportname));
+  int err = 0;
+  void* h = nullptr;
+  Guard(&err, [&]() -> int {
+    auto handle = std::make_unique<Handle>();
+    if (cbt::plugin::IsBackupExport(exportname)) {
+      // The view reads the tracked export, read-only.
+      handle->backup = true;
+      std::string live;
+      {
+        std::lock_guard lock(state->attach_mu);
+        live = state->export_name;
+      }
+      if (next(ctx, 1, live.c_str()) == -1) return -1;
+    } else if (next(ctx, readonly, exportname) == -1) {
+      return -1;
+    }
+    // The export name (canonical: nbdkit resolved "" to the plugin's
+    // default export), for .prepare. Interned: lives until .close.
+    handle->name = nbdkit_strdup_intern(exportname);
+    if (!handle->name) return -1;
+    h = handle.release();
+    return 0;
+  });
+  return h;
+}
+
+void cbt_close(void* handle) noexcept { delete static_cast<Handle*>(handle); }
+
+int cbt_list_exports(nbdkit_next_list_exports* next, nbdkit_backend* nxdata, int readonly,
+                     int /*is_tls*/, nbdkit_exports* exports) noexcept {
+  int err = 0;
+  return Guard(&err, [&] { return cbt::plugin::BackupListExports(next, nxdata, readonly, exports); });
+}
+
+int cbt_can_write(nbdkit_next* next, void* handle) noexcept {
+  if (static_cast<Handle*>(handle)->backup) return 0;
+  return next->can_write(next);
+}
+
+int cbt_can_extents(nbdkit_next* next, void* handle) noexcept {
+  // The view always answers (as data where the plugin cannot say).
+  if (static_cast<Handle*>(handle)->backup) return 1;
+  return next->can_extents(next);
+}
+
+int cbt_pread(nbdkit_next* next, void* handle, void* buf, uint32_t count, uint64_t offset,
+              uint32_t flags, int* err) noexcept {
+  return Guard(err, [&]() -> int {
+    auto* h = static_cast<Handle*>(handle);
+    if (h->backup) return cbt::plugin::BackupPread(next, *h, buf, count, offset, err);
+    return next->pread(next, buf, count, offset, flags, err);
+  });
+}
+
+int cbt_extents(nbdkit_next* next, void* handle, uint32_t count, uint64_t offset, uint32_t flags,
+                nbdkit_extents* extents, int* err) noexcept {
+  return Guard(err, [&]() -> int {
+    auto* h = static_cast<Handle*>(handle);
+    if (h->backup) return cbt::plugin::BackupExtents(next, *h, count, offset, flags, extents, err);
+    return next->extents(next, count, offset, flags, extents, err);
+  });
 }
 
 // The first connection attaches the tracker to its export; later ones
@@ -355,7 +373,9 @@ void* cbt_open(nbdkit_next_open* next, nbdkit_context* ctx, int readonly, const 
 int cbt_prepare(nbdkit_next* next, void* handle, int readonly_export) noexcept {
   int err = 0;
   return Guard(&err, [&]() -> int {
-    const char* name = static_cast<const char*>(handle);
+    auto* h = static_cast<Handle*>(handle);
+    if (h->backup) return cbt::plugin::BackupPrepare(next, *h);
+    const char* name = h->name;
     std::lock_guard lock(state->attach_mu);
     if (!state->fatal.empty()) {
       nbdkit_error("cbt: not serving: %s", state->fatal.c_str());
@@ -414,11 +434,13 @@ void cbt_cleanup(nbdkit_backend* /*backend*/) noexcept {
     state->control.reset();
     state->control_handler.reset();
     if (state->scheduler) state->scheduler->Stop();
+    if (state->backup) state->backup->Shutdown();
     if (state->tracker && state->tracking.load()) {
       // Clean shutdown (P3): persist and clear in_use.
       Status s = state->tracker->Close();
       if (!s.ok()) nbdkit_error("cbt: final persist failed: %s", s.message().c_str());
     }
+    state->backup.reset();
     state->tracker.reset();  // not attached for writing: nothing to write
     return 0;
   });
@@ -448,6 +470,7 @@ int cbt_pwrite(nbdkit_next* next, void* /*handle*/, const void* buf, uint32_t co
     if (!state->tracking.load()) return NotTracking(err);
     auto change = state->tracker->BeginChange(offset, count);
     if (!change.ok()) return Fail(change.status(), err);
+    if (cbt::plugin::CopyBeforeWrite(next, count, offset, err) == -1) return -1;
     return next->pwrite(next, buf, count, offset, flags, err);  // `change` ends after the answer
   });
 }
@@ -458,6 +481,7 @@ int cbt_zero(nbdkit_next* next, void* /*handle*/, uint32_t count, uint64_t offse
     if (!state->tracking.load()) return NotTracking(err);
     auto change = state->tracker->BeginChange(offset, count);
     if (!change.ok()) return Fail(change.status(), err);
+    if (cbt::plugin::CopyBeforeWrite(next, count, offset, err) == -1) return -1;
     return next->zero(next, count, offset, flags, err);  // `change` ends after the answer
   });
 }
@@ -468,6 +492,7 @@ int cbt_trim(nbdkit_next* next, void* /*handle*/, uint32_t count, uint64_t offse
     if (!state->tracking.load()) return NotTracking(err);
     auto change = state->tracker->BeginChange(offset, count);
     if (!change.ok()) return Fail(change.status(), err);
+    if (cbt::plugin::CopyBeforeWrite(next, count, offset, err) == -1) return -1;
     return next->trim(next, count, offset, flags, err);  // `change` ends after the answer
   });
 }
@@ -493,7 +518,7 @@ nbdkit_filter filter = [] {
   f.unload = cbt_unload;
   f.config = cbt_config;
   f.config_complete = cbt_config_complete;
-  f.config_help =
+  static const std::string help = std::string(
       "cbt-file=PATH            (required) qcow2 container holding the bitmaps\n"
       "cbt-bitmap=NAME          (required, repeatable) bitmap that records changes\n"
       "cbt-create=BOOL          create a missing container or bitmap (default false)\n"
@@ -511,10 +536,17 @@ nbdkit_filter filter = [] {
       "cbt-control=PATH         serve the control protocol on unix socket PATH\n"
       "                         (mode 0600; see docs/control.md)\n"
       "cbt-drain-timeout=MS     how long an online edit waits for writes in flight\n"
-      "                         (default 5000; then the edit fails, Busy)";
+      "                         (default 5000; then the edit fails, Busy)\n") + cbt::plugin::kBackupHelp;
+  f.config_help = help.c_str();
   f.get_ready = cbt_get_ready;
   f.after_fork = cbt_after_fork;
   f.open = cbt_open;
+  f.close = cbt_close;
+  f.list_exports = cbt_list_exports;
+  f.can_write = cbt_can_write;
+  f.can_extents = cbt_can_extents;
+  f.pread = cbt_pread;
+  f.extents = cbt_extents;
   f.prepare = cbt_prepare;
   f.cleanup = cbt_cleanup;
   f.finalize = cbt_finalize;
@@ -526,5 +558,7 @@ nbdkit_filter filter = [] {
 }();
 
 }  // namespace
+
+cbt::plugin::State* cbt::plugin::state;
 
 NBDKIT_REGISTER_FILTER(filter)

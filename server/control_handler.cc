@@ -133,8 +133,66 @@ Result<json> TrackerHandler::QueryExtents(const ExtentsArgs& a) const {
               {"next", next ? json(*next) : json()}};
 }
 
+json TrackerHandler::BackupJson(const BackupStatus& st) const {
+  json j = {{"active", st.active}, {"id", st.id}};
+  if (st.id == 0) return j;
+  j["frozen"] = st.frozen.empty() ? json() : json(st.frozen);
+  j["new"] = st.new_name;
+  j["disk-size"] = st.disk_size;
+  j["block-size"] = st.block_size;
+  j["broken"] = st.broken ? json(*st.broken) : json();
+  j["copied-blocks"] = st.stats.copied_blocks;
+  j["zero-blocks"] = st.stats.zero_blocks;
+  j["stored-bytes"] = st.stats.stored_bytes;
+  j["view-reads"] = st.stats.view_reads;
+  j["write-waits"] = st.stats.write_waits;
+  j["export"] = backup_.export_name;
+  j["nbd-sockets"] = backup_.sockets ? backup_.sockets() : std::vector<std::string>{};
+  if (st.endpoint)
+    j["endpoint"] = {{"pid", st.endpoint->pid},
+                     {"uri", st.endpoint->uri},
+                     {"socket", st.endpoint->socket},
+                     {"carrier", st.endpoint->carrier},
+                     {"context", st.endpoint->context}};
+  else
+    j["endpoint"] = json();
+  return j;
+}
+
+Result<json> TrackerHandler::HandleBackup(const Request& request) {
+  BackupManager* m = backup_.manager;
+  if (!m) return Status::NotSupported("this server has no backup export");
+  switch (request.command) {
+    case Command::kQueryBackup:
+      return BackupJson(m->Query());
+    case Command::kBackupBegin: {
+      const auto& a = std::get<BackupBeginArgs>(request.args);
+      CBT_ASSIGN_OR_RETURN(BackupStatus st,
+                           m->Begin({a.new_name, a.freeze, a.granularity}, drain_timeout_));
+      return BackupJson(st);
+    }
+    case Command::kBackupEnd: {
+      CBT_ASSIGN_OR_RETURN(BackupStatus st,
+                           m->End(std::get<BackupEndArgs>(request.args).id, drain_timeout_));
+      return BackupJson(st);
+    }
+    case Command::kBackupSetEndpoint: {
+      const auto& a = std::get<EndpointArgs>(request.args);
+      CBT_RETURN_IF_ERROR(m->SetEndpoint(a.id, {a.pid, a.uri, a.socket, a.carrier, a.context}));
+      return json::object();
+    }
+    default:
+      return Status::InvalidArgument("internal: not a backup command");
+  }
+}
+
 Result<json> TrackerHandler::Handle(const Request& request) {
   switch (request.command) {
+    case Command::kQueryBackup:
+    case Command::kBackupBegin:
+    case Command::kBackupEnd:
+    case Command::kBackupSetEndpoint:
+      return HandleBackup(request);
     case Command::kQueryBitmaps:
       return QueryBitmaps();
     case Command::kQueryStats:

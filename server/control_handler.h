@@ -8,6 +8,9 @@
 //   bitmap-*, checkpoint, transaction   one Tracker::Edit each: the
 //                  actions run in order on one working set and are stored
 //                  with one directory switch: all or nothing
+//   backup-begin, backup-end, query-backup, backup-set-endpoint
+//                  the BackupManager (engine/backup.h), when the filter
+//                  gave one; otherwise NotSupported
 //
 // Until the tracker is attached for writing (no writable client yet, or only
 // read-only ones), the bitmaps are not loaded at their disk's size: the
@@ -20,11 +23,24 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "engine/backup.h"
 
 #include "engine/tracker.h"
 #include "server/control_protocol.h"
 
 namespace cbt::control {
+
+// The filter's backup export, for the backup commands' replies.
+struct BackupExport {
+  BackupManager* manager = nullptr;  // not owned; null: no backup commands
+  std::string export_name;           // the point-in-time export's NBD name
+  // Where nbdkit listens (unix sockets), if it can be found out.
+  std::function<std::vector<std::string>()> sockets;
+};
 
 class TrackerHandler : public Handler {
  public:
@@ -34,6 +50,7 @@ class TrackerHandler : public Handler {
   TrackerHandler(Tracker& tracker, const std::atomic<bool>& attached,
                  std::chrono::milliseconds drain_timeout = std::chrono::milliseconds(5000))
       : tracker_(tracker), attached_(attached), drain_timeout_(drain_timeout) {}
+  void SetBackup(BackupExport b) { backup_ = std::move(b); }
 
   Result<nlohmann::json> Handle(const Request& request) override;
 
@@ -41,10 +58,13 @@ class TrackerHandler : public Handler {
   nlohmann::json QueryBitmaps() const;
   nlohmann::json QueryStats() const;
   Result<nlohmann::json> QueryExtents(const ExtentsArgs& a) const;
+  Result<nlohmann::json> HandleBackup(const Request& request);
+  nlohmann::json BackupJson(const BackupStatus& st) const;
 
   Tracker& tracker_;
   const std::atomic<bool>& attached_;
   const std::chrono::milliseconds drain_timeout_;
+  BackupExport backup_;
 };
 
 }  // namespace cbt::control

@@ -11,7 +11,7 @@ namespace {
 
 using json = nlohmann::json;
 
-constexpr std::array<std::pair<Command, std::string_view>, 15> kNames{{
+constexpr std::array<std::pair<Command, std::string_view>, 19> kNames{{
     {Command::kQueryBitmaps, "query-bitmaps"},
     {Command::kQueryStats, "query-stats"},
     {Command::kQueryBitmapExtents, "query-bitmap-extents"},
@@ -27,6 +27,10 @@ constexpr std::array<std::pair<Command, std::string_view>, 15> kNames{{
     {Command::kPersist, "persist"},
     {Command::kTransaction, "transaction"},
     {Command::kCheckpoint, "checkpoint"},
+    {Command::kBackupBegin, "backup-begin"},
+    {Command::kBackupEnd, "backup-end"},
+    {Command::kQueryBackup, "query-backup"},
+    {Command::kBackupSetEndpoint, "backup-set-endpoint"},
 }};
 
 // A SAX pass before building the DOM: nlohmann's SAX parser is iterative, so
@@ -122,18 +126,36 @@ Result<bool> Bool(const json& obj, std::string_view where, const char* key, bool
   return it->get<bool>();
 }
 
+// An optional bitmap granularity.
+Result<std::optional<uint64_t>> Granularity(const json& a, std::string_view w) {
+  auto it = a.find("granularity");
+  if (it == a.end()) return std::optional<uint64_t>{};
+  std::string f = std::string(w) + "granularity";
+  if (!it->is_number_unsigned()) return Bad(f, "must be a non-negative integer");
+  uint64_t g = it->get<uint64_t>();
+  if (g < kMinGranularity || g > kMaxGranularity || !std::has_single_bit(g))
+    return Bad(f, "must be a power of two from 512 to 2147483648, got " + std::to_string(g));
+  return std::optional<uint64_t>{g};
+}
+
+// A string of at most kMaxPathBytes, no NUL; absent: empty.
+Result<std::string> Text(const json& obj, std::string_view where, const char* key) {
+  auto it = obj.find(key);
+  if (it == obj.end()) return std::string();
+  std::string field = std::string(where) + key;
+  if (!it->is_string()) return Bad(field, "must be a string");
+  const std::string& s = it->get_ref<const std::string&>();
+  if (s.size() > kMaxPathBytes)
+    return Bad(field, "longer than " + std::to_string(kMaxPathBytes) + " bytes");
+  if (s.find('\0') != std::string::npos) return Bad(field, "contains a NUL byte");
+  return s;
+}
+
 Result<BitmapAddArgs> ParseAdd(const json& a, std::string_view w) {
   CBT_RETURN_IF_ERROR(OnlyKeys(a, w, {"name", "granularity", "persistent", "disabled"}));
   BitmapAddArgs r;
   CBT_ASSIGN_OR_RETURN(r.name, Name(a, w, "name"));
-  if (auto it = a.find("granularity"); it != a.end()) {
-    std::string f = std::string(w) + "granularity";
-    if (!it->is_number_unsigned()) return Bad(f, "must be a non-negative integer");
-    uint64_t g = it->get<uint64_t>();
-    if (g < kMinGranularity || g > kMaxGranularity || !std::has_single_bit(g))
-      return Bad(f, "must be a power of two from 512 to 2147483648, got " + std::to_string(g));
-    r.granularity = g;
-  }
+  CBT_ASSIGN_OR_RETURN(r.granularity, Granularity(a, w));
   CBT_ASSIGN_OR_RETURN(r.persistent, Bool(a, w, "persistent", true));
   CBT_ASSIGN_OR_RETURN(r.disabled, Bool(a, w, "disabled", false));
   return r;
@@ -214,8 +236,7 @@ Result<TransactionArgs> ParseTransaction(const json& a, std::string_view w) {
     std::visit(
         [&](auto&& v) {
           using T = std::decay_t<decltype(v)>;
-          if constexpr (!std::is_same_v<T, NoArgs> && !std::is_same_v<T, TransactionArgs> &&
-                        !std::is_same_v<T, ExtentsArgs>)
+          if constexpr (std::is_constructible_v<ActionArgs, T>)
             out.args = std::move(v);
         },
         args);
@@ -285,6 +306,44 @@ Result<Arguments> ParseArgs(Command c, const json& a, std::string_view w) {
       CBT_ASSIGN_OR_RETURN(auto r, ParseTransaction(a, w));
       return Arguments{std::move(r)};
     }
+    case Command::kQueryBackup:
+      CBT_RETURN_IF_ERROR(OnlyKeys(a, w, {}));
+      return Arguments{NoArgs{}};
+    case Command::kBackupBegin: {
+      CBT_RETURN_IF_ERROR(OnlyKeys(a, w, {"new", "freeze", "granularity"}));
+      BackupBeginArgs r;
+      CBT_ASSIGN_OR_RETURN(r.new_name, Name(a, w, "new"));
+      if (a.contains("freeze")) {
+        CBT_ASSIGN_OR_RETURN(r.freeze, Name(a, w, "freeze"));
+        if (*r.freeze == r.new_name) return Bad(std::string(w) + "new", "same as freeze");
+        if (a.contains("granularity"))
+          return Bad(std::string(w) + "granularity",
+                     "not with freeze (the new bitmap takes the frozen one's)");
+      }
+      CBT_ASSIGN_OR_RETURN(r.granularity, Granularity(a, w));
+      return Arguments{std::move(r)};
+    }
+    case Command::kBackupEnd: {
+      CBT_RETURN_IF_ERROR(OnlyKeys(a, w, {"id"}));
+      BackupEndArgs r;
+      CBT_ASSIGN_OR_RETURN(r.id, Uint(a, w, "id"));
+      return Arguments{std::move(r)};
+    }
+    case Command::kBackupSetEndpoint: {
+      CBT_RETURN_IF_ERROR(
+          OnlyKeys(a, w, {"id", "pid", "uri", "socket", "carrier", "context"}));
+      EndpointArgs r;
+      CBT_ASSIGN_OR_RETURN(std::optional<uint64_t> id, Uint(a, w, "id"));
+      if (!id) return Bad(std::string(w) + "id", "missing");
+      r.id = *id;
+      CBT_ASSIGN_OR_RETURN(std::optional<uint64_t> pid, Uint(a, w, "pid"));
+      r.pid = pid.value_or(0);
+      CBT_ASSIGN_OR_RETURN(r.uri, Text(a, w, "uri"));
+      CBT_ASSIGN_OR_RETURN(r.socket, Text(a, w, "socket"));
+      CBT_ASSIGN_OR_RETURN(r.carrier, Text(a, w, "carrier"));
+      CBT_ASSIGN_OR_RETURN(r.context, Text(a, w, "context"));
+      return Arguments{std::move(r)};
+    }
   }
   return Status::InvalidArgument("internal: unhandled command");
 }
@@ -308,8 +367,20 @@ std::optional<Command> CommandFromName(std::string_view name) {
 }
 
 bool AllowedInTransaction(Command c) {
-  return c != Command::kQueryBitmaps && c != Command::kQueryStats &&
-         c != Command::kQueryBitmapExtents && c != Command::kPersist && c != Command::kTransaction;
+  switch (c) {
+    case Command::kQueryBitmaps:
+    case Command::kQueryStats:
+    case Command::kQueryBitmapExtents:
+    case Command::kPersist:
+    case Command::kTransaction:
+    case Command::kBackupBegin:
+    case Command::kBackupEnd:
+    case Command::kQueryBackup:
+    case Command::kBackupSetEndpoint:
+      return false;
+    default:
+      return true;
+  }
 }
 
 ParsedLine ParseRequest(std::string_view line) {

@@ -54,13 +54,17 @@ enum class Command {
   kPersist,
   kTransaction,
   kCheckpoint,
+  kBackupBegin,
+  kBackupEnd,
+  kQueryBackup,
+  kBackupSetEndpoint,
 };
 
 // "bitmap-add" etc.; the wire name is also the transaction action "type".
 std::string_view CommandName(Command c);
 std::optional<Command> CommandFromName(std::string_view name);
 // Commands allowed as transaction actions: the bitmap edits and checkpoint
-// (not queries, persist or a nested transaction).
+// (not queries, persist, backup sessions or a nested transaction).
 bool AllowedInTransaction(Command c);
 
 // query-bitmaps, query-stats, persist.
@@ -112,6 +116,29 @@ struct CheckpointArgs {
   std::string new_name;
 };
 
+// backup-begin: a backup session (docs/backup.md) starting atomically with
+// a checkpoint: `freeze` (if given) stops recording and `new_name` (JSON
+// "new") starts; without `freeze`, `new_name` is added (granularity absent:
+// the handler's default). The point-in-time view is that moment.
+struct BackupBeginArgs {
+  std::string new_name;
+  std::optional<std::string> freeze;
+  std::optional<uint64_t> granularity;
+};
+// backup-end: ends the open session (`id`, if given, must name it).
+struct BackupEndArgs {
+  std::optional<uint64_t> id;
+};
+// backup-set-endpoint: what `cbt backup begin` started for session `id`
+// (the qemu:dirty-bitmap endpoint), kept for query-backup and backup-end.
+// Strings are at most kMaxPathBytes.
+inline constexpr size_t kMaxPathBytes = 4096;
+struct EndpointArgs {
+  uint64_t id = 0;
+  uint64_t pid = 0;
+  std::string uri, socket, carrier, context;
+};
+
 using ActionArgs = std::variant<BitmapAddArgs, NameArgs, MergeArgs, CopyArgs, RenameArgs,
                                 SetPersistentArgs, CheckpointArgs>;
 // One transaction action: {"type": "bitmap-add", "data": {...}}.
@@ -124,8 +151,10 @@ struct TransactionArgs {
   std::vector<Action> actions;
 };
 
-using Arguments = std::variant<NoArgs, ExtentsArgs, BitmapAddArgs, NameArgs, MergeArgs, CopyArgs,
-                               RenameArgs, SetPersistentArgs, CheckpointArgs, TransactionArgs>;
+using Arguments =
+    std::variant<NoArgs, ExtentsArgs, BitmapAddArgs, NameArgs, MergeArgs, CopyArgs, RenameArgs,
+                 SetPersistentArgs, CheckpointArgs, TransactionArgs, BackupBeginArgs,
+                 BackupEndArgs, EndpointArgs>;
 
 struct Request {
   Command command;
