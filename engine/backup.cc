@@ -8,7 +8,9 @@ namespace cbt {
 BackupManager::BackupManager(Tracker& tracker, BackupOptions opts)
     : tracker_(tracker), opts_(std::move(opts)) {}
 
-BackupManager::~BackupManager() { Shutdown(); }
+BackupManager::~BackupManager() {
+  Shutdown();
+}
 
 // The copy unit: 64 KiB (QEMU's), doubled for very large disks so that the
 // per-block state stays within 32 MiB.
@@ -85,8 +87,8 @@ Result<BackupStatus> BackupManager::Begin(const BackupBeginRequest& r,
     if (installed) {
       // The edit was swapped in but its store failed (and was rolled
       // back): take the session out again. Unbounded, as the rollback.
-      while (!tracker_.Quiesce([&] { live_.store(nullptr); }, std::chrono::milliseconds(60000))
-                  .ok())
+      while (
+          !tracker_.Quiesce([&] { live_.store(nullptr); }, std::chrono::milliseconds(60000)).ok())
         spdlog::warn("cbt: ending a failed backup-begin: still waiting for changes in flight");
       f->End();
     }
@@ -98,8 +100,8 @@ Result<BackupStatus> BackupManager::Begin(const BackupBeginRequest& r,
   new_name_ = r.new_name;
   endpoint_.reset();
   spdlog::info("cbt: backup session {} begun ({}{}, copy unit {} bytes)", id_,
-               frozen_.empty() ? "no bitmap frozen" : "froze " + frozen_, ", recording " + new_name_,
-               fo.block_size);
+               frozen_.empty() ? "no bitmap frozen" : "froze " + frozen_,
+               ", recording " + new_name_, fo.block_size);
   return StatusLocked();
 }
 

@@ -19,7 +19,8 @@ constexpr uint64_t kMaxRunBytes = uint64_t{4} << 20;
 constexpr uint64_t kMaxBlocks = uint64_t{1} << 27;
 
 bool IsZero(std::span<const std::byte> b) {
-  return b.empty() || (b[0] == std::byte{0} && std::memcmp(b.data(), b.data() + 1, b.size() - 1) == 0);
+  return b.empty() ||
+         (b[0] == std::byte{0} && std::memcmp(b.data(), b.data() + 1, b.size() - 1) == 0);
 }
 
 std::string Range(uint64_t offset, uint64_t length) {
@@ -69,8 +70,8 @@ bool Fleece::FrozenOverlapLocked(uint64_t first, uint64_t last) const {
 
 Status Fleece::BrokenStatusLocked() const {
   return Status::IOError("backup session broken: " + *broken_ +
-                         "; end it (backup-end) and run the backup again: the next run "
-                         "still covers every change",
+                             "; end it (backup-end) and run the backup again: the next run "
+                             "still covers every change",
                          EIO);
 }
 
@@ -112,9 +113,9 @@ Status Fleece::CopyRun(uint64_t first, uint64_t last, const DiskRead& read_old) 
     }
     std::lock_guard lock(mu_);
     if (opts_.max_bytes && reserved_bytes_ + need > opts_.max_bytes) {
-      s = Status::IOError("the fleece store is full (cbt-fleece-max=" +
-                              std::to_string(opts_.max_bytes) + " bytes)",
-                          ENOSPC);
+      s = Status::IOError(
+          "the fleece store is full (cbt-fleece-max=" + std::to_string(opts_.max_bytes) + " bytes)",
+          ENOSPC);
     } else {
       reserved_bytes_ += need;
       reserved = true;

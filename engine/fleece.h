@@ -150,12 +150,12 @@ class Fleece {
   std::unique_ptr<std::atomic<uint8_t>[]> state_;
 
   mutable std::mutex mu_;
-  std::condition_variable cv_;          // a copy finished, a view read ended
-  std::list<FrozenRead> frozen_;        // under mu_
+  std::condition_variable cv_;            // a copy finished, a view read ended
+  std::list<FrozenRead> frozen_;          // under mu_
   std::atomic<int64_t> frozen_count_{0};  // frozen_.size(), for the fast path
-  int64_t views_ = 0;                   // view reads under way (under mu_)
-  uint64_t reserved_bytes_ = 0;         // store bytes claimed (under mu_)
-  std::optional<std::string> broken_;   // under mu_
+  int64_t views_ = 0;                     // view reads under way (under mu_)
+  uint64_t reserved_bytes_ = 0;           // store bytes claimed (under mu_)
+  std::optional<std::string> broken_;     // under mu_
   std::atomic<bool> broken_flag_{false};
   std::atomic<bool> ended_{false};
   FleeceStats stats_;  // under mu_

@@ -129,8 +129,7 @@ TEST_F(FleeceTest, QemuFleecingPatternsViewKeepsOldDataLiveGetsNew) {
   // The view is the disk as it was; the disk has every change.
   EXPECT_EQ(View(*f, 0, kSize), before_);
   for (const Case& c : cases) {
-    std::vector<std::byte> live(disk_->bytes.begin() + c.off,
-                                disk_->bytes.begin() + c.off + c.len);
+    std::vector<std::byte> live(disk_->bytes.begin() + c.off, disk_->bytes.begin() + c.off + c.len);
     std::vector<std::byte> want(c.len);
     if (!c.zero) want.assign(data.begin() + c.off, data.begin() + c.off + c.len);
     EXPECT_EQ(live, want) << "at " << c.off;
@@ -208,7 +207,8 @@ TEST_F(FleeceTest, ViewReadsNeverSeeNewDataUnderConcurrentWriters) {
     th.emplace_back([&, r] {
       std::mt19937_64 rng(100 + r);
       while (!stop.load()) {
-        const uint64_t off = rng() % kSize, len = 1 + rng() % std::min<uint64_t>(kSize - off, 3 * kBlock);
+        const uint64_t off = rng() % kSize,
+                       len = 1 + rng() % std::min<uint64_t>(kSize - off, 3 * kBlock);
         std::vector<std::byte> out(len);
         Status s = f->Read(off, out, slow);
         if (!s.ok() || std::memcmp(out.data(), before_.data() + off, len) != 0) ++bad;
@@ -220,7 +220,8 @@ TEST_F(FleeceTest, ViewReadsNeverSeeNewDataUnderConcurrentWriters) {
       std::mt19937_64 rng(200 + w);
       auto data = Random(2 * kBlock, 300 + w);
       for (int i = 0; i < 400; ++i) {
-        const uint64_t off = rng() % kSize, len = 1 + rng() % std::min<uint64_t>(kSize - off, 2 * kBlock);
+        const uint64_t off = rng() % kSize,
+                       len = 1 + rng() % std::min<uint64_t>(kSize - off, 2 * kBlock);
         if (!disk_->Change(*f, off, len, (i % 5) ? data.data() : nullptr).ok()) ++bad;
         if (i % 50 == 0) std::this_thread::sleep_for(1ms);  // let readers in
       }

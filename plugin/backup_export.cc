@@ -134,8 +134,8 @@ int BackupPrepare(nbdkit_next* next, Handle& h) {
 
 int BackupPread(nbdkit_next* next, Handle& h, void* buf, uint32_t count, uint64_t offset,
                 int* err) {
-  Status s = h.view->Read(offset, std::span<std::byte>(static_cast<std::byte*>(buf), count),
-                          Reader(next));
+  Status s =
+      h.view->Read(offset, std::span<std::byte>(static_cast<std::byte*>(buf), count), Reader(next));
   if (!s.ok()) return Fail(s.WithContext("backup session " + std::to_string(h.session)), err);
   return 0;
 }
@@ -147,8 +147,8 @@ int BackupExtents(nbdkit_next* next, Handle& h, uint32_t count, uint64_t offset,
     if (next->can_extents(next) != 1) return Status::OK();  // the caller says data
     nbdkit_extents* x = nbdkit_extents_new(off, off + len);
     if (!x) return Status::IOError("nbdkit_extents_new failed", ENOMEM);
-    if (next->extents(next, static_cast<uint32_t>(len), off, flags & ~NBDKIT_FLAG_REQ_ONE, x,
-                      &e) == -1) {
+    if (next->extents(next, static_cast<uint32_t>(len), off, flags & ~NBDKIT_FLAG_REQ_ONE, x, &e) ==
+        -1) {
       nbdkit_extents_free(x);
       return Status::IOError("extents of the disk at " + std::to_string(off), e ? e : EIO);
     }

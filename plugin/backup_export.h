@@ -37,8 +37,7 @@ int BackupListExports(nbdkit_next_list_exports* next, nbdkit_backend* nxdata, in
                       nbdkit_exports* exports);
 // A backup connection needs an open session; it keeps that session's view.
 int BackupPrepare(nbdkit_next* next, Handle& h);
-int BackupPread(nbdkit_next* next, Handle& h, void* buf, uint32_t count, uint64_t offset,
-                int* err);
+int BackupPread(nbdkit_next* next, Handle& h, void* buf, uint32_t count, uint64_t offset, int* err);
 int BackupExtents(nbdkit_next* next, Handle& h, uint32_t count, uint64_t offset, uint32_t flags,
                   nbdkit_extents* extents, int* err);
 

@@ -283,13 +283,11 @@ int cbt_after_fork(nbdkit_backend* /*backend*/) noexcept {
   int err = 0;
   return Guard(&err, [&]() -> int {
     if (state->control_path.empty()) return 0;
-    state->control_handler =
-        std::make_unique<cbt::control::TrackerHandler>(
-            *state->tracker, state->tracking, std::chrono::milliseconds(state->drain_timeout_ms));
+    state->control_handler = std::make_unique<cbt::control::TrackerHandler>(
+        *state->tracker, state->tracking, std::chrono::milliseconds(state->drain_timeout_ms));
     state->control_handler->SetBackup(
-        {state->backup.get(), state->backup_export, [path = state->control_path] {
-           return cbt::control::ListeningUnixSockets({path});
-         }});
+        {state->backup.get(), state->backup_export,
+         [path = state->control_path] { return cbt::control::ListeningUnixSockets({path}); }});
     cbt::control::ServerOptions opt;
     opt.path = state->control_path;
     state->control =
@@ -331,12 +329,15 @@ void* cbt_open(nbdkit_next_open* next, nbdkit_context* ctx, int readonly, const 
   return h;
 }
 
-void cbt_close(void* handle) noexcept { delete static_cast<Handle*>(handle); }
+void cbt_close(void* handle) noexcept {
+  delete static_cast<Handle*>(handle);
+}
 
 int cbt_list_exports(nbdkit_next_list_exports* next, nbdkit_backend* nxdata, int readonly,
                      int /*is_tls*/, nbdkit_exports* exports) noexcept {
   int err = 0;
-  return Guard(&err, [&] { return cbt::plugin::BackupListExports(next, nxdata, readonly, exports); });
+  return Guard(&err,
+               [&] { return cbt::plugin::BackupListExports(next, nxdata, readonly, exports); });
 }
 
 int cbt_can_write(nbdkit_next* next, void* handle) noexcept {
@@ -518,25 +519,27 @@ nbdkit_filter filter = [] {
   f.unload = cbt_unload;
   f.config = cbt_config;
   f.config_complete = cbt_config_complete;
-  static const std::string help = std::string(
-      "cbt-file=PATH            (required) qcow2 container holding the bitmaps\n"
-      "cbt-bitmap=NAME          (required, repeatable) bitmap that records changes\n"
-      "cbt-create=BOOL          create a missing container or bitmap (default false)\n"
-      "cbt-granularity=SIZE     granularity of created bitmaps (default 64K)\n"
-      "cbt-cluster-size=SIZE    cluster size of a created container (default 64K)\n"
-      "cbt-persist-interval=SEC persist every SEC seconds while changes are pending\n"
-      "cbt-persist-threshold=SIZE\n"
-      "                         persist once SIZE bytes of bitmap data are pending\n"
-      "                         (changed bitmap clusters x cluster size), e.g. 64K\n"
-      "cbt-persist-idle=MS      persist when changes are pending and none came for MS\n"
-      "                         milliseconds (interval, threshold, idle: 0 = off,\n"
-      "                         the default)\n"
-      "cbt-durability=MODE      power (default: survive power loss), process\n"
-      "                         (survive kill -9) or none (QEMU's semantics)\n"
-      "cbt-control=PATH         serve the control protocol on unix socket PATH\n"
-      "                         (mode 0600; see docs/control.md)\n"
-      "cbt-drain-timeout=MS     how long an online edit waits for writes in flight\n"
-      "                         (default 5000; then the edit fails, Busy)\n") + cbt::plugin::kBackupHelp;
+  static const std::string help =
+      std::string(
+          "cbt-file=PATH            (required) qcow2 container holding the bitmaps\n"
+          "cbt-bitmap=NAME          (required, repeatable) bitmap that records changes\n"
+          "cbt-create=BOOL          create a missing container or bitmap (default false)\n"
+          "cbt-granularity=SIZE     granularity of created bitmaps (default 64K)\n"
+          "cbt-cluster-size=SIZE    cluster size of a created container (default 64K)\n"
+          "cbt-persist-interval=SEC persist every SEC seconds while changes are pending\n"
+          "cbt-persist-threshold=SIZE\n"
+          "                         persist once SIZE bytes of bitmap data are pending\n"
+          "                         (changed bitmap clusters x cluster size), e.g. 64K\n"
+          "cbt-persist-idle=MS      persist when changes are pending and none came for MS\n"
+          "                         milliseconds (interval, threshold, idle: 0 = off,\n"
+          "                         the default)\n"
+          "cbt-durability=MODE      power (default: survive power loss), process\n"
+          "                         (survive kill -9) or none (QEMU's semantics)\n"
+          "cbt-control=PATH         serve the control protocol on unix socket PATH\n"
+          "                         (mode 0600; see docs/control.md)\n"
+          "cbt-drain-timeout=MS     how long an online edit waits for writes in flight\n"
+          "                         (default 5000; then the edit fails, Busy)\n") +
+      cbt::plugin::kBackupHelp;
   f.config_help = help.c_str();
   f.get_ready = cbt_get_ready;
   f.after_fork = cbt_after_fork;

@@ -55,6 +55,10 @@ bool ParseFileCommand(const std::vector<std::string>& args, po::options_descript
 void PrintHelp(const std::string& synopsis, const std::string& description,
                const po::options_description& desc);
 
+// Runs argv (argv[0] searched in PATH) and waits; its stdout and stderr
+// are ours. Its exit code, or -1 if it could not run (or was killed).
+int RunProgram(const std::vector<std::string>& argv);
+
 // Subcommands. `args` are the words after the subcommand name.
 // Return the process exit code; throw UsageError / po::error on bad usage.
 int RunCreate(const std::vector<std::string>& args);
@@ -64,5 +68,7 @@ int RunMap(const std::vector<std::string>& args);
 int RunCheck(const std::vector<std::string>& args);
 int RunRecover(const std::vector<std::string>& args);
 int RunCheckpoint(const std::vector<std::string>& args);
+int RunBackup(const std::vector<std::string>& args);
+int RunRestore(const std::vector<std::string>& args);
 
 }  // namespace cbt::cli

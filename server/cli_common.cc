@@ -1,10 +1,15 @@
 // What every subcommand shares: common options, help text, argument parsing.
+#include <spawn.h>
 #include <spdlog/spdlog.h>
+#include <sys/wait.h>
 
+#include <cerrno>
 #include <iostream>
 
 #include "server/cli.h"
 #include "server/cli_parse.h"
+
+extern char** environ;
 
 namespace cbt::cli {
 
@@ -87,6 +92,18 @@ bool ParseFileCommand(const std::vector<std::string>& args, po::options_descript
   }
   if (file.empty()) throw UsageError(socket ? "missing FILE (or --socket PATH)" : "missing FILE");
   return false;
+}
+
+int RunProgram(const std::vector<std::string>& argv) {
+  std::vector<char*> a;
+  for (const std::string& s : argv) a.push_back(const_cast<char*>(s.c_str()));
+  a.push_back(nullptr);
+  pid_t pid;
+  if (a.size() < 2 || posix_spawnp(&pid, a[0], nullptr, nullptr, a.data(), environ) != 0) return -1;
+  int status = 0;
+  while (waitpid(pid, &status, 0) == -1)
+    if (errno != EINTR) return -1;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
 }  // namespace cbt::cli

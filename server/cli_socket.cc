@@ -177,8 +177,8 @@ int RunInfoSocket(const std::string& socket, const CommonOptions& common) {
   return kExitOk;
 }
 
-int RunMapSocket(const std::string& socket, const CommonOptions& common, const std::string& bitmap,
-                 uint64_t offset, std::optional<uint64_t> length) {
+Result<std::vector<Extent>> FetchExtents(const std::string& socket, const std::string& bitmap,
+                                         uint64_t offset, std::optional<uint64_t> length) {
   // Pages of at most 65536 extents; each asks again from the last "next".
   // Extents are checked to follow on from each other and merged across page
   // boundaries, so the list has the offline shape.
@@ -191,21 +191,22 @@ int RunMapSocket(const std::string& socket, const CommonOptions& common, const s
     json args = {{"name", bitmap}, {"offset", at}};
     if (end) args["length"] = *end - at;
     Result<json> r = SocketCall(socket, "query-bitmap-extents", args);
-    if (!r.ok()) return Fail(r.status());
+    if (!r.ok()) return r.status();
     auto list = r->find("extents");
     if (list == r->end() || !list->is_array())
-      return Fail(where + ": no \"extents\" list in the reply");
+      return Status::IOError(where + ": no \"extents\" list in the reply");
     for (const json& e : *list) {
       Result<uint64_t> start = U64(e, "start", socket, "query-bitmap-extents");
-      if (!start.ok()) return Fail(start.status());
+      if (!start.ok()) return start.status();
       Result<uint64_t> len = U64(e, "length", socket, "query-bitmap-extents");
-      if (!len.ok()) return Fail(len.status());
+      if (!len.ok()) return len.status();
       auto dirty = e.find("dirty");
       if (dirty == e.end() || !dirty->is_boolean())
-        return Fail(where + ": an extent without \"dirty\" in the reply");
+        return Status::IOError(where + ": an extent without \"dirty\" in the reply");
       if (*start != at || *len == 0 || *len > UINT64_MAX - at)
-        return Fail(where + ": extent at " + std::to_string(*start) + " (length " +
-                    std::to_string(*len) + ") does not follow on from " + std::to_string(at));
+        return Status::IOError(where + ": extent at " + std::to_string(*start) + " (length " +
+                               std::to_string(*len) + ") does not follow on from " +
+                               std::to_string(at));
       if (!extents.empty() && extents.back().dirty == dirty->get<bool>())
         extents.back().length += *len;
       else
@@ -215,12 +216,21 @@ int RunMapSocket(const std::string& socket, const CommonOptions& common, const s
     auto next = r->find("next");
     if (next == r->end() || next->is_null()) break;
     if (!next->is_number_unsigned() || next->get<uint64_t>() != at || list->empty())
-      return Fail(where + ": \"next\" " + next->dump() + " does not continue from " +
-                  std::to_string(at));
+      return Status::IOError(where + ": \"next\" " + next->dump() + " does not continue from " +
+                             std::to_string(at));
     if (end && at >= *end) break;
   }
 
-  PrintExtents(extents, offset, at - offset, common.format());
+  return extents;
+}
+
+int RunMapSocket(const std::string& socket, const CommonOptions& common, const std::string& bitmap,
+                 uint64_t offset, std::optional<uint64_t> length) {
+  Result<std::vector<Extent>> extents = FetchExtents(socket, bitmap, offset, length);
+  if (!extents.ok()) return Fail(extents.status());
+  uint64_t covered = 0;
+  for (const Extent& e : *extents) covered += e.length;
+  PrintExtents(*extents, offset, covered, common.format());
   return kExitOk;
 }
 

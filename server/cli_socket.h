@@ -10,6 +10,7 @@
 #include <string_view>
 #include <vector>
 
+#include "bitmap/dirty_bitmap.h"
 #include "server/bitmap_args.h"
 #include "server/cli.h"
 
@@ -53,6 +54,12 @@ Json LiveBitmapJson(const LiveBitmap& b);
 // `command` and returns its arguments.
 nlohmann::json BitmapRequest(const BitmapArgs& a, std::string& command);
 
+// Every extent of `bitmap` over [offset, offset + length) (absent: to the
+// end), all pages of query-bitmap-extents, checked to follow on from each
+// other and merged across pages.
+Result<std::vector<Extent>> FetchExtents(const std::string& socket, const std::string& bitmap,
+                                         uint64_t offset = 0,
+                                         std::optional<uint64_t> length = std::nullopt);
 int RunInfoSocket(const std::string& socket, const CommonOptions& common);
 int RunMapSocket(const std::string& socket, const CommonOptions& common, const std::string& bitmap,
                  uint64_t offset, std::optional<uint64_t> length);

@@ -236,8 +236,7 @@ Result<TransactionArgs> ParseTransaction(const json& a, std::string_view w) {
     std::visit(
         [&](auto&& v) {
           using T = std::decay_t<decltype(v)>;
-          if constexpr (std::is_constructible_v<ActionArgs, T>)
-            out.args = std::move(v);
+          if constexpr (std::is_constructible_v<ActionArgs, T>) out.args = std::move(v);
         },
         args);
     r.actions.push_back(std::move(out));
@@ -330,8 +329,7 @@ Result<Arguments> ParseArgs(Command c, const json& a, std::string_view w) {
       return Arguments{std::move(r)};
     }
     case Command::kBackupSetEndpoint: {
-      CBT_RETURN_IF_ERROR(
-          OnlyKeys(a, w, {"id", "pid", "uri", "socket", "carrier", "context"}));
+      CBT_RETURN_IF_ERROR(OnlyKeys(a, w, {"id", "pid", "uri", "socket", "carrier", "context"}));
       EndpointArgs r;
       CBT_ASSIGN_OR_RETURN(std::optional<uint64_t> id, Uint(a, w, "id"));
       if (!id) return Bad(std::string(w) + "id", "missing");

@@ -33,6 +33,9 @@ constexpr Command kCommands[] = {
     {"recover", cbt::cli::RunRecover, "make a bitmap left in use by a crash usable again"},
     {"checkpoint", cbt::cli::RunCheckpoint,
      "freeze one bitmap and start another, atomically, in a running filter"},
+    {"backup", cbt::cli::RunBackup,
+     "back up a running filter's disk: full, then incremental qcow2 layers"},
+    {"restore", cbt::cli::RunRestore, "write the disk as it was at a backup of a chain"},
 };
 
 void PrintUsage(FILE* out) {

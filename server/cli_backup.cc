@@ -1,0 +1,583 @@
+// cbt backup: backups of a running filter (docs/backup.md).
+//
+//   cbt backup --socket CTL --dir DIR [--full] [--verify]
+//       one run: a full backup DIR/000-full.qcow2 the first time, then an
+//       incremental DIR/NNN-inc.qcow2 backed by the one before
+//   cbt backup begin --socket CTL --new NEW [--freeze OLD] [--nbd-socket PATH]
+//   cbt backup end --socket CTL
+//       a session for another backup program: the point-in-time export,
+//       and with --nbd-socket the qemu:dirty-bitmap endpoint (qemu-nbd)
+//
+// A run keeps its own bitmaps (cbt-backup-<chain>-<seq>) and a state file
+// DIR/cbt-backup.json (the chain id, the layers). The bitmaps are the truth
+// about what changed: a run that failed after its checkpoint leaves the
+// bitmap it froze disabled, and the next run merges it into the one
+// recording, so nothing it would have covered is lost. A layer appears only
+// once complete (written as .part, flushed, renamed).
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cinttypes>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <random>
+
+#include "common/posix_file.h"
+#include "qcow2/layer_writer.h"
+#include "server/backup_copy.h"
+#include "server/backup_endpoint.h"
+#include "server/cli_parse.h"
+#include "server/cli_socket.h"
+#include "server/size_parse.h"
+
+namespace cbt::cli {
+
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+constexpr char kStateFile[] = "cbt-backup.json";
+constexpr uint32_t kLayerCluster = 65536;
+
+struct Layer {
+  std::string file;
+  std::string type;    // "full" or "inc"
+  std::string bitmap;  // the bitmap frozen at this backup's point ("" for a full one)
+  uint64_t bytes = 0;  // data copied
+  int64_t time = 0;    // unix seconds of the checkpoint
+};
+
+struct ChainState {
+  std::string chain;
+  uint64_t disk_size = 0;
+  uint64_t next_seq = 0;
+  std::vector<Layer> layers;
+};
+
+std::string Prefix(const std::string& chain) {
+  return "cbt-backup-" + chain + "-";
+}
+
+Result<ChainState> LoadState(const fs::path& dir) {
+  ChainState st;
+  const fs::path p = dir / kStateFile;
+  std::error_code ec;
+  if (!fs::exists(p, ec)) {
+    std::random_device rd;
+    char id[9];
+    std::snprintf(id, sizeof id, "%08x", static_cast<unsigned>(rd()));
+    st.chain = id;
+    return st;
+  }
+  std::ifstream in(p);
+  json j = json::parse(in, nullptr, false);
+  try {
+    if (j.is_discarded() || !j.is_object()) throw std::runtime_error("not a JSON object");
+    st.chain = j.at("chain").get<std::string>();
+    st.disk_size = j.at("disk-size").get<uint64_t>();
+    st.next_seq = j.at("next-seq").get<uint64_t>();
+    for (const json& l : j.at("layers"))
+      st.layers.push_back({l.at("file").get<std::string>(), l.at("type").get<std::string>(),
+                           l.at("bitmap").get<std::string>(), l.at("bytes").get<uint64_t>(),
+                           l.at("time").get<int64_t>()});
+    if (st.chain.empty() || st.chain.size() > 64 ||
+        st.chain.find_first_not_of("0123456789abcdef") != std::string::npos)
+      throw std::runtime_error("bad chain id");
+    for (const Layer& l : st.layers)
+      if (l.file.find('/') != std::string::npos || l.file.empty())
+        throw std::runtime_error("bad layer file name '" + l.file + "'");
+  } catch (const std::exception& e) {
+    return Status::Corruption(p.string() + ": not a cbt backup state file (" + e.what() +
+                              "); move it away to start a new chain in this directory");
+  }
+  return st;
+}
+
+Status SyncDir(const fs::path& dir) {
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return Status::FromErrno(errno, "open " + dir.string());
+  int r = ::fsync(fd);
+  ::close(fd);
+  return r == 0 ? Status::OK() : Status::FromErrno(errno, "fsync " + dir.string());
+}
+
+Status SaveState(const fs::path& dir, const ChainState& st) {
+  json layers = json::array();
+  for (const Layer& l : st.layers)
+    layers.push_back({{"file", l.file},
+                      {"type", l.type},
+                      {"bitmap", l.bitmap},
+                      {"bytes", l.bytes},
+                      {"time", l.time}});
+  json j = {{"chain", st.chain},
+            {"disk-size", st.disk_size},
+            {"next-seq", st.next_seq},
+            {"layers", std::move(layers)}};
+  const fs::path tmp = dir / (std::string(kStateFile) + ".tmp");
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << j.dump(2) << "\n";
+    out.flush();
+    if (!out) return Status::IOError("writing " + tmp.string());
+  }
+  {
+    CBT_ASSIGN_OR_RETURN(auto f, PosixFile::Open(tmp.string(), PosixFile::Mode::kReadWrite));
+    CBT_RETURN_IF_ERROR(f->flush());
+  }
+  std::error_code ec;
+  fs::rename(tmp, dir / kStateFile, ec);
+  if (ec) return Status::IOError("rename " + tmp.string() + ": " + ec.message());
+  return SyncDir(dir);
+}
+
+// "nbd+unix:///EXPORT?socket=PATH", the export name percent-encoded.
+std::string UnixUri(const std::string& export_name, const std::string& socket) {
+  std::string e;
+  for (unsigned char c : export_name) {
+    if (std::isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~') {
+      e += static_cast<char>(c);
+    } else {
+      char buf[4];
+      std::snprintf(buf, sizeof buf, "%%%02X", c);
+      e += buf;
+    }
+  }
+  return "nbd+unix:///" + e + "?socket=" + socket;
+}
+
+// The point-in-time export's URI from a backup-begin / query-backup reply,
+// or `override` when given.
+Result<std::string> ViewUri(const json& session, const std::string& override_uri) {
+  if (!override_uri.empty()) return override_uri;
+  const auto sockets = session.value("nbd-sockets", json::array());
+  if (!sockets.is_array() || sockets.empty() || !sockets[0].is_string())
+    return Status::NotFound(
+        "the filter cannot tell where nbdkit listens (not a unix socket?): give the backup "
+        "export's address with --nbd URI (e.g. nbd://HOST:PORT/" +
+        session.value("export", std::string("backup")) + ")");
+  return UnixUri(session.value("export", std::string("backup")), sockets[0].get<std::string>());
+}
+
+// A progress line on a terminal: bytes, rate, ETA.
+class Progress {
+ public:
+  Progress(uint64_t total, bool on) : total_(total), on_(on && isatty(STDERR_FILENO)) {}
+  void Update(uint64_t done) {
+    if (!on_) return;
+    const auto now = std::chrono::steady_clock::now();
+    if (done < total_ && now - last_ < std::chrono::milliseconds(200)) return;
+    last_ = now;
+    const double s = std::chrono::duration<double>(now - start_).count();
+    const double rate = s > 0 ? done / s : 0;
+    const double eta = rate > 0 ? (total_ - done) / rate : 0;
+    std::fprintf(stderr, "\r  %3.0f%%  %s / %s  %s/s  ETA %02d:%02d   ",
+                 total_ ? 100.0 * done / total_ : 100.0, HumanSize(done).c_str(),
+                 HumanSize(total_).c_str(), HumanSize(static_cast<uint64_t>(rate)).c_str(),
+                 static_cast<int>(eta) / 60, static_cast<int>(eta) % 60);
+  }
+  void Done() {
+    if (on_) std::fprintf(stderr, "\n");
+  }
+
+ private:
+  const uint64_t total_;
+  const bool on_;
+  const std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
+  std::chrono::steady_clock::time_point last_{};
+};
+
+struct RunOptions {
+  std::string socket, dir, nbd_uri;
+  bool full = false, verify = false;
+  unsigned jobs = 8;
+  OutputFormat format = OutputFormat::kHuman;
+};
+
+// One backup run (see the top). Exit code.
+int BackupRun(const RunOptions& o) {
+  const fs::path dir = fs::absolute(o.dir);
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) return Fail("--dir " + dir.string() + ": " + ec.message());
+  // One run per directory at a time.
+  const std::string lock_path = (dir / "cbt-backup.lock").string();
+  int lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (lock_fd < 0 || ::flock(lock_fd, LOCK_EX | LOCK_NB) != 0)
+    return Fail(lock_path + ": another cbt backup runs in this directory (or it cannot be " +
+                "locked: " + std::strerror(errno) + ")");
+  Result<ChainState> loaded = LoadState(dir);
+  if (!loaded.ok()) return Fail(loaded.status());
+  ChainState st = std::move(*loaded);
+
+  Result<LiveInfo> live = QueryLive(o.socket);
+  if (!live.ok()) return Fail(live.status());
+  if (!live->attached || !live->disk_size)
+    return Fail(
+        "the filter has no writable client yet: nothing to back up (its bitmaps load "
+        "when the first one connects)");
+  const uint64_t disk_size = *live->disk_size;
+  if (st.disk_size && st.disk_size != disk_size)
+    return Fail("the disk has " + std::to_string(disk_size) + " bytes, the chain in " +
+                dir.string() + " " + std::to_string(st.disk_size) +
+                ": start a new chain in another directory");
+
+  // This chain's bitmaps: the recording one (newest) and those frozen by
+  // runs that did not finish.
+  const std::string prefix = Prefix(st.chain);
+  std::string current;
+  std::vector<std::string> pending;
+  uint64_t current_seq = 0;
+  for (const LiveBitmap& b : live->bitmaps) {
+    if (b.name.rfind(prefix, 0) != 0) continue;
+    uint64_t seq = 0;
+    try {
+      seq = std::stoull(b.name.substr(prefix.size()));
+    } catch (...) {
+      continue;
+    }
+    if (!b.consistent) {
+      pending.push_back(b.name);  // removed below; cannot be merged
+      continue;
+    }
+    if (b.recording && (current.empty() || seq > current_seq)) {
+      if (!current.empty()) pending.push_back(current);
+      current = b.name;
+      current_seq = seq;
+    } else {
+      pending.push_back(b.name);
+    }
+  }
+  st.next_seq = std::max(st.next_seq, current_seq + 1);
+  bool full = o.full || st.layers.empty() || current.empty() ||
+              !fs::exists(dir / st.layers.back().file, ec);
+  std::string why_full = o.full              ? "--full"
+                         : st.layers.empty() ? "first backup"
+                         : current.empty()   ? "no bitmap of this chain records (lost?)"
+                                             : "the last layer is missing";
+  const std::string new_name = prefix + std::to_string(st.next_seq);
+
+  if (!full && !pending.empty()) {
+    // Merge what unfinished runs froze into the recording bitmap (they are
+    // covered by the backup it freezes now), then drop them: one step.
+    json actions = json::array();
+    std::vector<std::string> sources;
+    for (const LiveBitmap& b : live->bitmaps)
+      for (const std::string& p : pending)
+        if (b.name == p && b.consistent) sources.push_back(p);
+    if (!sources.empty())
+      actions.push_back(
+          {{"type", "bitmap-merge"}, {"data", {{"target", current}, {"sources", sources}}}});
+    for (const std::string& p : pending)
+      actions.push_back({{"type", "bitmap-remove"}, {"data", {{"name", p}}}});
+    Result<json> m = SocketCall(o.socket, "transaction", {{"actions", actions}});
+    if (!m.ok()) return Fail(m.status().message() + " (merging the bitmaps of unfinished runs)");
+    pending.clear();
+  }
+
+  json begin_args = {{"new", new_name}};
+  if (!full) begin_args["freeze"] = current;
+  Result<json> begun = SocketCall(o.socket, "backup-begin", begin_args);
+  if (!begun.ok()) return Fail(begun.status());
+  const uint64_t session = begun->value("id", uint64_t{0});
+  const int64_t now = std::chrono::duration_cast<std::chrono::seconds>(
+                          std::chrono::system_clock::now().time_since_epoch())
+                          .count();
+  ++st.next_seq;
+  st.disk_size = disk_size;
+  char name[64];
+  std::snprintf(name, sizeof name, "%03zu-%s.qcow2", st.layers.size(), full ? "full" : "inc");
+  const std::string file = name;
+  const fs::path part = dir / (file + ".part");
+
+  // From here on a failure ends the session; the chain stays as it was.
+  auto abort_run = [&](const Status& s) {
+    (void)SocketCall(o.socket, "backup-end", {{"id", session}});
+    fs::remove(part, ec);
+    (void)SaveState(dir, st);
+    return Fail(s.message() + " (no backup made; the chain in " + dir.string() +
+                " is unchanged and the next run covers these changes too)");
+  };
+  if (Status s = SaveState(dir, st); !s.ok()) return abort_run(s);
+  Result<std::string> uri = ViewUri(*begun, o.nbd_uri);
+  if (!uri.ok()) return abort_run(uri.status());
+
+  std::vector<ByteRange> ranges;
+  uint64_t dirty_bytes = 0;
+  if (full) {
+    Result<std::vector<ByteRange>> a = AllocatedRanges(*uri, disk_size);
+    if (!a.ok()) return abort_run(a.status());
+    ranges = std::move(*a);
+  } else {
+    Result<std::vector<Extent>> ex = FetchExtents(o.socket, current);
+    if (!ex.ok()) return abort_run(ex.status());
+    for (const Extent& e : *ex)
+      if (e.dirty) ranges.push_back({e.offset, e.length}), dirty_bytes += e.length;
+  }
+  ranges = AlignRanges(std::move(ranges), kLayerCluster, disk_size);
+  uint64_t total = 0;
+  for (const ByteRange& r : ranges) total += r.length;
+
+  fs::remove(part, ec);
+  auto io = PosixFile::Open(part.string(), PosixFile::Mode::kCreateExclusive);
+  if (!io.ok()) return abort_run(io.status());
+  qcow2::LayerOptions lo;
+  lo.virtual_size = disk_size;
+  lo.cluster_size = kLayerCluster;
+  if (!full) {
+    lo.backing_file = st.layers.back().file;  // relative: the chain moves as one directory
+    lo.backing_format = "qcow2";
+  }
+  auto writer = qcow2::LayerWriter::Create(std::shared_ptr<BlockIO>(std::move(*io)), lo);
+  if (!writer.ok()) return abort_run(writer.status());
+  Progress progress(total, o.format == OutputFormat::kHuman);
+  CopyOptions co;
+  co.in_flight = o.jobs;
+  co.progress = [&](uint64_t done) { progress.Update(done); };
+  const auto t0 = std::chrono::steady_clock::now();
+  Status s = CopyRanges(*uri, disk_size, ranges, **writer, co);
+  progress.Done();
+  if (s.ok()) s = (*writer)->Finish();
+  if (!s.ok()) return abort_run(s);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  fs::rename(part, dir / file, ec);
+  if (ec) return abort_run(Status::IOError("rename " + part.string() + ": " + ec.message()));
+  if (Status d = SyncDir(dir); !d.ok()) return abort_run(d);
+
+  if (o.verify) {
+    // qemu-img compares the whole chain with the point-in-time view.
+    const int rc = RunProgram(
+        {"qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", (dir / file).string(), *uri});
+    if (rc != 0) {
+      fs::remove(dir / file, ec);
+      return abort_run(Status::IOError(
+          rc == -1 ? std::string("--verify needs qemu-img (package qemu-utils)")
+                   : "--verify: qemu-img compare found the layer chain different from the "
+                     "point-in-time view (exit " +
+                         std::to_string(rc) + "); the layer was removed"));
+    }
+  }
+  Result<json> ended = SocketCall(o.socket, "backup-end", {{"id", session}});
+  if (!ended.ok()) Fail("warning: " + ended.status().message() + " (the backup is complete)");
+  // The frozen bitmaps are covered by this backup now.
+  std::vector<std::string> drop = pending;
+  if (!current.empty()) drop.push_back(current);
+  for (const std::string& b : drop)
+    if (Result<json> r = SocketCall(o.socket, "bitmap-remove", {{"name", b}}); !r.ok())
+      Fail("warning: " + r.status().message() + " (left for the next run to remove)");
+  st.layers.push_back({file, full ? "full" : "inc", full ? "" : current,
+                       (*writer)->data_clusters() * kLayerCluster, now});
+  if (Status w = SaveState(dir, st); !w.ok())
+    return Fail(w.message() + " (the layer " + file + " is complete)");
+
+  if (o.format == OutputFormat::kJson) {
+    PrintJson({{"file", (dir / file).string()},
+               {"type", full ? "full" : "incremental"},
+               {"reason", full ? Json(why_full) : Json()},
+               {"backing-file", full ? Json() : Json(lo.backing_file)},
+               {"bitmap", new_name},
+               {"frozen", full ? Json() : Json(current)},
+               {"disk-size", disk_size},
+               {"dirty-bytes", full ? Json() : Json(dirty_bytes)},
+               {"bytes-read", total},
+               {"data-clusters", (*writer)->data_clusters()},
+               {"zero-clusters", (*writer)->zero_clusters()},
+               {"seconds", secs},
+               {"verified", o.verify},
+               {"session", session}});
+  } else {
+    std::printf(
+        "%s: %s backup (%s), %s read in %.1f s%s\n", (dir / file).c_str(),
+        full ? "full" : "incremental",
+        full ? why_full.c_str() : ("changes since " + st.layers[st.layers.size() - 2].file).c_str(),
+        HumanSize(total).c_str(), secs, o.verify ? ", verified" : "");
+  }
+  return kExitOk;
+}
+
+constexpr char kRunSynopsis[] =
+    "cbt backup --socket CTL --dir DIR [--full] [--verify] [--nbd URI] [--jobs N]\n"
+    "       cbt backup begin --socket CTL --new NEW [--freeze OLD] [--nbd-socket PATH]\n"
+    "       cbt backup end --socket CTL [--id N]";
+constexpr char kRunDescription[] =
+    "Backs up the disk of the filter serving control socket CTL while it runs.\n"
+    "The first run writes a full backup DIR/000-full.qcow2, each later run an\n"
+    "incremental DIR/NNN-inc.qcow2 holding what changed since the run before,\n"
+    "backed by it: 'qemu-img convert -O raw DIR/<last>.qcow2 disk.raw' (or\n"
+    "'cbt restore DIR --to disk.raw') gives the disk as it was at that backup.\n"
+    "The disk keeps taking writes: the backup reads the point-in-time export.\n"
+    "A run that fails leaves the chain as it was; the next one covers its\n"
+    "changes too. --verify compares the chain with the point-in-time view.\n"
+    "\n"
+    "'backup begin' only starts a session for another backup program and prints\n"
+    "the point-in-time export's NBD URI; with --nbd-socket PATH it also serves\n"
+    "it with the frozen bitmap OLD as the NBD metadata context\n"
+    "qemu:dirty-bitmap:OLD (qemu-nbd on PATH). 'backup end' ends the session.";
+
+int BackupBegin(const std::string& socket, const std::string& new_name, const std::string& freeze,
+                const std::string& nbd_socket, const std::string& nbd_uri, OutputFormat format) {
+  json args = {{"new", new_name}};
+  if (!freeze.empty()) args["freeze"] = freeze;
+  Result<json> begun = SocketCall(socket, "backup-begin", args);
+  if (!begun.ok()) return Fail(begun.status());
+  const uint64_t id = begun->value("id", uint64_t{0});
+  auto end_session = [&](const Status& s) {
+    (void)SocketCall(socket, "backup-end", {{"id", id}});
+    return Fail(s.message() + " (the session was ended again; the bitmaps keep the checkpoint)");
+  };
+  Result<std::string> uri = ViewUri(*begun, nbd_uri);
+  std::string context = "base:allocation";
+  std::string served = uri.ok() ? *uri : std::string();
+  if (!nbd_socket.empty()) {
+    if (!uri.ok()) return end_session(uri.status());
+    const auto sockets = begun->value("nbd-sockets", json::array());
+    if (sockets.empty())
+      return end_session(Status::NotFound("the endpoint needs nbdkit's unix socket"));
+    Result<LiveInfo> live = QueryLive(socket);
+    if (!live.ok()) return end_session(live.status());
+    const LiveBitmap* b = live->Find(freeze);
+    if (!b || !live->disk_size) return end_session(Status::NotFound("bitmap '" + freeze + "'"));
+    Result<std::vector<Extent>> ex = FetchExtents(socket, freeze);
+    if (!ex.ok()) return end_session(ex.status());
+    auto bits = DirtyBitmap::Create(*live->disk_size, b->granularity);
+    if (!bits.ok()) return end_session(bits.status());
+    for (const Extent& e : *ex)
+      if (e.dirty) (void)(*bits)->Mark(e.offset, e.length);
+    EndpointOptions eo;
+    eo.listen_socket = fs::absolute(nbd_socket).string();
+    eo.carrier_path = eo.listen_socket + ".carrier.qcow2";
+    eo.source_socket = sockets[0].get<std::string>();
+    eo.source_export = begun->value("export", std::string("backup"));
+    eo.bitmap_name = freeze;
+    eo.disk_size = *live->disk_size;
+    eo.bitmap = bits->get();
+    Result<EndpointInfo> ep = StartEndpoint(eo);
+    if (!ep.ok()) return end_session(ep.status());
+    Result<json> set = SocketCall(socket, "backup-set-endpoint",
+                                  {{"id", id},
+                                   {"pid", ep->pid},
+                                   {"uri", ep->uri},
+                                   {"socket", eo.listen_socket},
+                                   {"carrier", eo.carrier_path},
+                                   {"context", ep->context}});
+    if (!set.ok()) {
+      (void)StopEndpoint(eo.listen_socket, eo.carrier_path);
+      return end_session(set.status());
+    }
+    served = ep->uri;
+    context = ep->context;
+  }
+  if (format == OutputFormat::kJson) {
+    PrintJson({{"id", id},
+               {"uri", served.empty() ? Json() : Json(served)},
+               {"context", context},
+               {"frozen", freeze.empty() ? Json() : Json(freeze)},
+               {"new", new_name},
+               {"export", begun->value("export", std::string("backup"))},
+               {"disk-size", begun->value("disk-size", uint64_t{0})}});
+  } else {
+    std::printf(
+        "backup session %" PRIu64 " begun%s\n", id,
+        freeze.empty() ? "" : (": " + freeze + " frozen, " + new_name + " recording").c_str());
+    if (!served.empty())
+      std::printf("uri: %s\n", served.c_str());
+    else
+      std::printf("uri: unknown (%s)\n", uri.status().message().c_str());
+    std::printf("context: %s\n", context.c_str());
+  }
+  return kExitOk;
+}
+
+int BackupEnd(const std::string& socket, std::optional<uint64_t> id, OutputFormat format) {
+  json args = json::object();
+  if (id) args["id"] = *id;
+  Result<json> ended = SocketCall(socket, "backup-end", args);
+  if (!ended.ok()) return Fail(ended.status());
+  const json ep = ended->value("endpoint", json());
+  bool stopped = false;
+  if (ep.is_object()) {
+    Status s = StopEndpoint(ep.value("socket", std::string()), ep.value("carrier", std::string()));
+    if (!s.ok()) return Fail(s.message() + " (the session has ended)");
+    stopped = true;
+  }
+  if (format == OutputFormat::kJson) {
+    PrintJson({{"id", ended->value("id", uint64_t{0})},
+               {"broken", ended->value("broken", json())},
+               {"copied-blocks", ended->value("copied-blocks", uint64_t{0})},
+               {"stored-bytes", ended->value("stored-bytes", uint64_t{0})},
+               {"endpoint-stopped", stopped}});
+  } else {
+    const json broken = ended->value("broken", json());
+    std::printf("backup session %" PRIu64 " ended%s%s\n", ended->value("id", uint64_t{0}),
+                broken.is_string() ? (", broken: " + broken.get<std::string>()).c_str() : "",
+                stopped ? "; endpoint stopped" : "");
+  }
+  return kExitOk;
+}
+
+}  // namespace
+
+int RunBackup(const std::vector<std::string>& all_args) {
+  std::string verb;
+  std::vector<std::string> args = all_args;
+  if (!args.empty() && (args[0] == "begin" || args[0] == "end")) {
+    verb = args[0];
+    args.erase(args.begin());
+  }
+  CommonOptions common;
+  RunOptions o;
+  std::string new_name, freeze, nbd_socket;
+  uint64_t id = 0;
+  po::options_description desc("Options");
+  desc.add_options()("socket", po::value(&o.socket)->value_name("CTL"),
+                     "the filter's control socket (cbt-control=CTL; required)")(
+      "dir", po::value(&o.dir)->value_name("DIR"), "the backup chain's directory (backup runs)")(
+      "full", po::bool_switch(&o.full), "make a full backup even if an incremental could be made")(
+      "verify", po::bool_switch(&o.verify),
+      "compare the chain with the point-in-time view afterwards (needs qemu-img)")(
+      "nbd", po::value(&o.nbd_uri)->value_name("URI"),
+      "the point-in-time export's NBD URI (default: found from the filter)")(
+      "jobs", po::value(&o.jobs)->value_name("N"), "NBD reads in flight (default 8)")(
+      "new", po::value(&new_name)->value_name("NEW"), "begin: the bitmap that starts recording")(
+      "freeze", po::value(&freeze)->value_name("OLD"),
+      "begin: the recording bitmap to freeze (its changes are the incremental)")(
+      "nbd-socket", po::value(&nbd_socket)->value_name("PATH"),
+      "begin: serve qemu:dirty-bitmap:OLD with qemu-nbd on unix socket PATH")(
+      "id", po::value(&id)->value_name("N"), "end: the session to end (default: the open one)");
+  AddCommonOptions(desc, common);
+  std::vector<std::string> files;
+  po::options_description hidden;
+  hidden.add_options()("file", po::value(&files));
+  po::positional_options_description pos;
+  pos.add("file", -1);
+  po::variables_map vm;
+  ParseCommandLine(args, desc, hidden, pos, vm);
+  if (common.help) {
+    PrintHelp(kRunSynopsis, kRunDescription, desc);
+    return kExitOk;
+  }
+  ApplyCommonOptions(common);
+  o.format = common.format();
+  if (!files.empty()) throw UsageError("unexpected argument '" + files[0] + "'");
+  if (o.socket.empty()) throw UsageError("missing --socket CTL (the filter's control socket)");
+  if (verb == "begin") {
+    if (new_name.empty()) throw UsageError("backup begin: missing --new NEW");
+    if (!nbd_socket.empty() && freeze.empty())
+      throw UsageError("backup begin: --nbd-socket serves the frozen bitmap: give --freeze OLD");
+    return BackupBegin(o.socket, new_name, freeze, nbd_socket, o.nbd_uri, o.format);
+  }
+  if (verb == "end")
+    return BackupEnd(o.socket, vm.count("id") ? std::optional<uint64_t>(id) : std::nullopt,
+                     o.format);
+  if (!new_name.empty() || !freeze.empty() || !nbd_socket.empty() || vm.count("id"))
+    throw UsageError("--new, --freeze, --nbd-socket and --id are for 'backup begin/end'");
+  if (o.dir.empty()) throw UsageError("missing --dir DIR (where the backup chain goes)");
+  if (o.jobs < 1 || o.jobs > 64) throw UsageError("--jobs must be from 1 to 64");
+  return BackupRun(o);
+}
+
+}  // namespace cbt::cli
