@@ -28,6 +28,7 @@
 
 #include "common/posix_file.h"
 #include "qcow2/layer_writer.h"
+#include "server/backup_chain.h"
 #include "server/backup_copy.h"
 #include "server/backup_endpoint.h"
 #include "server/cli_parse.h"
@@ -40,100 +41,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
-
-constexpr char kStateFile[] = "cbt-backup.json";
-constexpr uint32_t kLayerCluster = 65536;
-
-struct Layer {
-  std::string file;
-  std::string type;    // "full" or "inc"
-  std::string bitmap;  // the bitmap frozen at this backup's point ("" for a full one)
-  uint64_t bytes = 0;  // data copied
-  int64_t time = 0;    // unix seconds of the checkpoint
-};
-
-struct ChainState {
-  std::string chain;
-  uint64_t disk_size = 0;
-  uint64_t next_seq = 0;
-  std::vector<Layer> layers;
-};
-
-std::string Prefix(const std::string& chain) {
-  return "cbt-backup-" + chain + "-";
-}
-
-Result<ChainState> LoadState(const fs::path& dir) {
-  ChainState st;
-  const fs::path p = dir / kStateFile;
-  std::error_code ec;
-  if (!fs::exists(p, ec)) {
-    std::random_device rd;
-    char id[9];
-    std::snprintf(id, sizeof id, "%08x", static_cast<unsigned>(rd()));
-    st.chain = id;
-    return st;
-  }
-  std::ifstream in(p);
-  json j = json::parse(in, nullptr, false);
-  try {
-    if (j.is_discarded() || !j.is_object()) throw std::runtime_error("not a JSON object");
-    st.chain = j.at("chain").get<std::string>();
-    st.disk_size = j.at("disk-size").get<uint64_t>();
-    st.next_seq = j.at("next-seq").get<uint64_t>();
-    for (const json& l : j.at("layers"))
-      st.layers.push_back({l.at("file").get<std::string>(), l.at("type").get<std::string>(),
-                           l.at("bitmap").get<std::string>(), l.at("bytes").get<uint64_t>(),
-                           l.at("time").get<int64_t>()});
-    if (st.chain.empty() || st.chain.size() > 64 ||
-        st.chain.find_first_not_of("0123456789abcdef") != std::string::npos)
-      throw std::runtime_error("bad chain id");
-    for (const Layer& l : st.layers)
-      if (l.file.find('/') != std::string::npos || l.file.empty())
-        throw std::runtime_error("bad layer file name '" + l.file + "'");
-  } catch (const std::exception& e) {
-    return Status::Corruption(p.string() + ": not a cbt backup state file (" + e.what() +
-                              "); move it away to start a new chain in this directory");
-  }
-  return st;
-}
-
-Status SyncDir(const fs::path& dir) {
-  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return Status::FromErrno(errno, "open " + dir.string());
-  int r = ::fsync(fd);
-  ::close(fd);
-  return r == 0 ? Status::OK() : Status::FromErrno(errno, "fsync " + dir.string());
-}
-
-Status SaveState(const fs::path& dir, const ChainState& st) {
-  json layers = json::array();
-  for (const Layer& l : st.layers)
-    layers.push_back({{"file", l.file},
-                      {"type", l.type},
-                      {"bitmap", l.bitmap},
-                      {"bytes", l.bytes},
-                      {"time", l.time}});
-  json j = {{"chain", st.chain},
-            {"disk-size", st.disk_size},
-            {"next-seq", st.next_seq},
-            {"layers", std::move(layers)}};
-  const fs::path tmp = dir / (std::string(kStateFile) + ".tmp");
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << j.dump(2) << "\n";
-    out.flush();
-    if (!out) return Status::IOError("writing " + tmp.string());
-  }
-  {
-    CBT_ASSIGN_OR_RETURN(auto f, PosixFile::Open(tmp.string(), PosixFile::Mode::kReadWrite));
-    CBT_RETURN_IF_ERROR(f->flush());
-  }
-  std::error_code ec;
-  fs::rename(tmp, dir / kStateFile, ec);
-  if (ec) return Status::IOError("rename " + tmp.string() + ": " + ec.message());
-  return SyncDir(dir);
-}
 
 // "nbd+unix:///EXPORT?socket=PATH", the export name percent-encoded.
 std::string UnixUri(const std::string& export_name, const std::string& socket) {
@@ -163,34 +70,6 @@ Result<std::string> ViewUri(const json& session, const std::string& override_uri
   return UnixUri(session.value("export", std::string("backup")), sockets[0].get<std::string>());
 }
 
-// A progress line on a terminal: bytes, rate, ETA.
-class Progress {
- public:
-  Progress(uint64_t total, bool on) : total_(total), on_(on && isatty(STDERR_FILENO)) {}
-  void Update(uint64_t done) {
-    if (!on_) return;
-    const auto now = std::chrono::steady_clock::now();
-    if (done < total_ && now - last_ < std::chrono::milliseconds(200)) return;
-    last_ = now;
-    const double s = std::chrono::duration<double>(now - start_).count();
-    const double rate = s > 0 ? done / s : 0;
-    const double eta = rate > 0 ? (total_ - done) / rate : 0;
-    std::fprintf(stderr, "\r  %3.0f%%  %s / %s  %s/s  ETA %02d:%02d   ",
-                 total_ ? 100.0 * done / total_ : 100.0, HumanSize(done).c_str(),
-                 HumanSize(total_).c_str(), HumanSize(static_cast<uint64_t>(rate)).c_str(),
-                 static_cast<int>(eta) / 60, static_cast<int>(eta) % 60);
-  }
-  void Done() {
-    if (on_) std::fprintf(stderr, "\n");
-  }
-
- private:
-  const uint64_t total_;
-  const bool on_;
-  const std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
-  std::chrono::steady_clock::time_point last_{};
-};
-
 struct RunOptions {
   std::string socket, dir, nbd_uri;
   bool full = false, verify = false;
@@ -204,12 +83,8 @@ int BackupRun(const RunOptions& o) {
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec) return Fail("--dir " + dir.string() + ": " + ec.message());
-  // One run per directory at a time.
-  const std::string lock_path = (dir / "cbt-backup.lock").string();
-  int lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (lock_fd < 0 || ::flock(lock_fd, LOCK_EX | LOCK_NB) != 0)
-    return Fail(lock_path + ": another cbt backup runs in this directory (or it cannot be " +
-                "locked: " + std::strerror(errno) + ")");
+  Result<DirLock> lock = DirLock::Take(dir);
+  if (!lock.ok()) return Fail(lock.status());
   Result<ChainState> loaded = LoadState(dir);
   if (!loaded.ok()) return Fail(loaded.status());
   ChainState st = std::move(*loaded);
@@ -225,53 +100,34 @@ int BackupRun(const RunOptions& o) {
     return Fail("the disk has " + std::to_string(disk_size) + " bytes, the chain in " +
                 dir.string() + " " + std::to_string(st.disk_size) +
                 ": start a new chain in another directory");
-
-  // This chain's bitmaps: the recording one (newest) and those frozen by
-  // runs that did not finish.
-  const std::string prefix = Prefix(st.chain);
-  std::string current;
-  std::vector<std::string> pending;
-  uint64_t current_seq = 0;
-  for (const LiveBitmap& b : live->bitmaps) {
-    if (b.name.rfind(prefix, 0) != 0) continue;
-    uint64_t seq = 0;
-    try {
-      seq = std::stoull(b.name.substr(prefix.size()));
-    } catch (...) {
-      continue;
+  if (st.session) {
+    // A run of this chain was killed while its session was open: end it
+    // (its frozen bitmap is merged below like any unfinished run's).
+    Result<json> q = SocketCall(o.socket, "query-backup");
+    if (q.ok() && q->value("active", false) && q->value("id", uint64_t{0}) == st.session) {
+      Fail("note: ending backup session " + std::to_string(st.session) +
+           " left open by an interrupted run");
+      (void)SocketCall(o.socket, "backup-end", {{"id", st.session}});
     }
-    if (!b.consistent) {
-      pending.push_back(b.name);  // removed below; cannot be merged
-      continue;
-    }
-    if (b.recording && (current.empty() || seq > current_seq)) {
-      if (!current.empty()) pending.push_back(current);
-      current = b.name;
-      current_seq = seq;
-    } else {
-      pending.push_back(b.name);
-    }
+    st.session = 0;
   }
-  st.next_seq = std::max(st.next_seq, current_seq + 1);
-  bool full = o.full || st.layers.empty() || current.empty() ||
-              !fs::exists(dir / st.layers.back().file, ec);
-  std::string why_full = o.full              ? "--full"
-                         : st.layers.empty() ? "first backup"
-                         : current.empty()   ? "no bitmap of this chain records (lost?)"
-                                             : "the last layer is missing";
-  const std::string new_name = prefix + std::to_string(st.next_seq);
+
+  std::vector<ChainBitmap> bitmaps;
+  for (const LiveBitmap& b : live->bitmaps) bitmaps.push_back({b.name, b.recording, b.consistent});
+  RunPlan plan = PlanRun(st, bitmaps, o.full, dir);
+  const bool full = plan.full;
+  const std::string& current = plan.current;
+  const std::string& new_name = plan.new_name;
+  const std::string& file = plan.file;
+  std::vector<std::string> pending = plan.pending;
 
   if (!full && !pending.empty()) {
     // Merge what unfinished runs froze into the recording bitmap (they are
     // covered by the backup it freezes now), then drop them: one step.
     json actions = json::array();
-    std::vector<std::string> sources;
-    for (const LiveBitmap& b : live->bitmaps)
-      for (const std::string& p : pending)
-        if (b.name == p && b.consistent) sources.push_back(p);
-    if (!sources.empty())
-      actions.push_back(
-          {{"type", "bitmap-merge"}, {"data", {{"target", current}, {"sources", sources}}}});
+    if (!plan.mergeable.empty())
+      actions.push_back({{"type", "bitmap-merge"},
+                         {"data", {{"target", current}, {"sources", plan.mergeable}}}});
     for (const std::string& p : pending)
       actions.push_back({{"type", "bitmap-remove"}, {"data", {{"name", p}}}});
     Result<json> m = SocketCall(o.socket, "transaction", {{"actions", actions}});
@@ -284,19 +140,15 @@ int BackupRun(const RunOptions& o) {
   Result<json> begun = SocketCall(o.socket, "backup-begin", begin_args);
   if (!begun.ok()) return Fail(begun.status());
   const uint64_t session = begun->value("id", uint64_t{0});
-  const int64_t now = std::chrono::duration_cast<std::chrono::seconds>(
-                          std::chrono::system_clock::now().time_since_epoch())
-                          .count();
+  const int64_t now = UnixNow();
   ++st.next_seq;
   st.disk_size = disk_size;
-  char name[64];
-  std::snprintf(name, sizeof name, "%03zu-%s.qcow2", st.layers.size(), full ? "full" : "inc");
-  const std::string file = name;
+  st.session = session;
   const fs::path part = dir / (file + ".part");
 
   // From here on a failure ends the session; the chain stays as it was.
   auto abort_run = [&](const Status& s) {
-    (void)SocketCall(o.socket, "backup-end", {{"id", session}});
+    if (SocketCall(o.socket, "backup-end", {{"id", session}}).ok()) st.session = 0;
     fs::remove(part, ec);
     (void)SaveState(dir, st);
     return Fail(s.message() + " (no backup made; the chain in " + dir.string() +
@@ -363,6 +215,7 @@ int BackupRun(const RunOptions& o) {
   }
   Result<json> ended = SocketCall(o.socket, "backup-end", {{"id", session}});
   if (!ended.ok()) Fail("warning: " + ended.status().message() + " (the backup is complete)");
+  st.session = 0;
   // The frozen bitmaps are covered by this backup now.
   std::vector<std::string> drop = pending;
   if (!current.empty()) drop.push_back(current);
@@ -377,7 +230,7 @@ int BackupRun(const RunOptions& o) {
   if (o.format == OutputFormat::kJson) {
     PrintJson({{"file", (dir / file).string()},
                {"type", full ? "full" : "incremental"},
-               {"reason", full ? Json(why_full) : Json()},
+               {"reason", full ? Json(plan.why_full) : Json()},
                {"backing-file", full ? Json() : Json(lo.backing_file)},
                {"bitmap", new_name},
                {"frozen", full ? Json() : Json(current)},
@@ -393,7 +246,7 @@ int BackupRun(const RunOptions& o) {
     std::printf(
         "%s: %s backup (%s), %s read in %.1f s%s\n", (dir / file).c_str(),
         full ? "full" : "incremental",
-        full ? why_full.c_str() : ("changes since " + st.layers[st.layers.size() - 2].file).c_str(),
+        full ? plan.why_full.c_str() : ("changes since " + st.layers[st.layers.size() - 2].file).c_str(),
         HumanSize(total).c_str(), secs, o.verify ? ", verified" : "");
   }
   return kExitOk;
@@ -401,6 +254,7 @@ int BackupRun(const RunOptions& o) {
 
 constexpr char kRunSynopsis[] =
     "cbt backup --socket CTL --dir DIR [--full] [--verify] [--nbd URI] [--jobs N]\n"
+    "       cbt backup --disk DISK --container FILE --dir DIR [--full] [--verify]\n"
     "       cbt backup begin --socket CTL --new NEW [--freeze OLD] [--nbd-socket PATH]\n"
     "       cbt backup end --socket CTL [--id N]";
 constexpr char kRunDescription[] =
@@ -412,6 +266,8 @@ constexpr char kRunDescription[] =
     "The disk keeps taking writes: the backup reads the point-in-time export.\n"
     "A run that fails leaves the chain as it was; the next one covers its\n"
     "changes too. --verify compares the chain with the point-in-time view.\n"
+    "With --disk and --container instead of --socket, the same offline, when no\n"
+    "server runs: the raw DISK and its bitmaps' container FILE.\n"
     "\n"
     "'backup begin' only starts a session for another backup program and prints\n"
     "the point-in-time export's NBD URI; with --nbd-socket PATH it also serves\n"
@@ -530,12 +386,15 @@ int RunBackup(const std::vector<std::string>& all_args) {
   }
   CommonOptions common;
   RunOptions o;
-  std::string new_name, freeze, nbd_socket;
+  std::string new_name, freeze, nbd_socket, disk, container;
   uint64_t id = 0;
   po::options_description desc("Options");
   desc.add_options()("socket", po::value(&o.socket)->value_name("CTL"),
                      "the filter's control socket (cbt-control=CTL; required)")(
       "dir", po::value(&o.dir)->value_name("DIR"), "the backup chain's directory (backup runs)")(
+      "disk", po::value(&disk)->value_name("DISK"), "offline: the raw disk (no server runs)")(
+      "container", po::value(&container)->value_name("FILE"),
+      "offline: the qcow2 container holding DISK's bitmaps")(
       "full", po::bool_switch(&o.full), "make a full backup even if an incremental could be made")(
       "verify", po::bool_switch(&o.verify),
       "compare the chain with the point-in-time view afterwards (needs qemu-img)")(
@@ -563,7 +422,20 @@ int RunBackup(const std::vector<std::string>& all_args) {
   ApplyCommonOptions(common);
   o.format = common.format();
   if (!files.empty()) throw UsageError("unexpected argument '" + files[0] + "'");
-  if (o.socket.empty()) throw UsageError("missing --socket CTL (the filter's control socket)");
+  if (!disk.empty() || !container.empty()) {
+    if (!verb.empty()) throw UsageError("backup " + verb + " works on a running filter: --socket CTL");
+    if (!o.socket.empty())
+      throw UsageError("--socket and --disk/--container together: online or offline, not both");
+    if (disk.empty() || container.empty())
+      throw UsageError("offline needs both --disk DISK and --container FILE");
+    if (o.dir.empty()) throw UsageError("missing --dir DIR (where the backup chain goes)");
+    if (!o.nbd_uri.empty() || vm.count("jobs"))
+      throw UsageError("--nbd and --jobs are for online runs (--socket)");
+    return BackupOffline(disk, container, o.dir, o.full, o.verify, o.format);
+  }
+  if (o.socket.empty())
+    throw UsageError(
+        "missing --socket CTL (the filter's control socket; offline: --disk and --container)");
   if (verb == "begin") {
     if (new_name.empty()) throw UsageError("backup begin: missing --new NEW");
     if (!nbd_socket.empty() && freeze.empty())

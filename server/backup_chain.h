@@ -1,0 +1,107 @@
+// A backup chain's directory (docs/backup.md), shared by the online and the
+// offline `cbt backup`: the state file, the directory lock, the chain's own
+// bitmaps and the plan of one run, the layer names, the progress line.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "server/output.h"
+
+namespace cbt::cli {
+
+// Every layer's cluster size.
+inline constexpr uint32_t kLayerCluster = 65536;
+
+struct Layer {
+  std::string file;    // NNN-full.qcow2 / NNN-inc.qcow2, in the directory
+  std::string type;    // "full" or "inc"
+  std::string bitmap;  // the bitmap frozen at this backup ("" for a full one)
+  uint64_t bytes = 0;  // data stored
+  int64_t time = 0;    // unix seconds of the checkpoint
+};
+
+// DIR/cbt-backup.json.
+struct ChainState {
+  std::string chain;      // hex id: the chain's bitmaps are cbt-backup-<chain>-<seq>
+  uint64_t disk_size = 0;  // 0 until the first backup
+  uint64_t next_seq = 0;
+  std::vector<Layer> layers;
+  // The session an online run has open (0: none): a run killed while it
+  // copied leaves it, and the next run ends it.
+  uint64_t session = 0;
+};
+
+// The state in dir, or a new chain (random id) when there is none.
+// Corruption for a file that is not one, naming it and the way out.
+Result<ChainState> LoadState(const std::filesystem::path& dir);
+// Written to a temporary name, flushed, renamed, directory flushed.
+Status SaveState(const std::filesystem::path& dir, const ChainState& st);
+Status SyncDir(const std::filesystem::path& dir);
+
+// One run per directory at a time: an flock on DIR/cbt-backup.lock, held
+// while the object lives. Busy when another run holds it.
+class DirLock {
+ public:
+  static Result<DirLock> Take(const std::filesystem::path& dir);
+  DirLock(DirLock&& o) noexcept : fd_(o.fd_) { o.fd_ = -1; }
+  DirLock& operator=(DirLock&&) = delete;
+  ~DirLock();
+
+ private:
+  explicit DirLock(int fd) : fd_(fd) {}
+  int fd_;
+};
+
+// A bitmap of the disk, as the chain sees it.
+struct ChainBitmap {
+  std::string name;
+  bool recording = false;
+  bool consistent = true;
+};
+
+// What one run does.
+struct RunPlan {
+  bool full = false;
+  std::string why_full;  // why a full backup ("first backup", "--full", ...)
+  std::string current;   // the chain's recording bitmap (empty: none)
+  // The chain's other bitmaps: frozen by runs that did not finish (merged
+  // into `current` before an incremental), or unusable; all dropped once
+  // this run succeeds.
+  std::vector<std::string> pending;
+  std::vector<std::string> mergeable;  // the consistent ones of `pending`
+  std::string new_name;                // the bitmap this run starts
+  std::string file;                    // the layer this run writes
+};
+
+// Reads the chain's bitmaps among `bitmaps` and decides. Updates
+// st.next_seq past every seq seen.
+RunPlan PlanRun(ChainState& st, const std::vector<ChainBitmap>& bitmaps, bool force_full,
+                const std::filesystem::path& dir);
+
+// A progress line on stderr when it is a terminal: bytes, rate, ETA.
+class Progress {
+ public:
+  Progress(uint64_t total, bool enabled);
+  void Update(uint64_t done);
+  void Done();
+
+ private:
+  const uint64_t total_;
+  const bool on_;
+  const int64_t start_ns_;
+  int64_t last_ns_ = 0;
+};
+
+int64_t UnixNow();
+
+// The offline run (cli_backup_offline.cc): `cbt backup --disk DISK
+// --container FILE --dir DIR`. Exit code.
+int BackupOffline(const std::string& disk, const std::string& container, const std::string& dir,
+                  bool force_full, bool verify, OutputFormat format);
+
+}  // namespace cbt::cli

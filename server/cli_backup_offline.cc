@@ -1,0 +1,233 @@
+// cbt backup --disk DISK --container FILE --dir DIR: the same backup run as
+// with --socket (cli_backup.cc), when no server runs. The disk cannot
+// change meanwhile: the container is opened for writing (QEMU's write lock:
+// a running filter or QEMU holds it, and then this refuses), and the raw
+// disk is locked as qemu-img does for reading (no one may open it for
+// writing while we read). The checkpoint is an offline edit of the
+// container (freeze = disable, new = add, one commit); the data is read
+// from the file.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+
+#include "common/posix_file.h"
+#include "engine/bitmap_store.h"
+#include "qcow2/layer_writer.h"
+#include "qcow2/lock.h"
+#include "server/backup_chain.h"
+#include "server/backup_copy.h"
+#include "server/bitmap_ops.h"
+#include "server/cli.h"
+#include "server/image_open.h"
+#include "server/output.h"
+#include "server/size_parse.h"
+
+namespace cbt::cli {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+uint64_t RoundUp512(uint64_t v) { return (v + 511) / 512 * 512; }
+
+// The data extents of a file (SEEK_DATA / SEEK_HOLE): what a full backup
+// copies. A file system without them reports everything as data.
+Result<std::vector<ByteRange>> FileDataRanges(int fd, uint64_t size) {
+  std::vector<ByteRange> out;
+  for (off_t pos = 0; static_cast<uint64_t>(pos) < size;) {
+    off_t data = ::lseek(fd, pos, SEEK_DATA);
+    if (data < 0) {
+      if (errno == ENXIO) break;  // only a hole is left
+      if (errno == EINVAL) return std::vector<ByteRange>{{0, size}};
+      return Status::FromErrno(errno, "lseek SEEK_DATA");
+    }
+    off_t hole = ::lseek(fd, data, SEEK_HOLE);
+    if (hole < 0) return Status::FromErrno(errno, "lseek SEEK_HOLE");
+    out.push_back({static_cast<uint64_t>(data),
+                   std::min<uint64_t>(size, static_cast<uint64_t>(hole)) - data});
+    pos = hole;
+  }
+  return out;
+}
+
+Status CopyFromFile(BlockIO& disk, const std::vector<ByteRange>& ranges, qcow2::LayerWriter& w,
+                    Progress& progress) {
+  constexpr uint64_t kChunk = uint64_t{4} << 20;
+  std::vector<std::byte> buf(kChunk);
+  uint64_t done = 0;
+  for (const ByteRange& r : ranges)
+    for (uint64_t p = r.offset; p < r.offset + r.length; p += kChunk) {
+      std::span<std::byte> piece(buf.data(), std::min(kChunk, r.offset + r.length - p));
+      CBT_RETURN_IF_ERROR(disk.pread(piece, p));
+      CBT_RETURN_IF_ERROR(w.WriteData(p, piece));
+      progress.Update(done += piece.size());
+    }
+  return Status::OK();
+}
+
+}  // namespace
+
+int BackupOffline(const std::string& disk_path, const std::string& container, const std::string& d,
+                  bool force_full, bool verify, OutputFormat format) {
+  const fs::path dir = fs::absolute(d);
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) return Fail("--dir " + dir.string() + ": " + ec.message());
+  Result<DirLock> lock = DirLock::Take(dir);
+  if (!lock.ok()) return Fail(lock.status());
+  Result<ChainState> loaded = LoadState(dir);
+  if (!loaded.ok()) return Fail(loaded.status());
+  ChainState st = std::move(*loaded);
+
+  Result<std::unique_ptr<PosixFile>> disk = PosixFile::Open(disk_path, PosixFile::Mode::kReadOnly);
+  if (!disk.ok()) return Fail(disk.status());
+  if (Status s = qcow2::LockImage((*disk)->fd(), disk_path, qcow2::LockMode::kReadOnly); !s.ok())
+    return Fail(s.message() + " (a program writes the disk: back it up through its server with "
+                "--socket)");
+  Result<uint64_t> size = (*disk)->size();
+  if (!size.ok()) return Fail(size.status());
+  const uint64_t disk_size = *size;
+  Result<OpenedImage> img = OpenImage(container, Access::kWrite);
+  if (!img.ok())
+    return Fail(img.status().message() +
+                (img.status().kind() == Status::Kind::kBusy
+                     ? " (a server runs: back up through it with --socket CTL)"
+                     : ""));
+  qcow2::Image& image = *img->image;
+  if (image.virtual_size() != RoundUp512(disk_size))
+    return Fail(container + " is for a disk of " + std::to_string(image.virtual_size()) +
+                " bytes, " + disk_path + " has " + std::to_string(disk_size));
+  if (st.disk_size && st.disk_size != disk_size)
+    return Fail("the disk has " + std::to_string(disk_size) + " bytes, the chain in " +
+                dir.string() + " " + std::to_string(st.disk_size));
+
+  std::vector<ChainBitmap> bitmaps;
+  for (const qcow2::BitmapInfo& b : image.Bitmaps())
+    bitmaps.push_back({b.name, b.enabled, b.consistent});
+  RunPlan plan = PlanRun(st, bitmaps, force_full, dir);
+
+  // The checkpoint: (merge what unfinished runs froze,) freeze the chain's
+  // bitmap, start the next; one commit.
+  std::unique_ptr<DirtyBitmap> frozen;
+  {
+    BitmapEditor ed(image);
+    OpOptions none;
+    Status s;
+    if (!plan.full) {
+      for (const std::string& p : plan.mergeable)
+        if (s.ok()) s = ed.Apply(plan.current, {OpKind::kMerge, p}, none);
+      for (const std::string& p : plan.pending)
+        if (s.ok()) s = ed.Apply(p, {OpKind::kRemove, ""}, none);
+      if (s.ok()) s = ed.Apply(plan.current, {OpKind::kDisable, ""}, none);
+    }
+    OpOptions add;
+    add.granularity = 65536;
+    if (s.ok()) s = ed.Apply(plan.new_name, {OpKind::kAdd, ""}, add);
+    if (s.ok()) s = ed.Commit();
+    if (!s.ok()) return Fail(s.message() + " (nothing was changed)");
+    if (!plan.full) plan.pending.clear();
+  }
+  const int64_t now = UnixNow();
+  ++st.next_seq;
+  st.disk_size = disk_size;
+  const fs::path part = dir / (plan.file + ".part");
+  auto abort_run = [&](const Status& s) {
+    fs::remove(part, ec);
+    (void)SaveState(dir, st);
+    return Fail(s.message() + " (no backup made; the chain in " + dir.string() +
+                " is unchanged and the next run covers these changes too)");
+  };
+  if (Status s = SaveState(dir, st); !s.ok()) return abort_run(s);
+
+  std::vector<ByteRange> ranges;
+  uint64_t dirty_bytes = 0;
+  if (plan.full) {
+    Result<std::vector<ByteRange>> r = FileDataRanges((*disk)->fd(), disk_size);
+    if (!r.ok()) return abort_run(r.status());
+    ranges = std::move(*r);
+  } else {
+    Result<std::unique_ptr<DirtyBitmap>> b = LoadBitmap(image, plan.current, disk_size);
+    if (!b.ok()) return abort_run(b.status());
+    for (const Extent& e : (*b)->Extents(0, disk_size))
+      if (e.dirty) {
+        ranges.push_back({e.offset, e.length});
+        dirty_bytes += e.length;
+      }
+  }
+  ranges = AlignRanges(std::move(ranges), kLayerCluster, disk_size);
+  uint64_t total = 0;
+  for (const ByteRange& r : ranges) total += r.length;
+
+  fs::remove(part, ec);
+  auto io = PosixFile::Open(part.string(), PosixFile::Mode::kCreateExclusive);
+  if (!io.ok()) return abort_run(io.status());
+  qcow2::LayerOptions lo;
+  lo.virtual_size = disk_size;
+  lo.cluster_size = kLayerCluster;
+  if (!plan.full) {
+    lo.backing_file = st.layers.back().file;
+    lo.backing_format = "qcow2";
+  }
+  auto writer = qcow2::LayerWriter::Create(std::shared_ptr<BlockIO>(std::move(*io)), lo);
+  if (!writer.ok()) return abort_run(writer.status());
+  Progress progress(total, format == OutputFormat::kHuman);
+  Status s = CopyFromFile(**disk, ranges, **writer, progress);
+  progress.Done();
+  if (s.ok()) s = (*writer)->Finish();
+  if (!s.ok()) return abort_run(s);
+  fs::rename(part, dir / plan.file, ec);
+  if (ec) return abort_run(Status::IOError("rename " + part.string() + ": " + ec.message()));
+  if (Status d2 = SyncDir(dir); !d2.ok()) return abort_run(d2);
+  if (verify) {
+    const int rc = RunProgram({"qemu-img", "compare", "-q", "-U", "-f", "qcow2", "-F", "raw",
+                               (dir / plan.file).string(), disk_path});
+    if (rc != 0) {
+      fs::remove(dir / plan.file, ec);
+      return abort_run(Status::IOError(
+          rc == -1 ? std::string("--verify needs qemu-img (package qemu-utils)")
+                   : "--verify: the layer chain differs from the disk (qemu-img compare exit " +
+                         std::to_string(rc) + "); the layer was removed"));
+    }
+  }
+  // The frozen bitmaps are covered now.
+  {
+    BitmapEditor ed(image);
+    Status r;
+    std::vector<std::string> drop = plan.pending;
+    if (!plan.current.empty()) drop.push_back(plan.current);
+    for (const std::string& b : drop)
+      if (r.ok()) r = ed.Apply(b, {OpKind::kRemove, ""}, OpOptions{});
+    if (r.ok() && !drop.empty()) r = ed.Commit();
+    if (!r.ok()) Fail("warning: " + r.message() + " (left for the next run to remove)");
+  }
+  st.layers.push_back({plan.file, plan.full ? "full" : "inc", plan.full ? "" : plan.current,
+                       (*writer)->data_clusters() * kLayerCluster, now});
+  if (Status w = SaveState(dir, st); !w.ok())
+    return Fail(w.message() + " (the layer " + plan.file + " is complete)");
+  const std::string out = (dir / plan.file).string();
+  if (format == OutputFormat::kJson) {
+    PrintJson({{"file", out},
+               {"type", plan.full ? "full" : "incremental"},
+               {"reason", plan.full ? Json(plan.why_full) : Json()},
+               {"backing-file", plan.full ? Json() : Json(lo.backing_file)},
+               {"bitmap", plan.new_name},
+               {"frozen", plan.full ? Json() : Json(plan.current)},
+               {"disk-size", disk_size},
+               {"dirty-bytes", plan.full ? Json() : Json(dirty_bytes)},
+               {"bytes-read", total},
+               {"data-clusters", (*writer)->data_clusters()},
+               {"zero-clusters", (*writer)->zero_clusters()},
+               {"verified", verify},
+               {"offline", true}});
+  } else {
+    std::printf("%s: %s backup (offline%s%s), %s read%s\n", out.c_str(),
+                plan.full ? "full" : "incremental", plan.full ? ", " : "",
+                plan.full ? plan.why_full.c_str() : "", HumanSize(total).c_str(),
+                verify ? ", verified" : "");
+  }
+  return kExitOk;
+}
+
+}  // namespace cbt::cli
