@@ -62,9 +62,11 @@ using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
 constexpr const char* kCtx = "backup endpoint";
-constexpr milliseconds kTermWait{5000};   // SIGTERM -> SIGKILL
-constexpr milliseconds kKillWait{2000};   // SIGKILL -> give up
-constexpr size_t kMaxStderrBytes = 4096;  // of qemu-nbd's stderr, in a Status
+constexpr milliseconds kTermWait{5000};    // SIGTERM -> SIGKILL
+constexpr milliseconds kKillWait{2000};    // SIGKILL -> give up
+constexpr milliseconds kReapWait{5000};    // exited -> reaped by init
+constexpr milliseconds kListenWait{2000};  // a dying server's socket closes
+constexpr size_t kMaxStderrBytes = 4096;   // of qemu-nbd's stderr, in a Status
 constexpr size_t kMaxCmdlineBytes = 65536;
 constexpr size_t kMaxSocketPath = sizeof(sockaddr_un::sun_path) - 1;
 
@@ -187,33 +189,44 @@ bool IsOurServer(int pid, const std::string& socket) {
   return ServesSocket(ReadCmdline(pid), socket);
 }
 
-// Polls until pid is gone (no /proc entry) or is no longer our server (the
-// pid was reused), or `bound` passes. A zombie waits for its reaper (init):
-// dead, but kill(pid, 0) still succeeds; at the bound it counts as gone.
-bool WaitGone(int pid, const std::string& socket, milliseconds bound) {
+// Polls until pid has exited (a zombie or gone) or is no longer our server
+// (the pid was reused), or `bound` passes. Returns whether it did.
+bool WaitExited(int pid, const std::string& socket, milliseconds bound) {
   const auto end = Clock::now() + bound;
   milliseconds step{2};
-  for (;;) {
-    const char st = ProcState(pid);
-    const bool dead = st == 'Z' || st == 'X';
-    if (st == 0 || (!dead && !ServesSocket(ReadCmdline(pid), socket))) return true;
-    if (Clock::now() >= end) return dead;
+  while (IsOurServer(pid, socket)) {
+    if (Clock::now() >= end) return false;
     std::this_thread::sleep_for(step);
     step = std::min(step * 2, milliseconds{50});
   }
+  return true;
 }
 
-// SIGTERM, wait, SIGKILL, wait; only while pid is our server.
+// Best effort, bounded: waits while pid is a zombie. The daemon's parent is
+// init, which reaps when it likes (1.5 to 2 s on the test machine, more
+// under load); until then kill(pid, 0) still succeeds, though nothing runs.
+void WaitReaped(int pid, milliseconds bound) {
+  const auto end = Clock::now() + bound;
+  for (char st = ProcState(pid); (st == 'Z' || st == 'X') && Clock::now() < end;
+       st = ProcState(pid))
+    std::this_thread::sleep_for(milliseconds{20});
+}
+
+// SIGTERM, wait, SIGKILL, wait; only while pid is our server. Then waits
+// (bounded) for init to reap it.
 Status TerminateServer(int pid, const std::string& socket) {
   if (!IsOurServer(pid, socket)) return Status::OK();
   if (kill(pid, SIGTERM) != 0 && errno != ESRCH)
     return Errno(errno, "SIGTERM to qemu-nbd pid " + std::to_string(pid));
-  if (WaitGone(pid, socket, kTermWait)) return Status::OK();
-  if (IsOurServer(pid, socket) && kill(pid, SIGKILL) != 0 && errno != ESRCH)
-    return Errno(errno, "SIGKILL to qemu-nbd pid " + std::to_string(pid));
-  if (WaitGone(pid, socket, kKillWait)) return Status::OK();
-  return Status::IOError(std::string(kCtx) + ": qemu-nbd pid " + std::to_string(pid) + " serving " +
-                         Quote(socket) + " survived SIGTERM and SIGKILL");
+  if (!WaitExited(pid, socket, kTermWait)) {
+    if (IsOurServer(pid, socket) && kill(pid, SIGKILL) != 0 && errno != ESRCH)
+      return Errno(errno, "SIGKILL to qemu-nbd pid " + std::to_string(pid));
+    if (!WaitExited(pid, socket, kKillWait))
+      return Status::IOError(std::string(kCtx) + ": qemu-nbd pid " + std::to_string(pid) +
+                             " serving " + Quote(socket) + " survived SIGTERM and SIGKILL");
+  }
+  WaitReaped(pid, kReapWait);
+  return Status::OK();
 }
 
 // Every live qemu-nbd serving socket, by a scan of /proc.
@@ -603,7 +616,12 @@ Status StopEndpoint(const std::string& listen_socket, const std::string& carrier
     if (!S_ISSOCK(st.st_mode))
       return Status::InvalidArgument(std::string(kCtx) + ": " + Quote(listen_socket) +
                                      " is not a socket; not removed");
-    // Not ours to remove (nor the carrier it may be serving).
+    // Not ours to remove (nor the carrier it may be serving). A server that
+    // just died may still listen for a moment: its thread-group leader shows
+    // as a zombie while the other threads (and the socket) are torn down.
+    const auto end = Clock::now() + kListenWait;
+    while (SocketListening(listen_socket) && Clock::now() < end)
+      std::this_thread::sleep_for(milliseconds{10});
     if (SocketListening(listen_socket))
       return Status::Busy(std::string(kCtx) + ": a server not recorded in " + Quote(pid_file) +
                           " still listens on " + Quote(listen_socket) + "; left alone");

@@ -89,12 +89,14 @@ Result<EndpointInfo> StartEndpoint(const EndpointOptions& opts);
 // Stops the endpoint on listen_socket and removes what StartEndpoint made:
 // the qemu-nbd recorded in listen_socket + ".pid" gets SIGTERM, then SIGKILL
 // after 5 s (then at most 2 s more), but only while /proc/PID/cmdline shows a
-// qemu-nbd serving listen_socket (-k): a reused pid is never signalled. Then
+// qemu-nbd serving listen_socket (-k): a reused pid is never signalled. Once
+// it has exited, waits up to 5 s more for init to reap it (the daemon is not
+// our child: until reaped, a zombie still answers kill(pid, 0)). Then
 // the pid file, the socket (if a socket nobody listens on) and the carrier
 // (if a qcow2 naming kCarrierPlaceholder) are removed. Idempotent: a missing
 // pid file, a dead process, missing files are fine.
 // Failure: IOError (the process survived SIGKILL; unlink failed), Busy
-// (something else still listens on listen_socket: it is left alone),
+// (something else still listens on listen_socket after 2 s: it is left alone),
 // InvalidArgument (pid file without a pid; carrier_path is not a carrier:
 // not removed).
 Status StopEndpoint(const std::string& listen_socket, const std::string& carrier_path);
