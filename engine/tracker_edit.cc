@@ -87,8 +87,7 @@ struct Tracker::PreparedEdit {
 };
 
 Status Tracker::Quiesce(const std::function<void()>& fn, std::chrono::milliseconds drain_timeout) {
-  if (!attached_rw_.load())
-    return Status::Busy("no writable client yet: nothing to pause");
+  if (!attached_rw_.load()) return Status::Busy("no writable client yet: nothing to pause");
   std::lock_guard one(edit_mu_);
   CBT_RETURN_IF_ERROR(gate_changes_.Pause(drain_timeout));
   fn();

@@ -23,7 +23,9 @@ namespace {
 
 constexpr char kStateFile[] = "cbt-backup.json";
 
-std::string Prefix(const std::string& chain) { return "cbt-backup-" + chain + "-"; }
+std::string Prefix(const std::string& chain) {
+  return "cbt-backup-" + chain + "-";
+}
 
 int64_t NowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -50,6 +52,9 @@ Result<ChainState> LoadState(const fs::path& dir) {
     st.chain = id;
     return st;
   }
+  // A state file is a few hundred bytes per layer: refuse what cannot be one.
+  if (fs::file_size(p, ec) > (uint64_t{16} << 20))
+    return Status::Corruption(p.string() + ": larger than 16 MiB: not a cbt backup state file");
   std::ifstream in(p);
   json j = json::parse(in, nullptr, false);
   try {
@@ -113,7 +118,6 @@ Status SaveState(const fs::path& dir, const ChainState& st) {
   return SyncDir(dir);
 }
 
-
 Result<DirLock> DirLock::Take(const fs::path& dir) {
   const std::string path = (dir / "cbt-backup.lock").string();
   int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
@@ -139,7 +143,8 @@ RunPlan PlanRun(ChainState& st, const std::vector<ChainBitmap>& bitmaps, bool fo
   for (const ChainBitmap& b : bitmaps) {
     if (b.name.rfind(prefix, 0) != 0) continue;
     const std::string tail = b.name.substr(prefix.size());
-    if (tail.empty() || tail.size() > 19 || tail.find_first_not_of("0123456789") != std::string::npos)
+    if (tail.empty() || tail.size() > 19 ||
+        tail.find_first_not_of("0123456789") != std::string::npos)
       continue;
     const uint64_t seq = std::stoull(tail);
     st.next_seq = std::max(st.next_seq, seq + 1);

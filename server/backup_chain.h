@@ -27,7 +27,7 @@ struct Layer {
 
 // DIR/cbt-backup.json.
 struct ChainState {
-  std::string chain;      // hex id: the chain's bitmaps are cbt-backup-<chain>-<seq>
+  std::string chain;       // hex id: the chain's bitmaps are cbt-backup-<chain>-<seq>
   uint64_t disk_size = 0;  // 0 until the first backup
   uint64_t next_seq = 0;
   std::vector<Layer> layers;

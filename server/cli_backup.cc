@@ -126,8 +126,8 @@ int BackupRun(const RunOptions& o) {
     // covered by the backup it freezes now), then drop them: one step.
     json actions = json::array();
     if (!plan.mergeable.empty())
-      actions.push_back({{"type", "bitmap-merge"},
-                         {"data", {{"target", current}, {"sources", plan.mergeable}}}});
+      actions.push_back(
+          {{"type", "bitmap-merge"}, {"data", {{"target", current}, {"sources", plan.mergeable}}}});
     for (const std::string& p : pending)
       actions.push_back({{"type", "bitmap-remove"}, {"data", {{"name", p}}}});
     Result<json> m = SocketCall(o.socket, "transaction", {{"actions", actions}});
@@ -243,11 +243,11 @@ int BackupRun(const RunOptions& o) {
                {"verified", o.verify},
                {"session", session}});
   } else {
-    std::printf(
-        "%s: %s backup (%s), %s read in %.1f s%s\n", (dir / file).c_str(),
-        full ? "full" : "incremental",
-        full ? plan.why_full.c_str() : ("changes since " + st.layers[st.layers.size() - 2].file).c_str(),
-        HumanSize(total).c_str(), secs, o.verify ? ", verified" : "");
+    std::printf("%s: %s backup (%s), %s read in %.1f s%s\n", (dir / file).c_str(),
+                full ? "full" : "incremental",
+                full ? plan.why_full.c_str()
+                     : ("changes since " + st.layers[st.layers.size() - 2].file).c_str(),
+                HumanSize(total).c_str(), secs, o.verify ? ", verified" : "");
   }
   return kExitOk;
 }
@@ -423,7 +423,8 @@ int RunBackup(const std::vector<std::string>& all_args) {
   o.format = common.format();
   if (!files.empty()) throw UsageError("unexpected argument '" + files[0] + "'");
   if (!disk.empty() || !container.empty()) {
-    if (!verb.empty()) throw UsageError("backup " + verb + " works on a running filter: --socket CTL");
+    if (!verb.empty())
+      throw UsageError("backup " + verb + " works on a running filter: --socket CTL");
     if (!o.socket.empty())
       throw UsageError("--socket and --disk/--container together: online or offline, not both");
     if (disk.empty() || container.empty())

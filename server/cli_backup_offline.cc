@@ -30,7 +30,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
-uint64_t RoundUp512(uint64_t v) { return (v + 511) / 512 * 512; }
+uint64_t RoundUp512(uint64_t v) {
+  return (v + 511) / 512 * 512;
+}
 
 // The data extents of a file (SEEK_DATA / SEEK_HOLE): what a full backup
 // copies. A file system without them reports everything as data.
@@ -84,7 +86,8 @@ int BackupOffline(const std::string& disk_path, const std::string& container, co
   Result<std::unique_ptr<PosixFile>> disk = PosixFile::Open(disk_path, PosixFile::Mode::kReadOnly);
   if (!disk.ok()) return Fail(disk.status());
   if (Status s = qcow2::LockImage((*disk)->fd(), disk_path, qcow2::LockMode::kReadOnly); !s.ok())
-    return Fail(s.message() + " (a program writes the disk: back it up through its server with "
+    return Fail(s.message() +
+                " (a program writes the disk: back it up through its server with "
                 "--socket)");
   Result<uint64_t> size = (*disk)->size();
   if (!size.ok()) return Fail(size.status());

@@ -3,8 +3,8 @@
 // qemu-img convert and checked with qemu-img compare. The plain way is the
 // same two qemu-img commands.
 #include <filesystem>
-#include <fstream>
 
+#include "server/backup_chain.h"
 #include "server/cli.h"
 #include "server/cli_parse.h"
 #include "server/output.h"
@@ -35,19 +35,17 @@ int RunRestore(const std::vector<std::string>& args) {
       "which backup: 0 is the full one (default: the last)");
   if (ParseFileCommand(args, desc, common, dir, kSynopsis, kDescription)) return kExitOk;
   if (to.empty()) throw UsageError("missing --to FILE");
-  std::ifstream in(fs::path(dir) / "cbt-backup.json");
-  nlohmann::json st = nlohmann::json::parse(in, nullptr, false);
-  if (st.is_discarded() || !st.is_object() || !st.contains("layers") || !st["layers"].is_array())
-    return Fail(dir + ": no backup chain here (no readable cbt-backup.json)");
-  const auto& layers = st["layers"];
+  std::error_code ec;
+  if (!fs::exists(fs::path(dir) / "cbt-backup.json", ec))
+    return Fail(dir + ": no backup chain here (no cbt-backup.json)");
+  Result<ChainState> st = LoadState(dir);
+  if (!st.ok()) return Fail(st.status());
+  const std::vector<Layer>& layers = st->layers;
   if (layers.empty()) return Fail(dir + ": the chain has no backup yet");
   if (point < -1 || point >= static_cast<long>(layers.size()))
     throw UsageError("--point must be from 0 to " + std::to_string(layers.size() - 1));
   const size_t n = point == -1 ? layers.size() - 1 : static_cast<size_t>(point);
-  if (!layers[n].contains("file") || !layers[n]["file"].is_string())
-    return Fail(dir + "/cbt-backup.json: layer " + std::to_string(n) + " has no file");
-  const std::string layer = (fs::path(dir) / layers[n]["file"].get<std::string>()).string();
-  std::error_code ec;
+  const std::string layer = (fs::path(dir) / layers[n].file).string();
   if (fs::exists(to, ec)) return Fail(to + ": exists; restore writes a new file");
   int rc = RunProgram({"qemu-img", "convert", "-f", "qcow2", "-O", "raw", layer, to});
   if (rc != 0)

@@ -28,7 +28,6 @@
 #include <vector>
 
 #include "engine/backup.h"
-
 #include "engine/tracker.h"
 #include "server/control_protocol.h"
 

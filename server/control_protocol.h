@@ -151,10 +151,9 @@ struct TransactionArgs {
   std::vector<Action> actions;
 };
 
-using Arguments =
-    std::variant<NoArgs, ExtentsArgs, BitmapAddArgs, NameArgs, MergeArgs, CopyArgs, RenameArgs,
-                 SetPersistentArgs, CheckpointArgs, TransactionArgs, BackupBeginArgs,
-                 BackupEndArgs, EndpointArgs>;
+using Arguments = std::variant<NoArgs, ExtentsArgs, BitmapAddArgs, NameArgs, MergeArgs, CopyArgs,
+                               RenameArgs, SetPersistentArgs, CheckpointArgs, TransactionArgs,
+                               BackupBeginArgs, BackupEndArgs, EndpointArgs>;
 
 struct Request {
   Command command;
