@@ -106,6 +106,9 @@ bool IsBackupExport(const char* exportname) {
 int BackupListExports(nbdkit_next_list_exports* next, nbdkit_backend* nxdata, int readonly,
                       nbdkit_exports* exports) {
   if (next(nxdata, readonly, exports) == -1) return -1;
+  // Listed only while a session is open: clients such as nbdinfo --list
+  // open every export listed, and this one refuses connections otherwise.
+  if (!state->backup || !state->backup->Current()) return 0;
   return nbdkit_add_export(exports, state->backup_export.c_str(),
                            "point-in-time view of a backup session (cbt)");
 }

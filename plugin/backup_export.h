@@ -32,7 +32,7 @@ int BackupConfig(const char* key, const char* value);
 int BackupGetReady();
 bool IsBackupExport(const char* exportname);
 
-// The list of exports gains the backup export.
+// While a session is open, the list of exports gains the backup export.
 int BackupListExports(nbdkit_next_list_exports* next, nbdkit_backend* nxdata, int readonly,
                       nbdkit_exports* exports);
 // A backup connection needs an open session; it keeps that session's view.
