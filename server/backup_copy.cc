@@ -61,6 +61,14 @@ std::vector<ByteRange> AlignRanges(std::vector<ByteRange> ranges, uint64_t align
   return out;
 }
 
+Status TouchExport(const std::string& uri) {
+  Nbd h(nbd_create());
+  if (!h) return NbdError("nbd_create");
+  if (nbd_connect_uri(h.get(), uri.c_str()) == -1) return NbdError("connecting to " + uri);
+  if (nbd_shutdown(h.get(), 0) == -1) return NbdError("disconnecting from " + uri);
+  return Status::OK();
+}
+
 Result<std::vector<ByteRange>> AllocatedRanges(const std::string& uri, uint64_t disk_size) {
   CBT_ASSIGN_OR_RETURN(Nbd h, Connect(uri, disk_size, true));
   std::vector<ByteRange> out;

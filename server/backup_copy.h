@@ -30,6 +30,10 @@ struct CopyOptions {
   std::function<void(uint64_t done)> progress;
 };
 
+// Connects to uri (writable when the server allows) and disconnects: the
+// filter attaches its tracker at a first writable connection.
+Status TouchExport(const std::string& uri);
+
 // The allocated (not hole, not zero) extents of the export at uri, from
 // base:allocation: what a full backup copies. Failure: the NBD error.
 Result<std::vector<ByteRange>> AllocatedRanges(const std::string& uri, uint64_t disk_size);

@@ -91,10 +91,20 @@ int BackupRun(const RunOptions& o) {
 
   Result<LiveInfo> live = QueryLive(o.socket);
   if (!live.ok()) return Fail(live.status());
+  if (!live->attached) {
+    // The filter loads its bitmaps when the first writable client connects
+    // (it learns the disk's size then): be that client, once.
+    Result<json> q = SocketCall(o.socket, "query-backup");
+    const json sockets = q.ok() ? q->value("nbd-sockets", json::array()) : json::array();
+    if (!sockets.empty() && sockets[0].is_string())
+      (void)TouchExport(UnixUri("", sockets[0].get<std::string>()));
+    live = QueryLive(o.socket);
+    if (!live.ok()) return Fail(live.status());
+  }
   if (!live->attached || !live->disk_size)
     return Fail(
-        "the filter has no writable client yet: nothing to back up (its bitmaps load "
-        "when the first one connects)");
+        "the filter has no writable client yet and none could be connected: nothing to back "
+        "up (its bitmaps load when the first writable client connects)");
   const uint64_t disk_size = *live->disk_size;
   if (st.disk_size && st.disk_size != disk_size)
     return Fail("the disk has " + std::to_string(disk_size) + " bytes, the chain in " +

@@ -135,6 +135,10 @@ Result<json> TrackerHandler::QueryExtents(const ExtentsArgs& a) const {
 
 json TrackerHandler::BackupJson(const BackupStatus& st) const {
   json j = {{"active", st.active}, {"id", st.id}};
+  // Where the export is, also without a session (a client may need to
+  // connect first: the bitmaps load when the first writable client does).
+  j["export"] = backup_.export_name;
+  j["nbd-sockets"] = backup_.sockets ? backup_.sockets() : std::vector<std::string>{};
   if (st.id == 0) return j;
   j["frozen"] = st.frozen.empty() ? json() : json(st.frozen);
   j["new"] = st.new_name;
@@ -146,8 +150,6 @@ json TrackerHandler::BackupJson(const BackupStatus& st) const {
   j["stored-bytes"] = st.stats.stored_bytes;
   j["view-reads"] = st.stats.view_reads;
   j["write-waits"] = st.stats.write_waits;
-  j["export"] = backup_.export_name;
-  j["nbd-sockets"] = backup_.sockets ? backup_.sockets() : std::vector<std::string>{};
   if (st.endpoint)
     j["endpoint"] = {{"pid", st.endpoint->pid},
                      {"uri", st.endpoint->uri},

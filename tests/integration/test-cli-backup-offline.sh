@@ -7,6 +7,8 @@
 #    of what the server wrote: every point restores byte for byte, every
 #    layer passes qemu-img check;
 #  - offline is refused while a server holds the container, naming --socket;
+#  - an online run right after nbdkit started, before any client connected,
+#    works (cbt connects one: the filter loads its bitmaps then);
 #  - an online run killed (kill -9) while it copies leaves its session open
 #    and no layer; the next run ends that session, is incremental, and its
 #    layer restores to the disk with the changes from before and after the
@@ -77,6 +79,16 @@ qemu-img check -q "$DIR/002-inc.qcow2" || fail "qemu-img check 002"
 restored_equals 2 "$T/snap2.raw"
 restored_equals 1 "$T/snap1.raw"
 
+# --- an online run right after a start, before any client -------------------
+# The filter loads its bitmaps at the first writable client: cbt backup
+# connects one itself.
+serve
+backup_ok --socket "$CTL"
+[ "$(jq -r .type "$T/out")" = incremental ] && [ "$(jq .\"bytes-read\" "$T/out")" = 0 ] ||
+  fail "backup right after start: $(cat "$T/out")"
+restored_equals 3 "$T/snap2.raw"
+stop_nbdkit "$NBDKIT_PID"
+
 # --- an online run killed while it copies ------------------------------------
 # The delay filter below cbt makes every read take 0.5 s: with one read in
 # flight, ten scattered dirty ranges take the run five seconds.
@@ -94,14 +106,14 @@ sleep 0.3
 kill -9 "$victim"
 wait "$victim" 2>/dev/null || true
 active || fail "the killed run's session is not open any more (the test needs it open)"
-[ ! -e "$DIR/003-inc.qcow2" ] || fail "a killed run left a layer"
+[ ! -e "$DIR/004-inc.qcow2" ] || fail "a killed run left a layer"
 qio -c 'write -P 0x66 24M 64k'  # after the killed run's checkpoint
 cp "$T/disk.raw" "$T/snap3.raw"
 backup_ok --socket "$CTL"
 grep -q "left open by an interrupted run" "$T/err" || fail "no note about the session: $(cat "$T/err")"
 [ "$(jq -r .type "$T/out")" = incremental ] || fail "run after a kill: $(cat "$T/out")"
-qemu-img check -q "$DIR/003-inc.qcow2" || fail "qemu-img check 003"
-restored_equals 3 "$T/snap3.raw"
+qemu-img check -q "$DIR/004-inc.qcow2" || fail "qemu-img check 004"
+restored_equals 4 "$T/snap3.raw"
 [ "$(ctl_call "$CTL" '{"execute":"query-backup"}' | jq .return.active)" = false ] ||
   fail "a session is still open"
 stop_nbdkit "$NBDKIT_PID"
