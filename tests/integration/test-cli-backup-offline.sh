@@ -82,7 +82,16 @@ restored_equals 1 "$T/snap1.raw"
 # --- an online run right after a start, before any client -------------------
 # The filter loads its bitmaps at the first writable client: cbt backup
 # connects one itself.
-serve
+# (start_nbdkit's readiness check is itself a client: start it by hand and
+# wait for the sockets only.)
+rm -f "$T/sock" "$CTL"
+"${NBDKIT_ENV[@]}" nbdkit -f --exit-with-parent -U "$T/sock" --filter="$FILTER" file "$T/disk.raw" \
+  cbt-file="$T/disk.cbt" cbt-bitmap=b0 cbt-control="$CTL" 2>>"$T/nbdkit.log" &
+NBDKIT_PID=$!
+PIDS+=("$NBDKIT_PID")
+wait_for 60 test -S "$CTL" || fail "nbdkit did not start"
+[ "$(ctl_call "$CTL" '{"execute":"query-bitmaps"}' | jq .return.attached)" = false ] ||
+  fail "attached before any client: the step tests nothing"
 backup_ok --socket "$CTL"
 [ "$(jq -r .type "$T/out")" = incremental ] && [ "$(jq .\"bytes-read\" "$T/out")" = 0 ] ||
   fail "backup right after start: $(cat "$T/out")"
