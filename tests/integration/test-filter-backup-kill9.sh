@@ -37,6 +37,8 @@ qio "$LIVE" "${cmds[@]}" >"$T/qio.out" 2>&1 || fail "writes B: $(cat "$T/qio.out
 query_backup '."copied-blocks" > 0' || fail "no copy-before-write during the session"
 
 kill9_nbdkit "$NBDKIT_PID"
+# The store was an unlinked file (O_TMPFILE, else unlinked at once): gone.
+[ -z "$(find "$T" -maxdepth 1 -name '.cbt-tmp-*')" ] || fail "a store file was left in $T"
 echo "killed nbdkit mid-session: b0 $(bitmap_flags "$T/disk.cbt" b0), b1 $(bitmap_flags "$T/disk.cbt" b1)"
 
 : >"$T/nbdkit.log"

@@ -65,7 +65,7 @@ backup_begin b2 b1
 cp --sparse=always "$T/disk.raw" "$T/snap.raw"
 live_ok "write -q -P 0x57 0 128K" "write -q -z 1M 64K" || fail "(a) writes in the next session"
 query_backup '.broken == null and ."copied-blocks" == 3' || fail "(a) query-backup, next session"
-copy_export "$VIEW" "$T/view.raw" || fail "(a) reading the next session's view: $(cat "$T/nbdkit.log" | tail -3)"
+copy_export "$VIEW" "$T/view.raw" || fail "(a) reading the next session's view: $(tail -3 "$T/nbdkit.log")"
 cmp "$T/view.raw" "$T/snap.raw" || fail "(a) the next session's view is not the disk at its start"
 backup_end
 stop_nbdkit "$NBDKIT_PID"

@@ -17,7 +17,9 @@ fio --enghelp=nbd >/dev/null 2>&1 || skip "fio has no nbd engine (fio --enghelp=
 
 SIZE=$((128 * 1024 * 1024))
 truncate -s "$SIZE" "$T/disk.raw"
-start_backup_server cbt-bitmap=b0 cbt-create=true
+# The view under another name (cbt-backup-export=).
+start_backup_server cbt-bitmap=b0 cbt-create=true cbt-backup-export=pit
+VIEW="nbd+unix:///pit?socket=$T/sock"
 
 # fio_args SEED RUNTIME [IOPS] : 3 writing connections and 1 trimming one
 # (each at most IOPS requests per second: the view copy then races writers
@@ -68,7 +70,7 @@ for pair in "b1 b0" "b2 b1"; do
   fio_ok "$T/fio.out" || fail "round $round: fio reported errors: $(cat "$T/fio.out")"
 
   cmp "$T/view.raw" "$T/snap.raw" || fail "round $round: the backup export is not the disk at backup-begin"
-  query_backup '."copied-blocks" > 0 and ."view-reads" > 0 and .broken == null' ||
+  query_backup '."copied-blocks" > 0 and ."view-reads" > 0 and .broken == null and .export == "pit"' ||
     fail "round $round: query-backup"
   ctl '{"execute":"query-backup"}' | jq -c '.return | {id, "copied-blocks", "zero-blocks", "stored-bytes", "view-reads", "write-waits"}'
   backup_end
