@@ -15,7 +15,9 @@
 #    expected disk (the same qemu-io commands applied to a copy of the file);
 #  - nbdinfo --map of the backup export never reports a hole or zero extent
 #    where the point-in-time copy has data (discarded blocks included);
-#  - before any session the backup export is refused (and the log says why);
+#  - before any writable client backup-begin is Busy and the backup export
+#    refused; before any session the backup export is refused (the log says
+#    why);
 #    a second backup-begin while one is open: error class Busy;
 #  - refused begins (unknown bitmap to freeze: NotFound; a taken name:
 #    AlreadyExists) change nothing; backup-end of another id: NotFound, the
@@ -50,6 +52,24 @@ qio "$T/disk.raw" "write -q -P 0x11 0 8M" "write -q -P 0x12 16M 4M" \
   "write -q -P 0x13 63M 1M" "write -q -P 0x14 64M 3K" >/dev/null
 
 mkdir "$T/fleece"
+# --- before any writable client (not start_nbdkit: its handshake attaches) --
+"${NBDKIT_ENV[@]}" nbdkit -f --exit-with-parent -U "$T/sock" -P "$T/sock.pid" \
+  --filter="$FILTER" file "$T/disk.raw" cbt-file="$T/disk.cbt" cbt-bitmap=b0 cbt-create=true \
+  cbt-control="$T/ctl.sock" cbt-fleece-dir="$T/fleece" 2>>"$T/nbdkit.log" &
+NBDKIT_PID=$!
+PIDS+=("$NBDKIT_PID")
+wait_for 60 [ -S "$T/ctl.sock" ] || fail "no control socket at $T/ctl.sock"
+r=$(ctl '{"execute":"backup-begin","arguments":{"freeze":"b0","new":"b1"}}')
+jq -e '.error.class == "Busy" and (.error.desc | test("no writable client"))' <<<"$r" >/dev/null ||
+  fail "backup-begin before any writable client: $r"
+rc=0
+timeout 30 nbdinfo --size "$VIEW" >"$T/out" 2>&1 || rc=$?
+[ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || fail "backup export served before any writable client (rc $rc)"
+grep -q 'export "backup" refused: no backup session is open (the disk has no writable client yet)' \
+  "$T/nbdkit.log" || fail "no clear refusal of the backup export before any writable client"
+stop_nbdkit "$NBDKIT_PID"
+[ -z "$(ls -A "$T/fleece")" ] || fail "files left in cbt-fleece-dir before any session"
+
 start_backup_server cbt-bitmap=b0 cbt-create=true cbt-fleece-dir="$T/fleece"
 
 # --- no session yet: the backup export is refused ---------------------------
