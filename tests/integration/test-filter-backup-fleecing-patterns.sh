@@ -79,14 +79,20 @@ timeout 30 nbdinfo --size "$VIEW" >"$T/out" 2>&1 || rc=$?
 grep -q 'export "backup" refused: no backup session is open' "$T/nbdkit.log" ||
   fail "no clear refusal in the log for the backup export without a session"
 query_backup '.active == false' || fail "query-backup before any session"
-# KNOWN BUG (reported, not fixed here): the backup export is listed even
-# with no session open, so nbdinfo --list, which opens every listed export,
-# fails on every server without a session.
-rc=0
-timeout 30 nbdinfo --list "$LIVE" >"$T/list.out" 2>&1 || rc=$?
-if [ "$rc" -ne 0 ]; then
-  echo "KNOWN BUG: nbdinfo --list exits $rc with no backup session open: $(grep -m1 nbdinfo: "$T/list.out")"
-fi
+# Without a session the backup export must not be listed: nbdinfo --list
+# opens every listed export. KNOWN BUG at 137b393 (fixed on main by
+# 698dea4): it is listed and nbdinfo --list fails; reported, skipped here.
+list_without_session() {
+  local rc=0
+  timeout 30 nbdinfo --json --list "$LIVE" >"$T/list.out" 2>&1 || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    echo "KNOWN BUG: nbdinfo --list exits $rc with no backup session open ($1): $(grep -m1 nbdinfo: "$T/list.out")"
+    return 0
+  fi
+  jq -e '[.exports[]."export-name"] == [""]' "$T/list.out" >/dev/null ||
+    fail "nbdinfo --list with no session ($1): $(cat "$T/list.out")"
+}
+list_without_session "before any session"
 
 # Refused begins change nothing: an unknown bitmap to freeze, a taken name.
 r=$(ctl '{"execute":"backup-begin","arguments":{"freeze":"nope","new":"b1"}}')
@@ -184,6 +190,7 @@ rc=0
 timeout 30 nbdinfo --size "$VIEW" >"$T/out" 2>&1 || rc=$?
 [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || fail "backup export served after backup-end (rc $rc)"
 [ "$(store_fds)" -eq 0 ] || fail "the store is still open after backup-end"
+list_without_session "after backup-end"
 [ -z "$(ls -A "$T/fleece")" ] || fail "files left in cbt-fleece-dir: $(ls -A "$T/fleece")"
 held_read 3 0x11
 held_fails 1 || fail "a view connection of the ended session still reads: $(cat "$T/held.out")"
