@@ -89,7 +89,7 @@ Result<BackupStatus> BackupManager::Begin(const BackupBeginRequest& r,
       // back): take the session out again. Unbounded, as the rollback.
       while (
           !tracker_.Quiesce([&] { live_.store(nullptr); }, std::chrono::milliseconds(60000)).ok())
-        spdlog::warn("cbt: ending a failed backup-begin: still waiting for changes in flight");
+        spdlog::warn("ending a failed backup-begin: still waiting for changes in flight");
       f->End();
     }
     return s;
@@ -99,7 +99,7 @@ Result<BackupStatus> BackupManager::Begin(const BackupBeginRequest& r,
   frozen_ = r.freeze.value_or("");
   new_name_ = r.new_name;
   endpoint_.reset();
-  spdlog::info("cbt: backup session {} begun ({}{}, copy unit {} bytes)", id_,
+  spdlog::info("backup session {} begun ({}{}, copy unit {} bytes)", id_,
                frozen_.empty() ? "no bitmap frozen" : "froze " + frozen_,
                ", recording " + new_name_, fo.block_size);
   return StatusLocked();
@@ -118,7 +118,7 @@ Result<BackupStatus> BackupManager::End(std::optional<uint64_t> id,
   session_->End();
   session_.reset();
   endpoint_.reset();
-  spdlog::info("cbt: backup session {} ended ({} blocks copied, {} bytes stored{})", st.id,
+  spdlog::info("backup session {} ended ({} blocks copied, {} bytes stored{})", st.id,
                st.stats.copied_blocks, st.stats.stored_bytes, st.broken ? ", broken" : "");
   return st;
 }

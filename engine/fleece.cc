@@ -80,7 +80,7 @@ void Fleece::Break(const std::string& why) {
   if (!broken_) {
     broken_ = why;
     broken_flag_.store(true);
-    spdlog::warn("cbt: backup session broken: {}", why);
+    spdlog::warn("backup session broken: {}", why);
   }
   cv_.notify_all();
 }
@@ -150,13 +150,14 @@ Status Fleece::CopyRun(uint64_t first, uint64_t last, const DiskRead& read_old) 
   if (reserved) reserved_bytes_ -= need;
   s = s.WithContext("copy-before-write of " + Range(start, bytes));
   if (opts_.on_error == FleeceErrorPolicy::kFailWrite) {
-    spdlog::error("cbt: {} (cbt-fleece-error=fail-write: the write fails)", s.message());
-    return s;
+    // The caller reports the failed write, with the policy named.
+    return Status::IOError(s.message() + " (cbt-fleece-error=fail-write: the write fails)",
+                           s.err());
   }
   if (!broken_) {
     broken_ = s.message();
     broken_flag_.store(true);
-    spdlog::warn("cbt: backup session broken: {} (cbt-fleece-error=break-backup: writes go on)",
+    spdlog::warn("backup session broken: {} (cbt-fleece-error=break-backup: writes go on)",
                  s.message());
   }
   return s;

@@ -162,7 +162,7 @@ void Tracker::RollBack(const PreparedEdit& p) {
   // Unbounded on purpose: the changes in flight finish (those waiting for
   // the store were failed just now); the set must not stay half there.
   while (!gate_changes_.Pause(std::chrono::milliseconds(60000)).ok())
-    spdlog::warn("cbt: rolling back a failed edit: still waiting for changes in flight");
+    spdlog::warn("rolling back a failed edit: still waiting for changes in flight");
   std::vector<LiveBitmap> all = p.before->all;
   for (size_t i : p.next->recording) {
     const LiveBitmap& n = p.next->all[i];
