@@ -223,6 +223,13 @@ int BackupRun(const RunOptions& o) {
                          std::to_string(rc) + "); the layer was removed"));
     }
   }
+  // The layer is in the chain first; then the session ends and the bitmaps
+  // it covers go (a kill in between leaves them frozen: the next run merges
+  // them, a superset, and ends the session).
+  st.layers.push_back({file, full ? "full" : "inc", full ? "" : current,
+                       (*writer)->data_clusters() * kLayerCluster, now});
+  if (Status w = SaveState(dir, st); !w.ok())
+    return Fail(w.message() + " (the layer " + file + " is complete)");
   Result<json> ended = SocketCall(o.socket, "backup-end", {{"id", session}});
   if (!ended.ok()) Fail("warning: " + ended.status().message() + " (the backup is complete)");
   st.session = 0;
@@ -232,10 +239,7 @@ int BackupRun(const RunOptions& o) {
   for (const std::string& b : drop)
     if (Result<json> r = SocketCall(o.socket, "bitmap-remove", {{"name", b}}); !r.ok())
       Fail("warning: " + r.status().message() + " (left for the next run to remove)");
-  st.layers.push_back({file, full ? "full" : "inc", full ? "" : current,
-                       (*writer)->data_clusters() * kLayerCluster, now});
-  if (Status w = SaveState(dir, st); !w.ok())
-    return Fail(w.message() + " (the layer " + file + " is complete)");
+  if (Status w = SaveState(dir, st); !w.ok()) Fail("warning: " + w.message());
 
   if (o.format == OutputFormat::kJson) {
     PrintJson({{"file", (dir / file).string()},

@@ -194,7 +194,12 @@ int BackupOffline(const std::string& disk_path, const std::string& container, co
                          std::to_string(rc) + "); the layer was removed"));
     }
   }
-  // The frozen bitmaps are covered now.
+  // The layer is in the chain first; then the bitmaps it covers go (a kill
+  // in between leaves them frozen: the next run merges them, a superset).
+  st.layers.push_back({plan.file, plan.full ? "full" : "inc", plan.full ? "" : plan.current,
+                       (*writer)->data_clusters() * kLayerCluster, now});
+  if (Status w = SaveState(dir, st); !w.ok())
+    return Fail(w.message() + " (the layer " + plan.file + " is complete)");
   {
     BitmapEditor ed(image);
     Status r;
@@ -205,10 +210,6 @@ int BackupOffline(const std::string& disk_path, const std::string& container, co
     if (r.ok() && !drop.empty()) r = ed.Commit();
     if (!r.ok()) Fail("warning: " + r.message() + " (left for the next run to remove)");
   }
-  st.layers.push_back({plan.file, plan.full ? "full" : "inc", plan.full ? "" : plan.current,
-                       (*writer)->data_clusters() * kLayerCluster, now});
-  if (Status w = SaveState(dir, st); !w.ok())
-    return Fail(w.message() + " (the layer " + plan.file + " is complete)");
   const std::string out = (dir / plan.file).string();
   if (format == OutputFormat::kJson) {
     PrintJson({{"file", out},
