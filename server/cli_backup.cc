@@ -255,7 +255,10 @@ int BackupRun(const RunOptions& o) {
                {"zero-clusters", (*writer)->zero_clusters()},
                {"seconds", secs},
                {"verified", o.verify},
-               {"session", session}});
+               {"session", session},
+               // Blocks the disk's writes preserved for this backup while it ran.
+               {"preserved-blocks", ended.ok() ? Json(ended->value("copied-blocks", uint64_t{0}))
+                                               : Json()}});
   } else {
     std::printf("%s: %s backup (%s), %s read in %.1f s%s\n", (dir / file).c_str(),
                 full ? "full" : "incremental",
