@@ -257,8 +257,8 @@ int BackupRun(const RunOptions& o) {
                {"verified", o.verify},
                {"session", session},
                // Blocks the disk's writes preserved for this backup while it ran.
-               {"preserved-blocks", ended.ok() ? Json(ended->value("copied-blocks", uint64_t{0}))
-                                               : Json()}});
+               {"preserved-blocks",
+                ended.ok() ? Json(ended->value("copied-blocks", uint64_t{0})) : Json()}});
   } else {
     std::printf("%s: %s backup (%s), %s read in %.1f s%s\n", (dir / file).c_str(),
                 full ? "full" : "incremental",
@@ -272,7 +272,7 @@ int BackupRun(const RunOptions& o) {
 constexpr char kRunSynopsis[] =
     "cbt backup --socket CTL --dir DIR [--full] [--verify] [--nbd URI] [--jobs N]\n"
     "       cbt backup --disk DISK --container FILE --dir DIR [--full] [--verify]\n"
-    "       cbt backup begin --socket CTL --new NEW [--freeze OLD] [--nbd-socket PATH]\n"
+    "       cbt backup begin --socket CTL [--freeze OLD] [--new NEW] [--nbd-socket PATH]\n"
     "       cbt backup end --socket CTL [--id N]";
 constexpr char kRunDescription[] =
     "Backs up the disk of the filter serving control socket CTL while it runs.\n"
@@ -418,9 +418,12 @@ int RunBackup(const std::vector<std::string>& all_args) {
       "nbd", po::value(&o.nbd_uri)->value_name("URI"),
       "the point-in-time export's NBD URI (default: found from the filter)")(
       "jobs", po::value(&o.jobs)->value_name("N"), "NBD reads in flight (default 8)")(
-      "new", po::value(&new_name)->value_name("NEW"), "begin: the bitmap that starts recording")(
+      "new", po::value(&new_name)->value_name("NEW"),
+      "begin: the bitmap that starts recording (default: OLD-<unix time>)")(
       "freeze", po::value(&freeze)->value_name("OLD"),
-      "begin: the recording bitmap to freeze (its changes are the incremental)")(
+      "begin: the recording bitmap to freeze, whose changes the backup reads (default: "
+      "the one persistent bitmap that records)")(
+      "full-session", "begin: freeze nothing (a full backup); NEW is added")(
       "nbd-socket", po::value(&nbd_socket)->value_name("PATH"),
       "begin: serve qemu:dirty-bitmap:OLD with qemu-nbd on unix socket PATH")(
       "id", po::value(&id)->value_name("N"), "end: the session to end (default: the open one)");
@@ -455,7 +458,25 @@ int RunBackup(const std::vector<std::string>& all_args) {
     throw UsageError(
         "missing --socket CTL (the filter's control socket; offline: --disk and --container)");
   if (verb == "begin") {
-    if (new_name.empty()) throw UsageError("backup begin: missing --new NEW");
+    if (!freeze.empty() && vm.count("full-session"))
+      throw UsageError("backup begin: --freeze and --full-session together");
+    if (freeze.empty() && !vm.count("full-session")) {
+      // The usual case: one bitmap records; it is the one to freeze.
+      Result<LiveInfo> live = QueryLive(o.socket);
+      if (!live.ok()) return Fail(live.status());
+      std::vector<std::string> recording;
+      for (const LiveBitmap& b : live->bitmaps)
+        if (b.recording && b.persistent && b.consistent) recording.push_back(b.name);
+      if (recording.size() != 1)
+        throw UsageError("backup begin: " + std::to_string(recording.size()) +
+                         " persistent bitmaps record: name the one to freeze with --freeze OLD" +
+                         (live->attached ? "" : " (the filter has no writable client yet)"));
+      freeze = recording[0];
+    }
+    if (new_name.empty()) {
+      new_name = freeze.empty() ? "backup" : freeze;
+      new_name += "-" + std::to_string(UnixNow());
+    }
     if (!nbd_socket.empty() && freeze.empty())
       throw UsageError("backup begin: --nbd-socket serves the frozen bitmap: give --freeze OLD");
     return BackupBegin(o.socket, new_name, freeze, nbd_socket, o.nbd_uri, o.format);
@@ -463,8 +484,10 @@ int RunBackup(const std::vector<std::string>& all_args) {
   if (verb == "end")
     return BackupEnd(o.socket, vm.count("id") ? std::optional<uint64_t>(id) : std::nullopt,
                      o.format);
-  if (!new_name.empty() || !freeze.empty() || !nbd_socket.empty() || vm.count("id"))
-    throw UsageError("--new, --freeze, --nbd-socket and --id are for 'backup begin/end'");
+  if (!new_name.empty() || !freeze.empty() || !nbd_socket.empty() || vm.count("id") ||
+      vm.count("full-session"))
+    throw UsageError(
+        "--new, --freeze, --full-session, --nbd-socket and --id are for 'backup begin/end'");
   if (o.dir.empty()) throw UsageError("missing --dir DIR (where the backup chain goes)");
   if (o.jobs < 1 || o.jobs > 64) throw UsageError("--jobs must be from 1 to 64");
   return BackupRun(o);

@@ -112,6 +112,12 @@ restored_equals 2 "$T/snap2.raw"  # has 0x66 (the failed run's) and 0x77
 [ "$(jq .\"bytes-read\" "$T/out")" = $((2 * 65536)) ] || fail "after failure read: $(cat "$T/out")"
 
 # --- cbt backup begin --nbd-socket: the dirty-bitmap endpoint ----------------
+# Without --freeze, begin freezes the one bitmap that records; here two do
+# (b0 and the chain's), so it asks.
+rc=0
+"$CBT" backup begin --socket "$CTL" >"$T/out" 2>"$T/err" || rc=$?
+[ "$rc" = 1 ] && grep -q -- "2 persistent bitmaps record: name the one to freeze with --freeze" "$T/err" ||
+  fail "backup begin with two recording bitmaps: exit $rc: $(cat "$T/err")"
 qio -c 'write -P 0x88 40M 128k' -c 'write -P 0x99 50M 4k'
 cp "$T/disk.raw" "$T/snap3.raw"
 timeout 60 "$CBT" backup begin --socket "$CTL" --freeze b0 --new b1 --nbd-socket "$T/ep.sock" \
