@@ -111,7 +111,7 @@ measure() {  # measure NAME URI: one round of both clients -> $d/NAME.{nbdinfo,c
   jq -r '"\(.seconds) \(.extents) \(.requests)"' "$d/count.json" >>"$d/$1.client"
 }
 
-for r in $(seq "$rounds"); do measure ours "$ours_uri"; done
+for _ in $(seq "$rounds"); do measure ours "$ours_uri"; done
 "$cbt" backup end --socket "$d/ctl" >/dev/null
 stop "$srv"
 
@@ -120,7 +120,7 @@ stop "$srv"
 # data clusters: the data reads as zeros, which block status never reads).
 start "$d/base.sock" qemu-nbd -r -t -f qcow2 -x backup -B b0 -k "$d/base.sock" "$d/disk.cbt"
 base_uri="nbd+unix:///backup?socket=$d/base.sock"
-for r in $(seq "$rounds"); do measure base "$base_uri"; done
+for _ in $(seq "$rounds"); do measure base "$base_uri"; done
 stop "$srv"
 
 med() { sort -g -k"$2" "$d/$1" | awk -v c="$2" '{ v[NR] = $c } END { print v[int((NR + 1) / 2)] }'; }
