@@ -100,14 +100,16 @@ Status Fleece::CopyRun(uint64_t first, uint64_t last, const DiskRead& read_old) 
   const uint64_t start = first * bs;
   uint64_t bytes = 0;
   for (uint64_t b = first; b <= last; ++b) bytes += BlockBytes(b);
-  std::vector<std::byte> buf(bytes);
-  Status s = read_old(start, buf);
+  // Not zero-filled: read_old fills it (a memset would be one more pass
+  // over the data on every first overwrite).
+  std::unique_ptr<std::byte[]> buf(new std::byte[bytes]);
+  Status s = read_old(start, std::span<std::byte>(buf.get(), bytes));
   std::vector<bool> zero(last - first + 1);
   uint64_t need = 0;
   bool reserved = false;
   if (s.ok()) {
     for (uint64_t b = first; b <= last; ++b) {
-      std::span<const std::byte> blk(buf.data() + (b - first) * bs, BlockBytes(b));
+      std::span<const std::byte> blk(buf.get() + (b - first) * bs, BlockBytes(b));
       zero[b - first] = IsZero(blk);
       if (!zero[b - first]) need += blk.size();
     }
@@ -132,7 +134,7 @@ Status Fleece::CopyRun(uint64_t first, uint64_t last, const DiskRead& read_old) 
     uint64_t e = b;
     while (e + 1 <= last && !zero[e + 1 - first]) ++e;
     const uint64_t off = b * bs, len = (e - b) * bs + BlockBytes(e);
-    s = store_->pwrite(std::span<const std::byte>(buf.data() + (off - start), len), off);
+    s = store_->pwrite(std::span<const std::byte>(buf.get() + (off - start), len), off);
     b = e + 1;
   }
 

@@ -154,7 +154,7 @@ Status CopyRanges(const std::string& uri, uint64_t disk_size, const std::vector<
       nbd_completion_callback cb = {.callback = on_done, .user_data = req.get(), .free = nullptr};
       if (nbd_aio_pread(h.get(), buf, r.length, r.offset, cb, 0) == -1)
         return NbdError("read at " + std::to_string(r.offset));
-      req.release();  // the callback owns it now
+      (void)req.release();  // the callback owns it now
     }
     if (nbd_aio_in_flight(h.get()) > 0 && nbd_poll(h.get(), -1) == -1)
       return NbdError("waiting for reads");
