@@ -12,6 +12,7 @@
 #include <random>
 
 #include "common/posix_file.h"
+#include "server/cli.h"
 #include "server/size_parse.h"
 
 namespace cbt::cli {
@@ -196,6 +197,34 @@ void Progress::Update(uint64_t done) {
 
 void Progress::Done() {
   if (on_) std::fprintf(stderr, "\n");
+}
+
+Result<std::unique_ptr<qcow2::LayerWriter>> OpenLayer(const fs::path& part, uint64_t disk_size,
+                                                      const std::string& backing) {
+  std::error_code ec;
+  fs::remove(part, ec);
+  CBT_ASSIGN_OR_RETURN(std::unique_ptr<PosixFile> io,
+                       PosixFile::Open(part.string(), PosixFile::Mode::kCreateExclusive));
+  qcow2::LayerOptions lo;
+  lo.virtual_size = disk_size;
+  lo.cluster_size = kLayerCluster;
+  if (!backing.empty()) {
+    lo.backing_file = backing;  // relative: the chain moves as one directory
+    lo.backing_format = "qcow2";
+  }
+  return qcow2::LayerWriter::Create(std::shared_ptr<BlockIO>(std::move(io)), lo);
+}
+
+Status VerifyLayer(const fs::path& layer, const std::string& against) {
+  // -U: the disk may be locked by this run (offline) or served (online).
+  const int rc = RunProgram(
+      {"qemu-img", "compare", "-q", "-U", "-f", "qcow2", "-F", "raw", layer.string(), against});
+  if (rc == 0) return Status::OK();
+  std::error_code ec;
+  fs::remove(layer, ec);
+  if (rc == -1) return Status::NotFound("--verify needs qemu-img (package qemu-utils)");
+  return Status::IOError("--verify: qemu-img compare found the layer chain different from " +
+                         against + " (exit " + std::to_string(rc) + "); the layer was removed");
 }
 
 }  // namespace cbt::cli

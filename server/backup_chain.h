@@ -5,11 +5,13 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "common/status.h"
+#include "qcow2/layer_writer.h"
 #include "server/output.h"
 
 namespace cbt::cli {
@@ -98,6 +100,16 @@ class Progress {
 };
 
 int64_t UnixNow();
+
+// A new layer at `part` (replacing a leftover one) for a disk of disk_size
+// bytes; backing: the previous layer's file name (relative), empty for a
+// full backup.
+Result<std::unique_ptr<qcow2::LayerWriter>> OpenLayer(const std::filesystem::path& part,
+                                                      uint64_t disk_size,
+                                                      const std::string& backing);
+// --verify: qemu-img compare of the chain ending at `layer` with `against`
+// (a raw file or an NBD URI). On a difference the layer is removed.
+Status VerifyLayer(const std::filesystem::path& layer, const std::string& against);
 
 // The offline run (cli_backup_offline.cc): `cbt backup --disk DISK
 // --container FILE --dir DIR`. Exit code.

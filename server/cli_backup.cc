@@ -184,17 +184,7 @@ int BackupRun(const RunOptions& o) {
   uint64_t total = 0;
   for (const ByteRange& r : ranges) total += r.length;
 
-  fs::remove(part, ec);
-  auto io = PosixFile::Open(part.string(), PosixFile::Mode::kCreateExclusive);
-  if (!io.ok()) return abort_run(io.status());
-  qcow2::LayerOptions lo;
-  lo.virtual_size = disk_size;
-  lo.cluster_size = kLayerCluster;
-  if (!full) {
-    lo.backing_file = st.layers.back().file;  // relative: the chain moves as one directory
-    lo.backing_format = "qcow2";
-  }
-  auto writer = qcow2::LayerWriter::Create(std::shared_ptr<BlockIO>(std::move(*io)), lo);
+  auto writer = OpenLayer(part, disk_size, full ? std::string() : st.layers.back().file);
   if (!writer.ok()) return abort_run(writer.status());
   Progress progress(total, o.format == OutputFormat::kHuman);
   CopyOptions co;
@@ -212,16 +202,7 @@ int BackupRun(const RunOptions& o) {
 
   if (o.verify) {
     // qemu-img compares the whole chain with the point-in-time view.
-    const int rc = RunProgram(
-        {"qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", (dir / file).string(), *uri});
-    if (rc != 0) {
-      fs::remove(dir / file, ec);
-      return abort_run(Status::IOError(
-          rc == -1 ? std::string("--verify needs qemu-img (package qemu-utils)")
-                   : "--verify: qemu-img compare found the layer chain different from the "
-                     "point-in-time view (exit " +
-                         std::to_string(rc) + "); the layer was removed"));
-    }
+    if (Status v = VerifyLayer(dir / file, *uri); !v.ok()) return abort_run(v);
   }
   // The layer is in the chain first; then the session ends and the bitmaps
   // it covers go (a kill in between leaves them frozen: the next run merges
@@ -245,7 +226,7 @@ int BackupRun(const RunOptions& o) {
     PrintJson({{"file", (dir / file).string()},
                {"type", full ? "full" : "incremental"},
                {"reason", full ? Json(plan.why_full) : Json()},
-               {"backing-file", full ? Json() : Json(lo.backing_file)},
+               {"backing-file", full ? Json() : Json(st.layers[st.layers.size() - 2].file)},
                {"bitmap", new_name},
                {"frozen", full ? Json() : Json(current)},
                {"disk-size", disk_size},

@@ -163,17 +163,7 @@ int BackupOffline(const std::string& disk_path, const std::string& container, co
   uint64_t total = 0;
   for (const ByteRange& r : ranges) total += r.length;
 
-  fs::remove(part, ec);
-  auto io = PosixFile::Open(part.string(), PosixFile::Mode::kCreateExclusive);
-  if (!io.ok()) return abort_run(io.status());
-  qcow2::LayerOptions lo;
-  lo.virtual_size = disk_size;
-  lo.cluster_size = kLayerCluster;
-  if (!plan.full) {
-    lo.backing_file = st.layers.back().file;
-    lo.backing_format = "qcow2";
-  }
-  auto writer = qcow2::LayerWriter::Create(std::shared_ptr<BlockIO>(std::move(*io)), lo);
+  auto writer = OpenLayer(part, disk_size, plan.full ? std::string() : st.layers.back().file);
   if (!writer.ok()) return abort_run(writer.status());
   Progress progress(total, format == OutputFormat::kHuman);
   Status s = CopyFromFile(**disk, ranges, **writer, progress);
@@ -183,17 +173,8 @@ int BackupOffline(const std::string& disk_path, const std::string& container, co
   fs::rename(part, dir / plan.file, ec);
   if (ec) return abort_run(Status::IOError("rename " + part.string() + ": " + ec.message()));
   if (Status d2 = SyncDir(dir); !d2.ok()) return abort_run(d2);
-  if (verify) {
-    const int rc = RunProgram({"qemu-img", "compare", "-q", "-U", "-f", "qcow2", "-F", "raw",
-                               (dir / plan.file).string(), disk_path});
-    if (rc != 0) {
-      fs::remove(dir / plan.file, ec);
-      return abort_run(Status::IOError(
-          rc == -1 ? std::string("--verify needs qemu-img (package qemu-utils)")
-                   : "--verify: the layer chain differs from the disk (qemu-img compare exit " +
-                         std::to_string(rc) + "); the layer was removed"));
-    }
-  }
+  if (verify)
+    if (Status v = VerifyLayer(dir / plan.file, disk_path); !v.ok()) return abort_run(v);
   // The layer is in the chain first; then the bitmaps it covers go (a kill
   // in between leaves them frozen: the next run merges them, a superset).
   st.layers.push_back({plan.file, plan.full ? "full" : "inc", plan.full ? "" : plan.current,
@@ -215,7 +196,7 @@ int BackupOffline(const std::string& disk_path, const std::string& container, co
     PrintJson({{"file", out},
                {"type", plan.full ? "full" : "incremental"},
                {"reason", plan.full ? Json(plan.why_full) : Json()},
-               {"backing-file", plan.full ? Json() : Json(lo.backing_file)},
+               {"backing-file", plan.full ? Json() : Json(st.layers[st.layers.size() - 2].file)},
                {"bitmap", plan.new_name},
                {"frozen", plan.full ? Json() : Json(plan.current)},
                {"disk-size", disk_size},
