@@ -42,15 +42,23 @@ int64_t UnixNow() {
       .count();
 }
 
+namespace {
+
+std::string NewChainId() {
+  std::random_device rd;
+  char id[9];
+  std::snprintf(id, sizeof id, "%08x", static_cast<unsigned>(rd()));
+  return id;
+}
+
+}  // namespace
+
 Result<ChainState> LoadState(const fs::path& dir) {
   ChainState st;
   const fs::path p = dir / kStateFile;
   std::error_code ec;
   if (!fs::exists(p, ec)) {
-    std::random_device rd;
-    char id[9];
-    std::snprintf(id, sizeof id, "%08x", static_cast<unsigned>(rd()));
-    st.chain = id;
+    st.chain = NewChainId();
     return st;
   }
   // A state file is a few hundred bytes per layer: refuse what cannot be one.
@@ -64,6 +72,11 @@ Result<ChainState> LoadState(const fs::path& dir) {
     st.disk_size = j.at("disk-size").get<uint64_t>();
     st.next_seq = j.at("next-seq").get<uint64_t>();
     st.session = j.value("session", uint64_t{0});
+    st.container = j.value("container", std::string());
+    st.recording = j.value("recording", std::string());
+    st.starting = j.value("starting", std::string());
+    for (const json& n : j.value("pending", json::array()))
+      st.pending.push_back(n.get<std::string>());
     for (const json& l : j.at("layers"))
       st.layers.push_back({l.at("file").get<std::string>(), l.at("type").get<std::string>(),
                            l.at("bitmap").get<std::string>(), l.at("bytes").get<uint64_t>(),
@@ -97,23 +110,24 @@ Status SaveState(const fs::path& dir, const ChainState& st) {
                       {"bitmap", l.bitmap},
                       {"bytes", l.bytes},
                       {"time", l.time}});
-  json j = {{"chain", st.chain},
-            {"disk-size", st.disk_size},
-            {"next-seq", st.next_seq},
-            {"session", st.session},
-            {"layers", std::move(layers)}};
+  json j = {{"chain", st.chain},     {"disk-size", st.disk_size}, {"next-seq", st.next_seq},
+            {"session", st.session}, {"container", st.container}, {"recording", st.recording},
+            {"pending", st.pending}, {"starting", st.starting},   {"layers", std::move(layers)}};
   const fs::path tmp = dir / (std::string(kStateFile) + ".tmp");
+  std::error_code ec;
   {
     std::ofstream out(tmp, std::ios::trunc);
     out << j.dump(2) << "\n";
     out.flush();
-    if (!out) return Status::IOError("writing " + tmp.string());
+    if (!out) {
+      fs::remove(tmp, ec);
+      return Status::IOError("writing " + tmp.string() + " (file system full?)", ENOSPC);
+    }
   }
   {
     CBT_ASSIGN_OR_RETURN(auto f, PosixFile::Open(tmp.string(), PosixFile::Mode::kReadWrite));
     CBT_RETURN_IF_ERROR(f->flush());
   }
-  std::error_code ec;
   fs::rename(tmp, dir / kStateFile, ec);
   if (ec) return Status::IOError("rename " + tmp.string() + ": " + ec.message());
   return SyncDir(dir);
@@ -136,46 +150,95 @@ DirLock::~DirLock() {
   if (fd_ >= 0) ::close(fd_);
 }
 
-RunPlan PlanRun(ChainState& st, const std::vector<ChainBitmap>& bitmaps, bool force_full,
-                const fs::path& dir) {
-  RunPlan p;
-  const std::string prefix = Prefix(st.chain);
-  uint64_t current_seq = 0;
-  for (const ChainBitmap& b : bitmaps) {
-    if (b.name.rfind(prefix, 0) != 0) continue;
-    const std::string tail = b.name.substr(prefix.size());
-    if (tail.empty() || tail.size() > 19 ||
-        tail.find_first_not_of("0123456789") != std::string::npos)
-      continue;
-    const uint64_t seq = std::stoull(tail);
-    st.next_seq = std::max(st.next_seq, seq + 1);
-    if (b.consistent && b.recording && (p.current.empty() || seq > current_seq)) {
-      if (!p.current.empty()) {
-        p.pending.push_back(p.current);
-        p.mergeable.push_back(p.current);
-      }
-      p.current = b.name;
-      current_seq = seq;
-    } else {
-      p.pending.push_back(b.name);
-      if (b.consistent) p.mergeable.push_back(b.name);
-    }
+Result<RunPlan> PlanRun(ChainState& st, const std::vector<ChainBitmap>& bitmaps, bool force_full,
+                        const fs::path& dir, const std::string& container_path) {
+  // One spelling per file: symlinks, "." and ".." resolved.
+  std::error_code cec;
+  std::string container = container_path;
+  if (!container.empty()) {
+    fs::path c = fs::weakly_canonical(container_path, cec);
+    if (!cec) container = c.string();
   }
+  if (!st.container.empty() && !container.empty() && st.container != container)
+    return Status::InvalidArgument(dir.string() +
+                                   " holds the backups of the disk whose bitmaps are in " +
+                                   st.container + ", not " + container +
+                                   ": use another directory for this disk (if the container was "
+                                   "moved, put its new path in \"container\" in " +
+                                   (dir / kStateFile).string() + ")");
+  auto find = [&](const std::string& n) -> const ChainBitmap* {
+    for (const ChainBitmap& b : bitmaps)
+      if (b.name == n) return &b;
+    return nullptr;
+  };
+  auto usable = [](const ChainBitmap* b) { return b && b->consistent; };
+  RunPlan p;
+  // A checkpoint made by a run killed before it could say so: its new
+  // bitmap records, the one it froze is pending.
+  if (!st.starting.empty()) {
+    const ChainBitmap* started = find(st.starting);
+    const ChainBitmap* old = st.recording.empty() ? nullptr : find(st.recording);
+    if (usable(started) && started->recording) {
+      // Frozen (incremental) or replaced (full): covered by a later run.
+      if (old) st.pending.push_back(st.recording);
+      st.recording = st.starting;
+    }
+    st.starting.clear();
+  }
+  for (const std::string& n : st.pending)
+    if (const ChainBitmap* b = find(n)) {
+      p.pending.push_back(n);
+      if (b->consistent) p.mergeable.push_back(n);
+    }
   std::error_code ec;
-  if (force_full)
+  const ChainBitmap* cur = st.recording.empty() ? nullptr : find(st.recording);
+  if (usable(cur) && cur->recording) p.current = st.recording;
+  if (force_full) {
     p.why_full = "--full";
-  else if (st.layers.empty())
+  } else if (st.layers.empty()) {
     p.why_full = "first backup";
-  else if (p.current.empty())
-    p.why_full = "no bitmap of this chain records any more";
-  else if (!fs::exists(dir / st.layers.back().file, ec))
-    p.why_full = "the last layer " + st.layers.back().file + " is missing";
+  } else if (p.current.empty()) {
+    p.why_full = "the chain's bitmap " +
+                 (st.recording.empty() ? std::string("(none)") : st.recording) +
+                 (cur ? " does not record (or is inconsistent)"
+                      : " is gone (removed, or used up by a copy of this directory)") +
+                 ": starting again under a new chain id";
+  } else {
+    for (const Layer& l : st.layers)
+      if (!fs::exists(dir / l.file, ec)) {
+        p.why_full = "the layer " + l.file + " is missing: the chain is broken";
+        break;
+      }
+  }
   p.full = !p.why_full.empty();
-  p.new_name = prefix + std::to_string(st.next_seq);
+  if (p.full && p.current.empty() && !st.recording.empty()) {
+    // Nothing of the old id is ours for sure any more: leave it alone.
+    st.chain = NewChainId();
+    st.recording.clear();
+    st.pending.clear();
+    p.pending.clear();
+    p.mergeable.clear();
+  }
+  if (!container.empty()) st.container = container;
+  const std::string prefix = Prefix(st.chain);
+  for (;;) {  // a name no bitmap has
+    p.new_name = prefix + std::to_string(st.next_seq);
+    if (!find(p.new_name)) break;
+    ++st.next_seq;
+  }
   char name[64];
   std::snprintf(name, sizeof name, "%03zu-%s.qcow2", st.layers.size(), p.full ? "full" : "inc");
   p.file = name;
   return p;
+}
+
+void Started(ChainState& st, const RunPlan& plan) {
+  // What this run froze (incremental) or replaces (full) is covered once it
+  // succeeds: pending until then.
+  if (!plan.current.empty()) st.pending.push_back(plan.current);
+  st.recording = plan.new_name;
+  st.starting.clear();
+  ++st.next_seq;
 }
 
 Progress::Progress(uint64_t total, bool enabled)

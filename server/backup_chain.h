@@ -27,12 +27,19 @@ struct Layer {
   int64_t time = 0;    // unix seconds of the checkpoint
 };
 
-// DIR/cbt-backup.json.
+// DIR/cbt-backup.json. The chain owns exactly the bitmaps it names: the
+// one recording since the last layer, those frozen by runs that did not
+// finish, and the one a run is starting. Bitmaps of another chain (or of a
+// copy of this directory that went its own way) are never touched.
 struct ChainState {
   std::string chain;       // hex id: the chain's bitmaps are cbt-backup-<chain>-<seq>
   uint64_t disk_size = 0;  // 0 until the first backup
+  std::string container;   // the disk's container (absolute), set by the first backup
   uint64_t next_seq = 0;
   std::vector<Layer> layers;
+  std::string recording;             // the chain's bitmap recording since the last layer
+  std::vector<std::string> pending;  // frozen by runs that did not finish
+  std::string starting;              // set while a run's checkpoint is under way
   // The session an online run has open (0: none): a run killed while it
   // copied leaves it, and the next run ends it.
   uint64_t session = 0;
@@ -70,20 +77,27 @@ struct ChainBitmap {
 struct RunPlan {
   bool full = false;
   std::string why_full;  // why a full backup ("first backup", "--full", ...)
-  std::string current;   // the chain's recording bitmap (empty: none)
-  // The chain's other bitmaps: frozen by runs that did not finish (merged
-  // into `current` before an incremental), or unusable; all dropped once
-  // this run succeeds.
+  std::string current;   // the chain's recording bitmap, to freeze (empty: none)
+  // Frozen by runs that did not finish: merged into `current` before an
+  // incremental, dropped once this run succeeds.
   std::vector<std::string> pending;
   std::vector<std::string> mergeable;  // the consistent ones of `pending`
   std::string new_name;                // the bitmap this run starts
   std::string file;                    // the layer this run writes
 };
 
-// Reads the chain's bitmaps among `bitmaps` and decides. Updates
-// st.next_seq past every seq seen.
-RunPlan PlanRun(ChainState& st, const std::vector<ChainBitmap>& bitmaps, bool force_full,
-                const std::filesystem::path& dir);
+// Reads the chain's bitmaps among `bitmaps` and decides, updating st: a
+// checkpoint that a killed run made is adopted; a chain whose bitmap is gone
+// (used up by a copy of this directory, or removed) starts again with a full
+// backup under a new chain id, leaving the old id's bitmaps alone.
+// InvalidArgument when DIR belongs to another disk (container).
+Result<RunPlan> PlanRun(ChainState& st, const std::vector<ChainBitmap>& bitmaps, bool force_full,
+                        const std::filesystem::path& dir, const std::string& container);
+
+// Before the checkpoint: st.starting = plan.new_name, saved. After it:
+// the new bitmap records, what was frozen or replaced is pending, saved.
+// After the run: nothing pending.
+void Started(ChainState& st, const RunPlan& plan);
 
 // A progress line on stderr when it is a terminal: bytes, rate, ETA.
 class Progress {

@@ -81,7 +81,7 @@ struct RunOptions {
 int BackupRun(const RunOptions& o) {
   const fs::path dir = fs::absolute(o.dir);
   std::error_code ec;
-  fs::create_directories(dir, ec);
+  fs::create_directory(dir, ec);  // not its parents: a typo is an error
   if (ec) return Fail("--dir " + dir.string() + ": " + ec.message());
   Result<DirLock> lock = DirLock::Take(dir);
   if (!lock.ok()) return Fail(lock.status());
@@ -124,44 +124,54 @@ int BackupRun(const RunOptions& o) {
 
   std::vector<ChainBitmap> bitmaps;
   for (const LiveBitmap& b : live->bitmaps) bitmaps.push_back({b.name, b.recording, b.consistent});
-  RunPlan plan = PlanRun(st, bitmaps, o.full, dir);
+  Result<RunPlan> planned = PlanRun(st, bitmaps, o.full, dir, live->container.value_or(""));
+  if (!planned.ok()) return Fail(planned.status());
+  const RunPlan plan = std::move(*planned);
   const bool full = plan.full;
   const std::string& current = plan.current;
   const std::string& new_name = plan.new_name;
   const std::string& file = plan.file;
-  std::vector<std::string> pending = plan.pending;
 
-  if (!full && !pending.empty()) {
+  if (!full && !plan.pending.empty()) {
     // Merge what unfinished runs froze into the recording bitmap (they are
     // covered by the backup it freezes now), then drop them: one step.
     json actions = json::array();
     if (!plan.mergeable.empty())
       actions.push_back(
           {{"type", "bitmap-merge"}, {"data", {{"target", current}, {"sources", plan.mergeable}}}});
-    for (const std::string& p : pending)
+    for (const std::string& p : plan.pending)
       actions.push_back({{"type", "bitmap-remove"}, {"data", {{"name", p}}}});
     Result<json> m = SocketCall(o.socket, "transaction", {{"actions", actions}});
     if (!m.ok()) return Fail(m.status().message() + " (merging the bitmaps of unfinished runs)");
-    pending.clear();
+    st.pending.clear();
   }
 
+  // The checkpoint, announced first: a run killed right after it is adopted.
+  st.starting = new_name;
+  if (Status s = SaveState(dir, st); !s.ok()) return Fail(s);
   json begin_args = {{"new", new_name}};
   if (!full) begin_args["freeze"] = current;
   Result<json> begun = SocketCall(o.socket, "backup-begin", begin_args);
   if (!begun.ok()) return Fail(begun.status());
   const uint64_t session = begun->value("id", uint64_t{0});
   const int64_t now = UnixNow();
-  ++st.next_seq;
+  Started(st, plan);
   st.disk_size = disk_size;
   st.session = session;
   const fs::path part = dir / (file + ".part");
 
   // From here on a failure ends the session; the chain stays as it was.
   auto abort_run = [&](const Status& s) {
+    // A broken session is the likely cause of a failed read: say why.
+    std::string why;
+    if (Result<json> q = SocketCall(o.socket, "query-backup");
+        q.ok() && q->value("id", uint64_t{0}) == session && q->contains("broken") &&
+        (*q)["broken"].is_string())
+      why = "the backup session broke: " + (*q)["broken"].get<std::string>() + "; ";
     if (SocketCall(o.socket, "backup-end", {{"id", session}}).ok()) st.session = 0;
     fs::remove(part, ec);
     (void)SaveState(dir, st);
-    return Fail(s.message() + " (no backup made; the chain in " + dir.string() +
+    return Fail(why + s.message() + " (no backup made; the chain in " + dir.string() +
                 " is unchanged and the next run covers these changes too)");
   };
   if (Status s = SaveState(dir, st); !s.ok()) return abort_run(s);
@@ -214,12 +224,15 @@ int BackupRun(const RunOptions& o) {
   Result<json> ended = SocketCall(o.socket, "backup-end", {{"id", session}});
   if (!ended.ok()) Fail("warning: " + ended.status().message() + " (the backup is complete)");
   st.session = 0;
-  // The frozen bitmaps are covered by this backup now.
-  std::vector<std::string> drop = pending;
-  if (!current.empty()) drop.push_back(current);
-  for (const std::string& b : drop)
-    if (Result<json> r = SocketCall(o.socket, "bitmap-remove", {{"name", b}}); !r.ok())
+  // What this run froze or replaced is covered now.
+  std::vector<std::string> kept;
+  for (const std::string& b : st.pending)
+    if (Result<json> r = SocketCall(o.socket, "bitmap-remove", {{"name", b}});
+        !r.ok() && r.status().kind() != Status::Kind::kNotFound) {
       Fail("warning: " + r.status().message() + " (left for the next run to remove)");
+      kept.push_back(b);
+    }
+  st.pending = kept;
   if (Status w = SaveState(dir, st); !w.ok()) Fail("warning: " + w.message());
 
   if (o.format == OutputFormat::kJson) {

@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 
@@ -75,7 +76,7 @@ int BackupOffline(const std::string& disk_path, const std::string& container, co
                   bool force_full, bool verify, OutputFormat format) {
   const fs::path dir = fs::absolute(d);
   std::error_code ec;
-  fs::create_directories(dir, ec);
+  fs::create_directory(dir, ec);  // not its parents: a typo is an error
   if (ec) return Fail("--dir " + dir.string() + ": " + ec.message());
   Result<DirLock> lock = DirLock::Take(dir);
   if (!lock.ok()) return Fail(lock.status());
@@ -109,11 +110,14 @@ int BackupOffline(const std::string& disk_path, const std::string& container, co
   std::vector<ChainBitmap> bitmaps;
   for (const qcow2::BitmapInfo& b : image.Bitmaps())
     bitmaps.push_back({b.name, b.enabled, b.consistent});
-  RunPlan plan = PlanRun(st, bitmaps, force_full, dir);
+  Result<RunPlan> planned = PlanRun(st, bitmaps, force_full, dir, fs::absolute(container).string());
+  if (!planned.ok()) return Fail(planned.status());
+  const RunPlan plan = std::move(*planned);
 
   // The checkpoint: (merge what unfinished runs froze,) freeze the chain's
-  // bitmap, start the next; one commit.
-  std::unique_ptr<DirtyBitmap> frozen;
+  // bitmap, start the next; one commit, announced first.
+  st.starting = plan.new_name;
+  if (Status s = SaveState(dir, st); !s.ok()) return Fail(s);
   {
     BitmapEditor ed(image);
     OpOptions none;
@@ -130,10 +134,10 @@ int BackupOffline(const std::string& disk_path, const std::string& container, co
     if (s.ok()) s = ed.Apply(plan.new_name, {OpKind::kAdd, ""}, add);
     if (s.ok()) s = ed.Commit();
     if (!s.ok()) return Fail(s.message() + " (nothing was changed)");
-    if (!plan.full) plan.pending.clear();
+    if (!plan.full) st.pending.clear();
   }
   const int64_t now = UnixNow();
-  ++st.next_seq;
+  Started(st, plan);
   st.disk_size = disk_size;
   const fs::path part = dir / (plan.file + ".part");
   auto abort_run = [&](const Status& s) {
@@ -184,12 +188,19 @@ int BackupOffline(const std::string& disk_path, const std::string& container, co
   {
     BitmapEditor ed(image);
     Status r;
-    std::vector<std::string> drop = plan.pending;
-    if (!plan.current.empty()) drop.push_back(plan.current);
+    std::vector<std::string> drop;
+    for (const qcow2::BitmapInfo& b : image.Bitmaps())
+      if (std::find(st.pending.begin(), st.pending.end(), b.name) != st.pending.end())
+        drop.push_back(b.name);
     for (const std::string& b : drop)
       if (r.ok()) r = ed.Apply(b, {OpKind::kRemove, ""}, OpOptions{});
     if (r.ok() && !drop.empty()) r = ed.Commit();
-    if (!r.ok()) Fail("warning: " + r.message() + " (left for the next run to remove)");
+    if (!r.ok()) {
+      Fail("warning: " + r.message() + " (left for the next run to remove)");
+    } else {
+      st.pending.clear();
+      if (Status w = SaveState(dir, st); !w.ok()) Fail("warning: " + w.message());
+    }
   }
   const std::string out = (dir / plan.file).string();
   if (format == OutputFormat::kJson) {

@@ -9,6 +9,11 @@
 #  - a run that fails after its checkpoint (an unreachable --nbd) leaves no
 #    layer and the chain unchanged; the next run is incremental and covers
 #    the failed run's changes too;
+#  - a copy of the chain directory backs up on its own (a full backup under a
+#    new chain id) and takes nothing from the original, whose next
+#    incremental still has every change; a chain missing a middle layer
+#    starts again with a full one; another disk into the directory is
+#    refused; a --dir with missing parents is an error;
 #  - cbt backup begin --nbd-socket serves qemu:dirty-bitmap:FROZEN through
 #    qemu-nbd: nbdinfo --map equals cbt map --socket of the frozen bitmap,
 #    and the data read there is the point-in-time view; cbt backup end stops
@@ -111,12 +116,54 @@ check_layer 002-inc.qcow2
 restored_equals 2 "$T/snap2.raw"  # has 0x66 (the failed run's) and 0x77
 [ "$(jq .\"bytes-read\" "$T/out")" = $((2 * 65536)) ] || fail "after failure read: $(cat "$T/out")"
 
+# --- a copy of the directory goes its own way; the original loses nothing ---
+cp -a "$DIR" "$T/copy"
+qio -c 'write -P 0xb1 8M 64k'
+cp "$T/disk.raw" "$T/snapA.raw"
+backup
+restored_equals 3 "$T/snapA.raw"
+qio -c 'write -P 0xb2 9M 64k'
+cp "$T/disk.raw" "$T/snapB.raw"
+timeout 120 "$CBT" backup --socket "$CTL" --dir "$T/copy" --output=json >"$T/out" 2>"$T/err" ||
+  fail "backup into the copy: $(cat "$T/err")"
+[ "$(jq -r .type "$T/out")" = full ] || fail "the copy's run is not full: $(cat "$T/out")"
+jq -r .reason "$T/out" | grep -q "is gone" || fail "the copy's reason: $(cat "$T/out")"
+rm -f "$T/restored.raw"
+"$CBT" restore "$T/copy" --to "$T/restored.raw" >/dev/null || fail "restore the copy"
+cmp "$T/restored.raw" "$T/snapB.raw" || fail "the copy's full backup is not the disk"
+qio -c 'write -P 0xb3 10M 64k'
+cp "$T/disk.raw" "$T/snapC.raw"
+backup
+[ "$(jq -r .type "$T/out")" = incremental ] || fail "the original after the copy: $(cat "$T/out")"
+restored_equals 4 "$T/snapC.raw"  # 0xb2 too: the copy took nothing from it
+# A layer missing in the middle: the next run of that chain is a full one.
+rm "$T/copy/001-inc.qcow2"
+timeout 120 "$CBT" backup --socket "$CTL" --dir "$T/copy" --output=json >"$T/out" 2>"$T/err" ||
+  fail "backup into a broken chain: $(cat "$T/err")"
+[ "$(jq -r .type "$T/out")" = full ] && jq -r .reason "$T/out" | grep -q "001-inc.qcow2 is missing" ||
+  fail "a broken chain: $(cat "$T/out")"
+# Another disk (its own container) into this directory: refused.
+truncate -s 64M "$T/other.raw"
+start_nbdkit "$T/osock" --filter="$FILTER" file "$T/other.raw" \
+  cbt-file="$T/other.cbt" cbt-bitmap=b0 cbt-create=true cbt-control="$T/octl.sock"
+OTHER_PID=$NBDKIT_PID
+rc=0
+"$CBT" backup --socket "$T/octl.sock" --dir "$DIR" >"$T/out" 2>"$T/err" || rc=$?
+[ "$rc" = 1 ] && grep -q "holds the backups of the disk whose bitmaps are in" "$T/err" ||
+  fail "another disk into the directory: exit $rc: $(cat "$T/err")"
+[ "$(jq '.layers | length' "$DIR/cbt-backup.json")" = 5 ] || fail "the refused run changed the chain"
+stop_nbdkit "$OTHER_PID"
+# A --dir whose parent does not exist is an error, not a new tree.
+rc=0
+"$CBT" backup --socket "$CTL" --dir "$T/no/such/dir" >"$T/out" 2>"$T/err" || rc=$?
+[ "$rc" = 1 ] && [ ! -e "$T/no" ] || fail "--dir with missing parents: exit $rc: $(cat "$T/err")"
+
 # --- cbt backup begin --nbd-socket: the dirty-bitmap endpoint ----------------
 # Without --freeze, begin freezes the one bitmap that records; here two do
-# (b0 and the chain's), so it asks.
+# (b0 and the chains'), so it asks.
 rc=0
 "$CBT" backup begin --socket "$CTL" >"$T/out" 2>"$T/err" || rc=$?
-[ "$rc" = 1 ] && grep -q -- "2 persistent bitmaps record: name the one to freeze with --freeze" "$T/err" ||
+[ "$rc" = 1 ] && grep -q -- "persistent bitmaps record: name the one to freeze with --freeze" "$T/err" ||
   fail "backup begin with two recording bitmaps: exit $rc: $(cat "$T/err")"
 qio -c 'write -P 0x88 40M 128k' -c 'write -P 0x99 50M 4k'
 cp "$T/disk.raw" "$T/snap3.raw"
