@@ -51,7 +51,8 @@ Result<BackupStatus> BackupManager::Begin(const BackupBeginRequest& r,
   std::lock_guard lock(mu_);
   if (session_)
     return Status::Busy("backup session " + std::to_string(id_) +
-                        " is open: end it first (backup-end, cbt backup end)");
+                        " is open: another backup is running, or one was left open (end it "
+                        "with backup-end / 'cbt backup end' only if no backup runs)");
   if (!tracker_.attached_for_writing())
     return Status::Busy(
         "no writable client yet: the bitmaps are loaded when the first one connects");

@@ -386,7 +386,8 @@ Status CheckOptions(const EndpointOptions& o) {
   if (o.start_timeout < milliseconds{1} || o.start_timeout > milliseconds{600000})
     return bad("start timeout must be 1 ms to 10 min");
   if (o.max_clients < 1 || o.max_clients > 1024) return bad("max clients must be 1 to 1024");
-  const std::string hint = " (an endpoint left running? StopEndpoint removes it)";
+  const std::string hint =
+      " (an endpoint left running? 'cbt backup end --socket CTL --nbd-socket PATH' stops it)";
   for (const std::string& p : {o.listen_socket, PidFileOf(o.listen_socket), o.carrier_path})
     if (Exists(p))
       return Status::AlreadyExists(std::string(kCtx) + ": " + Quote(p) + " exists" + hint);

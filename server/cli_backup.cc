@@ -267,7 +267,7 @@ constexpr char kRunSynopsis[] =
     "cbt backup --socket CTL --dir DIR [--full] [--verify] [--nbd URI] [--jobs N]\n"
     "       cbt backup --disk DISK --container FILE --dir DIR [--full] [--verify]\n"
     "       cbt backup begin --socket CTL [--freeze OLD] [--new NEW] [--nbd-socket PATH]\n"
-    "       cbt backup end --socket CTL [--id N]";
+    "       cbt backup end --socket CTL [--id N] [--nbd-socket PATH]";
 constexpr char kRunDescription[] =
     "Backs up the disk of the filter serving control socket CTL while it runs.\n"
     "The first run writes a full backup DIR/000-full.qcow2, each later run an\n"
@@ -287,14 +287,34 @@ constexpr char kRunDescription[] =
 
 int BackupBegin(const std::string& socket, const std::string& new_name, const std::string& freeze,
                 const std::string& nbd_socket, const std::string& nbd_uri, OutputFormat format) {
+  std::error_code ec;
+  if (!nbd_socket.empty() && fs::exists(nbd_socket, ec))
+    return Fail("--nbd-socket " + nbd_socket +
+                " exists: an endpoint left running (stop it with 'cbt backup end --socket " +
+                socket + " --nbd-socket " + nbd_socket + "'), or another file");
   json args = {{"new", new_name}};
   if (!freeze.empty()) args["freeze"] = freeze;
   Result<json> begun = SocketCall(socket, "backup-begin", args);
   if (!begun.ok()) return Fail(begun.status());
   const uint64_t id = begun->value("id", uint64_t{0});
+  // A failure after the checkpoint undoes it as well, in one step: NEW's
+  // bits go back into OLD, which records again, and NEW goes. So a retry
+  // starts from where it started.
   auto end_session = [&](const Status& s) {
     (void)SocketCall(socket, "backup-end", {{"id", id}});
-    return Fail(s.message() + " (the session was ended again; the bitmaps keep the checkpoint)");
+    json actions = json::array();
+    if (!freeze.empty()) {
+      actions.push_back(
+          {{"type", "bitmap-merge"}, {"data", {{"target", freeze}, {"sources", {new_name}}}}});
+      actions.push_back({{"type", "bitmap-enable"}, {"data", {{"name", freeze}}}});
+    }
+    actions.push_back({{"type", "bitmap-remove"}, {"data", {{"name", new_name}}}});
+    Result<json> undo = SocketCall(socket, "transaction", {{"actions", actions}});
+    if (!undo.ok())
+      return Fail(s.message() + " (the session was ended; undoing the checkpoint failed: " +
+                  undo.status().message() + "; " +
+                  (freeze.empty() ? "" : freeze + " is frozen and ") + new_name + " records)");
+    return Fail(s.message() + " (nothing was changed: the session and its checkpoint were undone)");
   };
   Result<std::string> uri = ViewUri(*begun, nbd_uri);
   std::string context = "base:allocation";
@@ -359,13 +379,24 @@ int BackupBegin(const std::string& socket, const std::string& new_name, const st
   return kExitOk;
 }
 
-int BackupEnd(const std::string& socket, std::optional<uint64_t> id, OutputFormat format) {
+int BackupEnd(const std::string& socket, std::optional<uint64_t> id, const std::string& nbd_socket,
+              OutputFormat format) {
   json args = json::object();
   if (id) args["id"] = *id;
   Result<json> ended = SocketCall(socket, "backup-end", args);
-  if (!ended.ok()) return Fail(ended.status());
-  const json ep = ended->value("endpoint", json());
   bool stopped = false;
+  if (!ended.ok()) {
+    // No session (the server restarted?): an endpoint named here is stale.
+    if (nbd_socket.empty()) return Fail(ended.status());
+    const std::string path = fs::absolute(nbd_socket).string();
+    if (Status s = StopEndpoint(path, path + ".carrier.qcow2"); !s.ok()) return Fail(s);
+    if (format == OutputFormat::kJson)
+      PrintJson({{"id", Json()}, {"endpoint-stopped", true}});
+    else
+      std::printf("no backup session was open; the endpoint on %s is stopped\n", path.c_str());
+    return kExitOk;
+  }
+  const json ep = ended->value("endpoint", json());
   if (ep.is_object()) {
     Status s = StopEndpoint(ep.value("socket", std::string()), ep.value("carrier", std::string()));
     if (!s.ok()) return Fail(s.message() + " (the session has ended)");
@@ -401,7 +432,7 @@ int RunBackup(const std::vector<std::string>& all_args) {
   uint64_t id = 0;
   po::options_description desc("Options");
   desc.add_options()("socket", po::value(&o.socket)->value_name("CTL"),
-                     "the filter's control socket (cbt-control=CTL; required)")(
+                     "the filter's control socket (cbt-control=CTL): online runs, begin, end")(
       "dir", po::value(&o.dir)->value_name("DIR"), "the backup chain's directory (backup runs)")(
       "disk", po::value(&disk)->value_name("DISK"), "offline: the raw disk (no server runs)")(
       "container", po::value(&container)->value_name("FILE"),
@@ -419,7 +450,8 @@ int RunBackup(const std::vector<std::string>& all_args) {
       "the one persistent bitmap that records)")(
       "full-session", "begin: freeze nothing (a full backup); NEW is added")(
       "nbd-socket", po::value(&nbd_socket)->value_name("PATH"),
-      "begin: serve qemu:dirty-bitmap:OLD with qemu-nbd on unix socket PATH")(
+      "begin: serve qemu:dirty-bitmap:OLD with qemu-nbd on unix socket PATH; end: stop the "
+      "endpoint on PATH even when no session is open (after a restart of the server)")(
       "id", po::value(&id)->value_name("N"), "end: the session to end (default: the open one)");
   AddCommonOptions(desc, common);
   std::vector<std::string> files;
@@ -477,7 +509,7 @@ int RunBackup(const std::vector<std::string>& all_args) {
   }
   if (verb == "end")
     return BackupEnd(o.socket, vm.count("id") ? std::optional<uint64_t>(id) : std::nullopt,
-                     o.format);
+                     nbd_socket, o.format);
   if (!new_name.empty() || !freeze.empty() || !nbd_socket.empty() || vm.count("id") ||
       vm.count("full-session"))
     throw UsageError(

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 
@@ -170,10 +171,12 @@ int BackupOffline(const std::string& disk_path, const std::string& container, co
   auto writer = OpenLayer(part, disk_size, plan.full ? std::string() : st.layers.back().file);
   if (!writer.ok()) return abort_run(writer.status());
   Progress progress(total, format == OutputFormat::kHuman);
+  const auto c0 = std::chrono::steady_clock::now();
   Status s = CopyFromFile(**disk, ranges, **writer, progress);
   progress.Done();
   if (s.ok()) s = (*writer)->Finish();
   if (!s.ok()) return abort_run(s);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
   fs::rename(part, dir / plan.file, ec);
   if (ec) return abort_run(Status::IOError("rename " + part.string() + ": " + ec.message()));
   if (Status d2 = SyncDir(dir); !d2.ok()) return abort_run(d2);
@@ -215,12 +218,13 @@ int BackupOffline(const std::string& disk_path, const std::string& container, co
                {"bytes-read", total},
                {"data-clusters", (*writer)->data_clusters()},
                {"zero-clusters", (*writer)->zero_clusters()},
+               {"seconds", secs},
                {"verified", verify},
                {"offline", true}});
   } else {
-    std::printf("%s: %s backup (offline%s%s), %s read%s\n", out.c_str(),
+    std::printf("%s: %s backup (offline%s%s), %s read in %.1f s%s\n", out.c_str(),
                 plan.full ? "full" : "incremental", plan.full ? ", " : "",
-                plan.full ? plan.why_full.c_str() : "", HumanSize(total).c_str(),
+                plan.full ? plan.why_full.c_str() : "", HumanSize(total).c_str(), secs,
                 verify ? ", verified" : "");
   }
   return kExitOk;

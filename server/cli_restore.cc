@@ -3,6 +3,7 @@
 // qemu-img convert and checked with qemu-img compare. The plain way is the
 // same two qemu-img commands.
 #include <filesystem>
+#include <optional>
 
 #include "server/backup_chain.h"
 #include "server/cli.h"
@@ -28,10 +29,10 @@ constexpr char kDescription[] =
 int RunRestore(const std::vector<std::string>& args) {
   CommonOptions common;
   std::string dir, to;
-  long point = -1;
+  std::optional<long> point;
   po::options_description desc("Options");
   desc.add_options()("to", po::value(&to)->value_name("FILE"), "the raw file to write (required)")(
-      "point", po::value(&point)->value_name("N"),
+      "point", po::value<long>()->value_name("N")->notifier([&](long v) { point = v; }),
       "which backup: 0 is the full one (default: the last)");
   if (ParseFileCommand(args, desc, common, dir, kSynopsis, kDescription)) return kExitOk;
   if (to.empty()) throw UsageError("missing --to FILE");
@@ -42,9 +43,9 @@ int RunRestore(const std::vector<std::string>& args) {
   if (!st.ok()) return Fail(st.status());
   const std::vector<Layer>& layers = st->layers;
   if (layers.empty()) return Fail(dir + ": the chain has no backup yet");
-  if (point < -1 || point >= static_cast<long>(layers.size()))
+  if (point && (*point < 0 || *point >= static_cast<long>(layers.size())))
     throw UsageError("--point must be from 0 to " + std::to_string(layers.size() - 1));
-  const size_t n = point == -1 ? layers.size() - 1 : static_cast<size_t>(point);
+  const size_t n = point ? static_cast<size_t>(*point) : layers.size() - 1;
   const std::string layer = (fs::path(dir) / layers[n].file).string();
   if (fs::exists(to, ec)) return Fail(to + ": exists; restore writes a new file");
   int rc = RunProgram({"qemu-img", "convert", "-f", "qcow2", "-O", "raw", layer, to});

@@ -61,7 +61,7 @@ Result<json> SocketCall(const std::string& socket, std::string_view command,
   if (s.IsInvalidArgument() && s.message().rfind("execute: unknown command", 0) == 0)
     return Status::NotSupported(where + "the filter does not know '" + std::string(command) +
                                 "' (older than this cbt?): " + s.message());
-  if (s.IsNotFound() && s.err() == ENOENT &&
+  if (s.IsNotFound() && s.err() == ENOENT && command.rfind("backup-", 0) != 0 &&
       s.message().find("cbt-control=") == std::string::npos) {
     // The filter's hint names its protocol ("; list the bitmaps with
     // query-bitmaps"): name the command instead.

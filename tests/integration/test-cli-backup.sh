@@ -25,6 +25,14 @@ need qemu-io qemu-img qemu-nbd nbdinfo jq python3
 URI="nbd+unix:///?socket=$T/sock"
 CTL="$T/ctl.sock"
 DIR="$T/backups"
+# qemu-nbd endpoints are daemons, not our children: stop them by their pid
+# files on any exit, then the usual cleanup.
+stop_endpoints() {
+  local f
+  for f in "$T"/*.sock.pid; do [ -f "$f" ] && kill -9 "$(cat "$f")" 2>/dev/null; done
+  cleanup
+}
+trap stop_endpoints EXIT
 
 qio() {
   timeout 60 qemu-io -f raw "$@" "$URI" >"$T/qio.out" 2>&1 ||
@@ -144,6 +152,7 @@ timeout 120 "$CBT" backup --socket "$CTL" --dir "$T/copy" --output=json >"$T/out
   fail "a broken chain: $(cat "$T/out")"
 # Another disk (its own container) into this directory: refused.
 truncate -s 64M "$T/other.raw"
+MAIN_PID=$NBDKIT_PID
 start_nbdkit "$T/osock" --filter="$FILTER" file "$T/other.raw" \
   cbt-file="$T/other.cbt" cbt-bitmap=b0 cbt-create=true cbt-control="$T/octl.sock"
 OTHER_PID=$NBDKIT_PID
@@ -153,6 +162,7 @@ rc=0
   fail "another disk into the directory: exit $rc: $(cat "$T/err")"
 [ "$(jq '.layers | length' "$DIR/cbt-backup.json")" = 5 ] || fail "the refused run changed the chain"
 stop_nbdkit "$OTHER_PID"
+NBDKIT_PID=$MAIN_PID
 # A --dir whose parent does not exist is an error, not a new tree.
 rc=0
 "$CBT" backup --socket "$CTL" --dir "$T/no/such/dir" >"$T/out" 2>"$T/err" || rc=$?
@@ -184,6 +194,40 @@ ep_pid=$(ctl_call "$CTL" '{"execute":"query-backup"}' | jq .return.endpoint.pid)
 timeout 60 "$CBT" backup end --socket "$CTL" >/dev/null 2>"$T/err" || fail "backup end: $(cat "$T/err")"
 wait_for 10 bash -c "! kill -0 $ep_pid 2>/dev/null" || fail "qemu-nbd $ep_pid still runs"
 [ ! -e "$T/ep.sock" ] && [ ! -e "$T/ep.sock.carrier.qcow2" ] || fail "the endpoint left files"
+
+# --- begin refused or undone; an endpoint that outlived its server ----------
+enabled() {  # enabled NAME : "true", "false" or "absent"
+  "$CBT" info --socket "$CTL" --output=json |
+    jq -r --arg n "$1" '[.bitmaps[] | select(.name == $n)] | if length == 0 then "absent" else (.[0].enabled | tostring) end'
+}
+touch "$T/busy.sock"
+rc=0
+"$CBT" backup begin --socket "$CTL" --freeze b1 --new b2 --nbd-socket "$T/busy.sock" \
+  >"$T/out" 2>"$T/err" || rc=$?
+[ "$rc" = 1 ] && grep -q "exists: an endpoint left running" "$T/err" || fail "busy socket: $(cat "$T/err")"
+[ "$(enabled b1)" = true ] && [ "$(enabled b2)" = absent ] || fail "a refused begin made a checkpoint"
+rc=0
+"$CBT" backup begin --socket "$CTL" --freeze b1 --new b2 --nbd-socket "$T/no/such/ep.sock" \
+  >"$T/out" 2>"$T/err" || rc=$?
+[ "$rc" = 1 ] && grep -q "nothing was changed: the session and its checkpoint were undone" "$T/err" ||
+  fail "failed endpoint: exit $rc: $(cat "$T/err")"
+[ "$(enabled b1)" = true ] && [ "$(enabled b2)" = absent ] || fail "a failed begin kept its checkpoint"
+[ "$(ctl_call "$CTL" '{"execute":"query-backup"}' | jq .return.active)" = false ] ||
+  fail "a failed begin left its session"
+timeout 60 "$CBT" backup begin --socket "$CTL" --freeze b1 --new b2 --nbd-socket "$T/ep2.sock" \
+  >/dev/null 2>"$T/err" || fail "backup begin: $(cat "$T/err")"
+ep_pid=$(ctl_call "$CTL" '{"execute":"query-backup"}' | jq .return.endpoint.pid)
+kill9_nbdkit "$NBDKIT_PID"
+start_nbdkit "$T/sock" --filter="$FILTER" file "$T/disk.raw" \
+  cbt-file="$T/disk.cbt" cbt-bitmap=b2 cbt-control="$CTL"
+rc=0
+"$CBT" backup end --socket "$CTL" >"$T/out" 2>"$T/err" || rc=$?
+[ "$rc" = 1 ] && grep -q "no backup session is open" "$T/err" || fail "end after restart: $(cat "$T/err")"
+grep -q "list bitmaps" "$T/err" && fail "a bitmap hint for a session error: $(cat "$T/err")"
+"$CBT" backup end --socket "$CTL" --nbd-socket "$T/ep2.sock" >/dev/null 2>"$T/err" ||
+  fail "end --nbd-socket after restart: $(cat "$T/err")"
+wait_for 20 bash -c "! kill -0 $ep_pid 2>/dev/null" || fail "the stale endpoint $ep_pid still runs"
+[ ! -e "$T/ep2.sock" ] && [ ! -e "$T/ep2.sock.carrier.qcow2" ] || fail "the stale endpoint left files"
 
 stop_nbdkit "$NBDKIT_PID"
 echo "PASS"
