@@ -125,5 +125,9 @@ qemu-img check -q "$DIR/004-inc.qcow2" || fail "qemu-img check 004"
 restored_equals 4 "$T/snap3.raw"
 [ "$(ctl_call "$CTL" '{"execute":"query-backup"}' | jq .return.active)" = false ] ||
   fail "a session is still open"
-stop_nbdkit "$NBDKIT_PID"
+# Not a clean stop: in the ASan build this server (the delay filter, a
+# client killed mid-read) sometimes hangs in exit after main returned, in
+# libp11-kit's destructor (a glibc locale lock left held); the clean stop
+# after backups is tested by cli-backup-chain and filter-backup-*.
+kill9_nbdkit "$NBDKIT_PID"
 echo "PASS"
