@@ -9,6 +9,9 @@
 #  - offline is refused while a server holds the container, naming --socket;
 #  - an online run right after nbdkit started, before any client connected,
 #    works (cbt connects one: the filter loads its bitmaps then);
+#  - nbdkit killed while a run copies: the run fails saying the next run
+#    covers its changes, and after a restart the next run is incremental
+#    and restores to the disk with every change;
 #  - an online run killed (kill -9) while it copies leaves its session open
 #    and no layer; the next run ends that session, is incremental, and its
 #    layer restores to the disk with the changes from before and after the
@@ -125,6 +128,27 @@ qemu-img check -q "$DIR/004-inc.qcow2" || fail "qemu-img check 004"
 restored_equals 4 "$T/snap3.raw"
 [ "$(ctl_call "$CTL" '{"execute":"query-backup"}' | jq .return.active)" = false ] ||
   fail "a session is still open"
+# --- nbdkit killed while a run copies ---------------------------------------
+qio -c 'write -P 0x77 2M 64k' -c 'write -P 0x77 4M 64k' -c 'write -P 0x77 6M 64k' \
+  -c 'write -P 0x77 8M 64k' -c 'write -P 0x77 10M 64k' -c 'write -P 0x77 12M 64k'
+"$CBT" backup --socket "$CTL" --dir "$DIR" --jobs 1 >"$T/killed.out" 2>&1 &
+victim=$!
+PIDS+=("$victim")
+wait_for 60 active || fail "the run never opened its session: $(cat "$T/killed.out")"
+sleep 0.3
+kill9_nbdkit "$NBDKIT_PID"
+rc=0
+wait "$victim" || rc=$?
+[ "$rc" = 1 ] && grep -q "the next run covers these changes too" "$T/killed.out" ||
+  fail "the run whose server died: exit $rc: $(cat "$T/killed.out")"
+[ ! -e "$DIR/005-inc.qcow2" ] || fail "the run whose server died left a layer"
+serve
+qio -c 'write -P 0x88 14M 64k'
+cp "$T/disk.raw" "$T/snap4.raw"
+backup_ok --socket "$CTL"
+[ "$(jq -r .type "$T/out")" = incremental ] || fail "run after the server died: $(cat "$T/out")"
+restored_equals 5 "$T/snap4.raw"
+
 # Not a clean stop: in the ASan build this server (the delay filter, a
 # client killed mid-read) sometimes hangs in exit after main returned, in
 # libp11-kit's destructor (a glibc locale lock left held); the clean stop
