@@ -150,6 +150,16 @@ DirLock::~DirLock() {
   if (fd_ >= 0) ::close(fd_);
 }
 
+Result<ChainDir> OpenChainDir(const std::string& d) {
+  const fs::path dir = fs::absolute(d);
+  std::error_code ec;
+  fs::create_directory(dir, ec);  // not its parents: a typo is an error
+  if (ec) return Status::IOError("--dir " + dir.string() + ": " + ec.message(), ec.value());
+  CBT_ASSIGN_OR_RETURN(DirLock lock, DirLock::Take(dir));
+  CBT_ASSIGN_OR_RETURN(ChainState st, LoadState(dir));
+  return ChainDir{dir, std::move(lock), std::move(st)};
+}
+
 Result<RunPlan> PlanRun(ChainState& st, const std::vector<ChainBitmap>& bitmaps, bool force_full,
                         const fs::path& dir, const std::string& container_path) {
   // One spelling per file: symlinks, "." and ".." resolved.

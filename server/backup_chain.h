@@ -66,6 +66,15 @@ class DirLock {
   int fd_;
 };
 
+// A run's directory: created if missing (not its parents), locked, its
+// state loaded.
+struct ChainDir {
+  std::filesystem::path dir;  // absolute
+  DirLock lock;
+  ChainState state;
+};
+Result<ChainDir> OpenChainDir(const std::string& dir);
+
 // A bitmap of the disk, as the chain sees it.
 struct ChainBitmap {
   std::string name;

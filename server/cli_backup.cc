@@ -79,15 +79,11 @@ struct RunOptions {
 
 // One backup run (see the top). Exit code.
 int BackupRun(const RunOptions& o) {
-  const fs::path dir = fs::absolute(o.dir);
+  Result<ChainDir> chain = OpenChainDir(o.dir);
+  if (!chain.ok()) return Fail(chain.status());
+  const fs::path& dir = chain->dir;
+  ChainState& st = chain->state;
   std::error_code ec;
-  fs::create_directory(dir, ec);  // not its parents: a typo is an error
-  if (ec) return Fail("--dir " + dir.string() + ": " + ec.message());
-  Result<DirLock> lock = DirLock::Take(dir);
-  if (!lock.ok()) return Fail(lock.status());
-  Result<ChainState> loaded = LoadState(dir);
-  if (!loaded.ok()) return Fail(loaded.status());
-  ChainState st = std::move(*loaded);
 
   Result<LiveInfo> live = QueryLive(o.socket);
   if (!live.ok()) return Fail(live.status());

@@ -75,15 +75,11 @@ Status CopyFromFile(BlockIO& disk, const std::vector<ByteRange>& ranges, qcow2::
 
 int BackupOffline(const std::string& disk_path, const std::string& container, const std::string& d,
                   bool force_full, bool verify, OutputFormat format) {
-  const fs::path dir = fs::absolute(d);
+  Result<ChainDir> chain = OpenChainDir(d);
+  if (!chain.ok()) return Fail(chain.status());
+  const fs::path& dir = chain->dir;
+  ChainState& st = chain->state;
   std::error_code ec;
-  fs::create_directory(dir, ec);  // not its parents: a typo is an error
-  if (ec) return Fail("--dir " + dir.string() + ": " + ec.message());
-  Result<DirLock> lock = DirLock::Take(dir);
-  if (!lock.ok()) return Fail(lock.status());
-  Result<ChainState> loaded = LoadState(dir);
-  if (!loaded.ok()) return Fail(loaded.status());
-  ChainState st = std::move(*loaded);
 
   Result<std::unique_ptr<PosixFile>> disk = PosixFile::Open(disk_path, PosixFile::Mode::kReadOnly);
   if (!disk.ok()) return Fail(disk.status());
