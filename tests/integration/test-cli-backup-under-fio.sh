@@ -27,7 +27,7 @@ fio_args() {
 fio_ok() { grep -q 'err= 0' "$1" && ! grep -E 'err= *[1-9]' "$1"; }
 
 truncate -s 64M "$T/disk.raw"
-start_nbdkit "$T/sock" --filter="$FILTER" --filter=delay file "$T/disk.raw" rdelay=100ms \
+start_nbdkit "$T/sock" --filter="$FILTER" --filter=delay file "$T/disk.raw" rdelay=300ms \
   cbt-file="$T/disk.cbt" cbt-bitmap=b0 cbt-create=true cbt-control="$CTL"
 # Data to back up: fio fills most of the disk (bounded run, then no writer).
 # shellcheck disable=SC2046
@@ -35,12 +35,24 @@ timeout 120 fio --thread --ioengine=nbd "--uri=$URI" --name=fill --rw=write --bs
   --size=48M --refill_buffers=1 --output="$T/fill.out" >/dev/null 2>&1 || fail "fio fill"
 
 for round in 1 2; do
+  if [ "$round" = 2 ]; then
+    # Scattered changes for the incremental: many reads, each slowed by the
+    # delay filter, so the run lasts while the writers start (bounded run).
+    timeout 60 fio --thread --ioengine=nbd "--uri=$URI" --name=scatter --rw=randwrite --bs=64k \
+      --number_ios=200 --randseed=7 --refill_buffers=1 --output="$T/scatter.out" >/dev/null 2>&1 ||
+      fail "fio scatter: $(cat "$T/scatter.out")"
+  fi
   cp --sparse=always "$T/disk.raw" "$T/snap.raw"  # no writer connected
   "$CBT" backup --socket "$CTL" --dir "$DIR" --jobs 2 --output=json >"$T/out" 2>"$T/err" &
   BK=$!
   PIDS+=("$BK")
-  active() { ctl_call "$CTL" '{"execute":"query-backup"}' | jq -e .return.active >/dev/null; }
-  wait_for 60 active || fail "round $round: the run never opened its session: $(cat "$T/err")"
+  # The run records its open session in the state file (cheap to poll).
+  session_open() {
+    [ -f "$DIR/cbt-backup.json" ] && jq -e '.session > 0' "$DIR/cbt-backup.json" >/dev/null 2>&1 && return 0
+    kill -0 "$BK" 2>/dev/null || fail "round $round: the run ended before the writers could start: $(cat "$T/err")"
+    return 1
+  }
+  wait_for 60 session_open || fail "round $round: the run never opened its session: $(cat "$T/err")"
   # shellcheck disable=SC2046
   fio $(fio_args "$round" 60) --output="$T/fio.out" >/dev/null 2>&1 &
   FIO=$!
