@@ -262,7 +262,8 @@ int BackupRun(const RunOptions& o) {
 constexpr char kRunSynopsis[] =
     "cbt backup --socket CTL --dir DIR [--full] [--verify] [--nbd URI] [--jobs N]\n"
     "       cbt backup --disk DISK --container FILE --dir DIR [--full] [--verify]\n"
-    "       cbt backup begin --socket CTL [--freeze OLD] [--new NEW] [--nbd-socket PATH]\n"
+    "       cbt backup begin --socket CTL [--freeze OLD | --full-session] [--new NEW]\n"
+    "                        [--nbd-socket PATH]\n"
     "       cbt backup end --socket CTL [--id N] [--nbd-socket PATH]";
 constexpr char kRunDescription[] =
     "Backs up the disk of the filter serving control socket CTL while it runs.\n"
