@@ -61,6 +61,17 @@ std::vector<ByteRange> AlignRanges(std::vector<ByteRange> ranges, uint64_t align
   return out;
 }
 
+std::vector<ByteRange> DirtyRanges(const std::vector<Extent>& extents, uint64_t& dirty_bytes) {
+  std::vector<ByteRange> out;
+  dirty_bytes = 0;
+  for (const Extent& e : extents)
+    if (e.dirty) {
+      out.push_back({e.offset, e.length});
+      dirty_bytes += e.length;
+    }
+  return out;
+}
+
 Status TouchExport(const std::string& uri) {
   Nbd h(nbd_create());
   if (!h) return NbdError("nbd_create");
@@ -119,7 +130,8 @@ Status CopyRanges(const std::string& uri, uint64_t disk_size, const std::vector<
   CBT_ASSIGN_OR_RETURN(Nbd h, Connect(uri, disk_size, false));
   struct Req {
     uint64_t offset;
-    std::vector<std::byte> buf;
+    uint64_t length;
+    std::unique_ptr<std::byte[]> buf;  // filled by the read: not zeroed first
     qcow2::LayerWriter* w;
     Status* first_error;
     uint64_t* done;
@@ -133,13 +145,13 @@ Status CopyRanges(const std::string& uri, uint64_t disk_size, const std::vector<
     if (!r->first_error->ok()) return 1;
     if (*error) {
       *r->first_error = Status::IOError(
-          "reading " + std::to_string(r->buf.size()) + " bytes at " + std::to_string(r->offset),
+          "reading " + std::to_string(r->length) + " bytes at " + std::to_string(r->offset),
           *error);
       return 1;
     }
-    Status s = r->w->WriteData(r->offset, r->buf);
+    Status s = r->w->WriteData(r->offset, std::span<const std::byte>(r->buf.get(), r->length));
     if (!s.ok()) *r->first_error = s;
-    *r->done += r->buf.size();
+    *r->done += r->length;
     return 1;
   };
   uint64_t reported = 0;
@@ -148,9 +160,10 @@ Status CopyRanges(const std::string& uri, uint64_t disk_size, const std::vector<
            nbd_aio_in_flight(h.get()) < static_cast<int>(o.in_flight)) {
       ByteRange r = todo.front();
       todo.pop_front();
-      auto req = std::make_unique<Req>(
-          Req{r.offset, std::vector<std::byte>(r.length), &w, &first_error, &done});
-      void* buf = req->buf.data();
+      auto req = std::make_unique<Req>(Req{r.offset, r.length,
+                                           std::unique_ptr<std::byte[]>(new std::byte[r.length]),
+                                           &w, &first_error, &done});
+      void* buf = req->buf.get();
       nbd_completion_callback cb = {.callback = on_done, .user_data = req.get(), .free = nullptr};
       if (nbd_aio_pread(h.get(), buf, r.length, r.offset, cb, 0) == -1)
         return NbdError("read at " + std::to_string(r.offset));

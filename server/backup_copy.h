@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "bitmap/dirty_bitmap.h"
 #include "common/status.h"
 #include "qcow2/layer_writer.h"
 
@@ -22,6 +23,10 @@ struct ByteRange {
 // merges them. The result is what a layer of that cluster size must store.
 std::vector<ByteRange> AlignRanges(std::vector<ByteRange> ranges, uint64_t align,
                                    uint64_t disk_size);
+
+// The dirty extents of a bitmap as ranges to copy; dirty_bytes gets their
+// total.
+std::vector<ByteRange> DirtyRanges(const std::vector<Extent>& extents, uint64_t& dirty_bytes);
 
 struct CopyOptions {
   unsigned in_flight = 8;                      // NBD reads in flight

@@ -14,19 +14,12 @@
 // bitmap it froze disabled, and the next run merges it into the one
 // recording, so nothing it would have covered is lost. A layer appears only
 // once complete (written as .part, flushed, renamed).
-#include <fcntl.h>
-#include <sys/file.h>
-#include <unistd.h>
 
 #include <chrono>
 #include <cinttypes>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
-#include <iostream>
-#include <random>
 
-#include "common/posix_file.h"
 #include "qcow2/layer_writer.h"
 #include "server/backup_chain.h"
 #include "server/backup_copy.h"
@@ -183,8 +176,7 @@ int BackupRun(const RunOptions& o) {
   } else {
     Result<std::vector<Extent>> ex = FetchExtents(o.socket, current);
     if (!ex.ok()) return abort_run(ex.status());
-    for (const Extent& e : *ex)
-      if (e.dirty) ranges.push_back({e.offset, e.length}), dirty_bytes += e.length;
+    ranges = DirtyRanges(*ex, dirty_bytes);
   }
   ranges = AlignRanges(std::move(ranges), kLayerCluster, disk_size);
   uint64_t total = 0;

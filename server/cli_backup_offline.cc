@@ -154,11 +154,7 @@ int BackupOffline(const std::string& disk_path, const std::string& container, co
   } else {
     Result<std::unique_ptr<DirtyBitmap>> b = LoadBitmap(image, plan.current, disk_size);
     if (!b.ok()) return abort_run(b.status());
-    for (const Extent& e : (*b)->Extents(0, disk_size))
-      if (e.dirty) {
-        ranges.push_back({e.offset, e.length});
-        dirty_bytes += e.length;
-      }
+    ranges = DirtyRanges((*b)->Extents(0, disk_size), dirty_bytes);
   }
   ranges = AlignRanges(std::move(ranges), kLayerCluster, disk_size);
   uint64_t total = 0;
