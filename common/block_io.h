@@ -42,6 +42,19 @@ class BlockIO {
   virtual Status resize(uint64_t new_size) = 0;
   // A name for messages (a path, or "memory").
   virtual const char* name() const = 0;
+
+  // Optional, for the qcow2 data path (defaults: not supported / all data).
+  // Deallocates [offset, offset+len) inside the file; it then reads as zeros
+  // and the size is unchanged. NotSupported if the layer cannot.
+  virtual Status punch_hole(uint64_t offset, uint64_t len);
+  // The run of [offset, offset+max_len) that starts at offset: whether it is
+  // a hole (reads zero, no storage) and its length (>= 1, <= max_len).
+  // Past the end of the file counts as a hole.
+  struct Run {
+    bool hole = false;
+    uint64_t length = 0;
+  };
+  virtual Result<Run> probe_run(uint64_t offset, uint64_t max_len);
 };
 
 }  // namespace cbt

@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <string>
@@ -101,6 +102,29 @@ Status PosixFile::resize(uint64_t new_size) {
   if (::ftruncate(fd_, static_cast<off_t>(new_size)) != 0)
     return Status::FromErrno(errno, "truncate " + path_);
   return Status::OK();
+}
+
+Status PosixFile::punch_hole(uint64_t offset, uint64_t len) {
+  if (::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+                  static_cast<off_t>(len)) != 0) {
+    if (errno == EOPNOTSUPP || errno == ENOSYS)
+      return Status::NotSupported(path_ + ": file system cannot punch holes");
+    return Status::FromErrno(errno, "punch a hole in " + path_);
+  }
+  return Status::OK();
+}
+
+Result<BlockIO::Run> PosixFile::probe_run(uint64_t offset, uint64_t max_len) {
+  const auto off = static_cast<off_t>(offset);
+  off_t data = ::lseek(fd_, off, SEEK_DATA);
+  if (data < 0) {
+    if (errno == ENXIO) return Run{true, max_len};  // at or past the last data
+    return Run{false, max_len};                      // no SEEK_DATA here: say data
+  }
+  if (data > off) return Run{true, std::min<uint64_t>(max_len, static_cast<uint64_t>(data - off))};
+  off_t hole = ::lseek(fd_, off, SEEK_HOLE);
+  if (hole <= off) return Run{false, max_len};
+  return Run{false, std::min<uint64_t>(max_len, static_cast<uint64_t>(hole - off))};
 }
 
 }  // namespace cbt

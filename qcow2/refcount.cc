@@ -203,6 +203,7 @@ Status Refcounts::NewBlock(uint64_t b) {
   CBT_RETURN_IF_ERROR(io_->pwrite(e, table_offset_ + b * 8));
   table_[b] = r * cs_;
   blocks_[b] = std::move(blk);
+  ++structure_changes_;
   return Status::OK();
 }
 
@@ -243,6 +244,7 @@ Status Refcounts::GrowTable(uint64_t b) {
   table_offset_ = new_off;
   table_clusters_ = static_cast<uint32_t>(t_clusters);
   blocks_[nb] = std::move(blk);
+  ++structure_changes_;
   // Nothing points at the old table any more; a crash here leaks it.
   return Free(old_off, old_clusters);
 }

@@ -54,6 +54,9 @@ class Refcounts {
   uint64_t entries_per_block() const { return epb_; }
   // Number of clusters the current table can describe.
   uint64_t covered_clusters() const { return table_.size() * epb_; }
+  // Counts new refcount blocks and table moves (callers that track where
+  // metadata lives rescan table() when it changes).
+  uint64_t structure_changes() const { return structure_changes_; }
 
  private:
   Refcounts(BlockIO* io, uint32_t cluster_bits, uint32_t order, std::string ctx);
@@ -79,7 +82,8 @@ class Refcounts {
   uint32_t table_clusters_ = 0;
   std::vector<uint64_t> table_;
   std::map<uint64_t, std::vector<std::byte>> blocks_;  // cache by block index
-  uint64_t free_hint_ = 0;                             // no free cluster below this index
+  uint64_t free_hint_ = 0;
+  uint64_t structure_changes_ = 0;                             // no free cluster below this index
 };
 
 }  // namespace cbt::qcow2

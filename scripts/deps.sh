@@ -8,7 +8,7 @@ packages=(
   nbdkit nbdkit-plugin-dev libnbd-dev libnbd-bin
   qemu-utils fio
   libspdlog-dev libfmt-dev libboost-program-options-dev nlohmann-json3-dev
-  libgtest-dev libgmock-dev libbenchmark-dev zlib1g-dev
+  libgtest-dev libgmock-dev libbenchmark-dev zlib1g-dev libzstd-dev
   clang libclang-rt-14-dev clang-format clang-tidy
   jq python3 procps util-linux
 )

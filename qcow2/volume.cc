@@ -1,0 +1,519 @@
+// qcow2 Volume: opening, the L2 cache, reads and extents. Writes, zeroes,
+// trims and flush are in volume_write.cc. See volume.h for the contract.
+#include "qcow2/volume.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "common/endian.h"
+#include "common/posix_file.h"
+#include "qcow2/bitmap_dir.h"
+#include "qcow2/compress.h"
+#include "qcow2/format.h"
+#include "qcow2/util.h"
+#include "qcow2/volume_internal.h"
+
+namespace cbt::qcow2 {
+
+using internal::DivRoundUp;
+using internal::Hex;
+
+namespace {
+
+constexpr uint64_t kDefaultCacheMax = 32u << 20;
+constexpr uint64_t kL1ReservedMask = 0x7f000000000001ffull;  // bits 0..8, 56..62
+
+// A raw backing file: bytes as they are, holes as holes.
+class RawLayer final : public Layer {
+ public:
+  RawLayer(std::shared_ptr<BlockIO> io, uint64_t size) : io_(std::move(io)), size_(size) {}
+  uint64_t size() const override { return size_; }
+  Status Read(std::span<std::byte> out, uint64_t offset) override {
+    uint64_t have = offset >= size_ ? 0 : std::min<uint64_t>(out.size(), size_ - offset);
+    if (have) CBT_RETURN_IF_ERROR(io_->pread(out.first(have), offset));
+    std::memset(out.data() + have, 0, out.size() - have);
+    return Status::OK();
+  }
+  Status Extents(uint64_t offset, uint64_t len, std::vector<Extent>* out) override {
+    uint64_t end = offset + len;
+    while (offset < end) {
+      if (offset >= size_) {
+        AppendExtent(out, {offset, end - offset, kExtentHole | kExtentZero});
+        break;
+      }
+      uint64_t n = std::min(end, size_) - offset;
+      CBT_ASSIGN_OR_RETURN(BlockIO::Run r, io_->probe_run(offset, n));
+      r.length = std::clamp<uint64_t>(r.length, 1, n);
+      AppendExtent(out, {offset, r.length, r.hole ? kExtentHole | kExtentZero : 0u});
+      offset += r.length;
+    }
+    return Status::OK();
+  }
+
+ private:
+  std::shared_ptr<BlockIO> io_;
+  uint64_t size_;
+};
+
+// Protocol prefixes ("nbd:", "https://") and JSON names are not files.
+bool IsProtocolName(const std::string& name) {
+  if (name.starts_with("json:")) return true;
+  size_t colon = name.find(':');
+  if (colon == std::string::npos || colon == 0) return false;
+  size_t slash = name.find('/');
+  return slash == std::string::npos || colon < slash;
+}
+
+std::string DirOf(const std::string& path) {
+  size_t slash = path.rfind('/');
+  return slash == std::string::npos ? std::string() : path.substr(0, slash + 1);
+}
+
+}  // namespace
+
+void AppendExtent(std::vector<Extent>* out, Extent e) {
+  if (e.length == 0) return;
+  if (!out->empty() && out->back().flags == e.flags &&
+      out->back().offset + out->back().length == e.offset) {
+    out->back().length += e.length;
+    return;
+  }
+  out->push_back(e);
+}
+
+Volume::Pin::~Pin() { Release(); }
+
+void Volume::Pin::Release() {
+  if (!v_) return;
+  std::lock_guard lk(v_->mu_);
+  auto it = v_->pins_.find(gen_);
+  if (--it->second == 0) {
+    v_->pins_.erase(it);
+    v_->pin_cv_.notify_all();
+  }
+  v_ = nullptr;
+}
+
+Volume::Pin Volume::TakePin() {
+  ++pins_[pin_gen_];
+  return Pin(this, pin_gen_);
+}
+
+Volume::Volume(std::shared_ptr<BlockIO> io, std::string path, const VolumeOptions& opts)
+    : io_(std::move(io)), path_(std::move(path)), opts_(opts) {
+  if (!opts_.open_file) {
+    opts_.open_file = [](const std::string& p) -> Result<std::shared_ptr<BlockIO>> {
+      CBT_ASSIGN_OR_RETURN(auto f, PosixFile::Open(p, PosixFile::Mode::kReadOnly));
+      return std::shared_ptr<BlockIO>(std::move(f));
+    };
+  }
+}
+
+Volume::~Volume() = default;
+
+Result<std::unique_ptr<Volume>> Volume::Open(std::shared_ptr<BlockIO> io, const std::string& path,
+                                             const VolumeOptions& opts) {
+  std::unique_ptr<Volume> v(new Volume(std::move(io), path, opts));
+  CBT_RETURN_IF_ERROR(v->Load(0));
+  return v;
+}
+
+Status Volume::Load(uint32_t depth) {
+  CBT_ASSIGN_OR_RETURN(uint64_t fsize, io_->size());
+  std::vector<std::byte> first(std::min<uint64_t>(fsize, uint64_t{1} << kMaxClusterBits));
+  if (!first.empty()) CBT_RETURN_IF_ERROR(io_->pread(first, 0));
+  CBT_ASSIGN_OR_RETURN(header_, ParseHeader(first, path_));
+  const Header& h = header_;
+  const bool rw = opts_.writable;
+  CBT_RETURN_IF_ERROR(CheckFeatures(h, rw, path_));
+  if (h.crypt_method != 0)
+    return Status::NotSupported(path_ + ": encrypted qcow2 images (" +
+                                (h.crypt_method == 1 ? "AES" : "LUKS") + ") are not supported");
+  if (h.incompatible & kIncompatExtendedL2)
+    return Status::NotSupported(path_ +
+                                ": extended L2 entries (extended_l2=on) are not supported; "
+                                "convert with qemu-img convert -O qcow2 -o extended_l2=off");
+  if (h.incompatible & kIncompatDataFile)
+    return Status::NotSupported(
+        path_ + ": the image keeps its data in an external data file ('" + h.DataFile() +
+        "'); serve that file with the file plugin and the cbt filter instead");
+  if (h.incompatible & kIncompatCompression) {
+    if (h.header_tail.empty())
+      return Status::Corruption(path_ + ": compression type bit set without the header field");
+    compression_type_ = static_cast<uint32_t>(h.header_tail[0]);
+    if (compression_type_ > kCompressionZstd)
+      return Status::NotSupported(path_ + ": unknown compression type " +
+                                  std::to_string(compression_type_));
+  }
+  if (rw && h.nb_snapshots > 0)
+    return Status::NotSupported(path_ + ": the image has " + std::to_string(h.nb_snapshots) +
+                                " internal snapshot(s); serve it read-only (-r) or delete them "
+                                "with qemu-img snapshot -d");
+  cs_ = h.cluster_size();
+  cluster_bits_ = h.cluster_bits;
+  l2_entries_ = cs_ / 8;
+  size_ = h.qemu_size();
+  file_size_ = fsize;
+  high_water_ = fsize;
+  const uint64_t need_l1 = DivRoundUp(size_, cs_ * l2_entries_);
+  if (h.l1_size < need_l1)
+    return Status::Corruption(path_ + ": L1 table has " + std::to_string(h.l1_size) +
+                              " entries, the disk size needs " + std::to_string(need_l1));
+  if (uint64_t{h.l1_size} * 8 > kMaxL1Bytes)
+    return Status::Corruption(path_ + ": L1 table larger than 32 MiB");
+  uint64_t budget = opts_.cache_bytes ? opts_.cache_bytes
+                                      : std::min<uint64_t>(kDefaultCacheMax, need_l1 * cs_);
+  cache_tables_ = std::max<uint64_t>(2, budget / cs_);
+  CBT_RETURN_IF_ERROR(LoadL1());
+  if (rw) {
+    CBT_ASSIGN_OR_RETURN(auto rc, Refcounts::Load(io_.get(), h.cluster_bits, h.refcount_order,
+                                                  h.refcount_table_offset,
+                                                  h.refcount_table_clusters, path_));
+    refcounts_.emplace(std::move(rc));
+    CBT_RETURN_IF_ERROR(BuildMetadataMap());
+  }
+  return OpenBacking(depth);
+}
+
+Status Volume::LoadL1() {
+  const Header& h = header_;
+  if (h.l1_size == 0) return Status::OK();
+  if (h.l1_table_offset % cs_ != 0)
+    return Status::Corruption(path_ + ": L1 table offset " + Hex(h.l1_table_offset) +
+                              " is not cluster aligned");
+  std::vector<std::byte> buf(uint64_t{h.l1_size} * 8);
+  Status s = io_->pread(buf, h.l1_table_offset);
+  if (s.IsOutOfRange()) return Status::Corruption(path_ + ": L1 table truncated");
+  CBT_RETURN_IF_ERROR(s);
+  l1_.resize(h.l1_size);
+  for (uint64_t i = 0; i < l1_.size(); ++i) {
+    uint64_t e = LoadBE64(buf.data() + i * 8);
+    uint64_t off = e & kL1OffsetMask;
+    if ((e & kL1ReservedMask) || off % cs_ != 0)
+      return Status::Corruption(path_ + ": L1 entry " + std::to_string(i) + " (" + Hex(e) +
+                                ") is malformed");
+    if (opts_.writable && off && !(e & kOflagCopied))
+      return Status::NotSupported(path_ + ": L2 table " + std::to_string(i) +
+                                  " is shared (internal snapshots); serve it read-only (-r)");
+    l1_[i] = e;
+  }
+  return Status::OK();
+}
+
+void Volume::AddMetadata(uint64_t host, uint64_t len) {
+  if (len == 0) return;
+  uint64_t end = host + DivRoundUp(len, cs_) * cs_;
+  auto [it, inserted] = metadata_.emplace(host, end);
+  if (!inserted) it->second = std::max(it->second, end);
+}
+
+bool Volume::IsMetadata(uint64_t host, uint64_t len) const {
+  auto it = metadata_.upper_bound(host + len - 1);
+  if (it == metadata_.begin()) return false;
+  --it;
+  return it->second > host;
+}
+
+Status Volume::BuildMetadataMap() {
+  const Header& h = header_;
+  AddMetadata(0, cs_);
+  AddMetadata(h.l1_table_offset, uint64_t{h.l1_size} * 8);
+  for (uint64_t e : l1_)
+    if (e & kL1OffsetMask) AddMetadata(e & kL1OffsetMask, cs_);
+  AddMetadata(refcounts_->table_offset(), uint64_t{refcounts_->table_clusters()} * cs_);
+  for (uint64_t b : refcounts_->table())
+    if (b) AddMetadata(b, cs_);
+  refblocks_seen_ = refcounts_->structure_changes();
+  if (h.bitmaps && (h.autoclear & kAutoclearBitmaps)) {
+    const BitmapsExtension& ext = *h.bitmaps;
+    CBT_RETURN_IF_ERROR(ValidateBitmapsExtension(ext, h.cluster_bits, path_));
+    AddMetadata(ext.directory_offset, ext.directory_size);
+    std::vector<std::byte> dir(ext.directory_size);
+    CBT_RETURN_IF_ERROR(io_->pread(dir, ext.directory_offset));
+    CBT_ASSIGN_OR_RETURN(auto entries, ParseDirectory(dir, ext.nb_bitmaps, path_));
+    for (const auto& e : entries) AddMetadata(e.table_offset, uint64_t{e.table_size} * 8);
+  }
+  return Status::OK();
+}
+
+void Volume::NoteRefcountStructure() {
+  if (refcounts_->structure_changes() == refblocks_seen_) return;
+  refblocks_seen_ = refcounts_->structure_changes();
+  AddMetadata(refcounts_->table_offset(), uint64_t{refcounts_->table_clusters()} * cs_);
+  for (uint64_t b : refcounts_->table())
+    if (b) AddMetadata(b, cs_);
+}
+
+Status Volume::OpenBacking(uint32_t depth) {
+  std::string name = header_.backing_file;
+  std::string format;
+  if (const HeaderExtension* e = header_.FindExtension(kExtBackingFormat))
+    format.assign(reinterpret_cast<const char*>(e->data.data()), e->data.size());
+  std::string resolved;
+  if (depth == 0 && opts_.backing == kRefuseBacking) {
+    if (!name.empty())
+      return Status::NotSupported(path_ + ": the image names backing file '" + name +
+                                  "' and backing=refuse was given");
+    return Status::OK();
+  }
+  if (depth == 0 && !opts_.backing.empty()) {
+    resolved = opts_.backing;  // as the user gave it
+  } else {
+    if (name.empty()) return Status::OK();
+    if (IsProtocolName(name))
+      return Status::NotSupported(path_ + ": backing file '" + name +
+                                  "' is not a local file name; give backing=PATH");
+    resolved = name.starts_with("/") ? name : DirOf(path_) + name;
+  }
+  if (depth == 0 && !opts_.backing_format.empty()) format = opts_.backing_format;
+  if (depth + 1 > opts_.max_backing_depth)
+    return Status::NotSupported(path_ + ": backing chain deeper than " +
+                                std::to_string(opts_.max_backing_depth) + " images");
+  CBT_ASSIGN_OR_RETURN(std::shared_ptr<BlockIO> bio, opts_.open_file(resolved));
+  if (format.empty()) {
+    // No format recorded: only the qcow2 magic counts; anything else is raw.
+    std::byte magic[4]{};
+    Status s = bio->pread(magic, 0);
+    format = s.ok() && LoadBE32(magic) == kMagic ? "qcow2" : "raw";
+    backing_desc_ = resolved + " (" + format + ", format not recorded)";
+  } else {
+    backing_desc_ = resolved + " (" + format + ")";
+  }
+  if (format == "raw") {
+    CBT_ASSIGN_OR_RETURN(uint64_t bsize, bio->size());
+    backing_ = std::make_unique<RawLayer>(std::move(bio), bsize);
+    return Status::OK();
+  }
+  if (format != "qcow2")
+    return Status::NotSupported(path_ + ": backing file '" + resolved + "' has format '" +
+                                format + "'; only raw and qcow2 are supported");
+  VolumeOptions child;
+  child.open_file = opts_.open_file;
+  child.max_backing_depth = opts_.max_backing_depth;
+  std::unique_ptr<Volume> v(new Volume(std::move(bio), resolved, child));
+  CBT_RETURN_IF_ERROR(v->Load(depth + 1));
+  if (!v->backing_desc_.empty()) backing_desc_ += " <- " + v->backing_desc_;
+  backing_ = std::move(v);
+  return Status::OK();
+}
+
+// --- L2 cache and lookup (mu_ held) ---
+
+void Volume::EvictIfNeeded() {
+  while (l2_.size() >= cache_tables_) {
+    auto victim = l2_.end();
+    for (auto it = l2_.begin(); it != l2_.end(); ++it)
+      if (!it->second->dirty() && (victim == l2_.end() || it->second->used < victim->second->used))
+        victim = it;
+    if (victim == l2_.end()) return;  // all dirty: the next writeback frees them
+    l2_.erase(victim);
+  }
+}
+
+Result<Volume::L2Table*> Volume::GetL2(uint64_t l1_index, bool create) {
+  if (l1_index >= l1_.size()) return Status::Corruption(path_ + ": guest offset beyond L1 table");
+  auto it = l2_.find(l1_index);
+  if (it != l2_.end()) {
+    it->second->used = ++l2_clock_;
+    return it->second.get();
+  }
+  uint64_t off = l1_[l1_index] & kL1OffsetMask;
+  auto t = std::make_unique<L2Table>();
+  if (off == 0) {
+    if (!create) return nullptr;
+    bool fresh = false;
+    CBT_ASSIGN_OR_RETURN(t->host, AllocateCluster(&fresh));
+    t->e.assign(l2_entries_, 0);
+    t->gen = 1;  // dirty: written by the next flush, before the L1 entry
+    ++l2_dirty_count_;
+    AddMetadata(t->host, cs_);
+    l1_[l1_index] = t->host | kOflagCopied;
+    l1_dirty_.insert(l1_index);
+  } else {
+    std::vector<std::byte> buf(cs_);
+    Status s = io_->pread(buf, off);
+    if (s.IsOutOfRange())
+      return Status::Corruption(path_ + ": L2 table at " + Hex(off) + " truncated");
+    CBT_RETURN_IF_ERROR(s);
+    t->host = off;
+    t->e.resize(l2_entries_);
+    for (uint64_t i = 0; i < l2_entries_; ++i) t->e[i] = LoadBE64(buf.data() + i * 8);
+  }
+  EvictIfNeeded();
+  t->used = ++l2_clock_;
+  return l2_.emplace(l1_index, std::move(t)).first->second.get();
+}
+
+Volume::Mapping Volume::Classify(uint64_t entry) const {
+  Mapping m;
+  m.entry = entry;
+  if (entry & kOflagCompressed) {
+    m.kind = Kind::kCompressed;
+    m.host = entry & ((uint64_t{1} << (62 - (cluster_bits_ - 8))) - 1);
+    return m;
+  }
+  m.host = entry & kL2OffsetMask;
+  m.copied = entry & kOflagCopied;
+  if (header_.version >= 3 && (entry & kOflagZero))
+    m.kind = m.host ? Kind::kZeroAlloc : Kind::kZeroPlain;
+  else
+    m.kind = m.host ? Kind::kNormal : Kind::kUnallocated;
+  return m;
+}
+
+Result<Volume::Mapping> Volume::Lookup(uint64_t guest_cluster) {
+  uint64_t l1i = guest_cluster / l2_entries_;
+  if (l1i >= l1_.size()) return Status::Corruption(path_ + ": guest offset beyond L1 table");
+  if (!(l1_[l1i] & kL1OffsetMask) && !l2_.count(l1i)) return Mapping{};
+  CBT_ASSIGN_OR_RETURN(L2Table * t, GetL2(l1i, false));
+  uint64_t e = t->e[guest_cluster % l2_entries_];
+  if (!(e & kOflagCompressed)) {
+    if ((e & kL2OffsetMask) % cs_ != 0)
+      return Status::Corruption(path_ + ": L2 entry for guest offset " +
+                                Hex(guest_cluster * cs_) + " has unaligned host offset " +
+                                Hex(e & kL2OffsetMask));
+    if (header_.version < 3 && (e & kOflagZero))
+      return Status::Corruption(path_ + ": zero flag in a version 2 image at guest offset " +
+                                Hex(guest_cluster * cs_));
+  }
+  return Classify(e);
+}
+
+// --- reads (no lock held) ---
+
+Status Volume::ReadHost(std::span<std::byte> out, uint64_t host) {
+  Status s = io_->pread(out, host);
+  if (!s.IsOutOfRange()) return s;
+  // The last cluster of a file may be partly past its end: zeros, as QEMU.
+  CBT_ASSIGN_OR_RETURN(uint64_t fsize, io_->size());
+  uint64_t have = host >= fsize ? 0 : std::min<uint64_t>(out.size(), fsize - host);
+  if (have) CBT_RETURN_IF_ERROR(io_->pread(out.first(have), host));
+  std::memset(out.data() + have, 0, out.size() - have);
+  return Status::OK();
+}
+
+Status Volume::ReadCompressed(const Mapping& m, std::span<std::byte> cluster) {
+  const uint32_t x = 62 - (cluster_bits_ - 8);
+  uint64_t nsect = ((m.entry >> x) & ((uint64_t{1} << (cluster_bits_ - 8)) - 1)) + 1;
+  uint64_t csize = nsect * 512 - (m.host & 511);
+  std::vector<std::byte> in(csize);
+  CBT_RETURN_IF_ERROR(ReadHost(in, m.host));
+  return Decompress(compression_type_, in, cluster)
+      .WithContext(path_ + ": cluster at host offset " + Hex(m.host));
+}
+
+Status Volume::ReadBelow(std::span<std::byte> out, uint64_t offset) {
+  if (backing_) return backing_->Read(out, offset);
+  std::memset(out.data(), 0, out.size());
+  return Status::OK();
+}
+
+Status Volume::Read(std::span<std::byte> out, uint64_t offset) {
+  // Past the end (only as a backing file): zeros.
+  uint64_t have = offset >= size_ ? 0 : std::min<uint64_t>(out.size(), size_ - offset);
+  std::memset(out.data() + have, 0, out.size() - have);
+  uint64_t done = 0;
+  std::vector<std::byte> tmp;
+  while (done < have) {
+    uint64_t off = offset + done;
+    uint64_t gc = off / cs_, in = off % cs_;
+    uint64_t n = std::min(cs_ - in, have - done);
+    Pin pin;
+    std::unique_lock lk(mu_);
+    CBT_ASSIGN_OR_RETURN(Mapping m, Lookup(gc));
+    if (m.kind == Kind::kNormal) {
+      // Extend over host-contiguous clusters: one read for a whole run.
+      while (done + n < have && n < (8u << 20)) {
+        auto next = Lookup(gc + (in + n) / cs_);
+        if (!next.ok() || next->kind != Kind::kNormal || next->host != m.host + in + n) break;
+        n += std::min(cs_, have - done - n);
+      }
+    }
+    if (m.kind == Kind::kNormal || m.kind == Kind::kCompressed) pin = TakePin();
+    lk.unlock();
+    auto part = out.subspan(done, n);
+    switch (m.kind) {
+      case Kind::kNormal:
+        CBT_RETURN_IF_ERROR(ReadHost(part, m.host + in));
+        break;
+      case Kind::kCompressed:
+        tmp.resize(cs_);
+        CBT_RETURN_IF_ERROR(ReadCompressed(m, tmp));
+        std::memcpy(part.data(), tmp.data() + in, n);
+        break;
+      case Kind::kZeroPlain:
+      case Kind::kZeroAlloc:
+        std::memset(part.data(), 0, n);
+        break;
+      case Kind::kUnallocated:
+        CBT_RETURN_IF_ERROR(ReadBelow(part, off));
+        break;
+    }
+    done += n;
+  }
+  return Status::OK();
+}
+
+Status Volume::Extents(uint64_t offset, uint64_t len, std::vector<Extent>* out) {
+  const uint64_t end = offset + len;
+  const uint64_t vend = std::min(end, size_);
+  uint64_t off = offset;
+  while (off < vend) {
+    uint64_t gc = off / cs_, in = off % cs_;
+    uint64_t n = std::min(cs_ - in, vend - off);
+    Mapping m;
+    {
+      std::unique_lock lk(mu_);
+      uint64_t l1i = gc / l2_entries_;
+      if (l1i < l1_.size() && !(l1_[l1i] & kL1OffsetMask) && !l2_.count(l1i)) {
+        // No L2 table: the whole range it would cover is unallocated.
+        n = std::min((l1i + 1) * l2_entries_ * cs_, vend) - off;
+      } else {
+        CBT_ASSIGN_OR_RETURN(m, Lookup(gc));
+        // A run of host-contiguous normal clusters is probed at once.
+        while (m.kind == Kind::kNormal && off + n < vend) {
+          auto next = Lookup(gc + (in + n) / cs_);
+          if (!next.ok() || next->kind != Kind::kNormal || next->host != m.host + in + n) break;
+          n += std::min(cs_, vend - off - n);
+        }
+      }
+    }
+    switch (m.kind) {
+      case Kind::kNormal: {
+        // QEMU reports allocated clusters over host holes as zero (not hole).
+        uint64_t host = m.host + in, left = n, at = off;
+        while (left) {
+          CBT_ASSIGN_OR_RETURN(BlockIO::Run r, io_->probe_run(host, left));
+          r.length = std::clamp<uint64_t>(r.length, 1, left);
+          AppendExtent(out, {at, r.length, r.hole ? kExtentZero : 0u});
+          host += r.length, at += r.length, left -= r.length;
+        }
+        break;
+      }
+      case Kind::kCompressed:
+        AppendExtent(out, {off, n, 0});
+        break;
+      case Kind::kZeroPlain:
+      case Kind::kZeroAlloc:
+        AppendExtent(out, {off, n, kExtentHole | kExtentZero});
+        break;
+      case Kind::kUnallocated:
+        if (backing_)
+          CBT_RETURN_IF_ERROR(backing_->Extents(off, n, out));
+        else
+          AppendExtent(out, {off, n, kExtentHole | kExtentZero});
+        break;
+    }
+    off += n;
+  }
+  if (vend < end) AppendExtent(out, {std::max(offset, vend), end - std::max(offset, vend),
+                                     kExtentHole | kExtentZero});
+  return Status::OK();
+}
+
+VolumeStats Volume::stats() const {
+  std::lock_guard lk(mu_);
+  return stats_;
+}
+
+}  // namespace cbt::qcow2
