@@ -200,18 +200,24 @@ Status Volume::LoadL1() {
   return Status::OK();
 }
 
-void Volume::AddMetadata(uint64_t host, uint64_t len) {
+namespace {
+void AddRange(std::map<uint64_t, uint64_t>& m, uint64_t host, uint64_t len, uint64_t cs) {
   if (len == 0) return;
-  uint64_t end = host + DivRoundUp(len, cs_) * cs_;
-  auto [it, inserted] = metadata_.emplace(host, end);
+  uint64_t end = host + DivRoundUp(len, cs) * cs;
+  auto [it, inserted] = m.emplace(host, end);
   if (!inserted) it->second = std::max(it->second, end);
 }
+bool Overlaps(const std::map<uint64_t, uint64_t>& m, uint64_t host, uint64_t len) {
+  auto it = m.upper_bound(host + len - 1);
+  if (it == m.begin()) return false;
+  return std::prev(it)->second > host;
+}
+}  // namespace
+
+void Volume::AddMetadata(uint64_t host, uint64_t len) { AddRange(metadata_, host, len, cs_); }
 
 bool Volume::IsMetadata(uint64_t host, uint64_t len) const {
-  auto it = metadata_.upper_bound(host + len - 1);
-  if (it == metadata_.begin()) return false;
-  --it;
-  return it->second > host;
+  return Overlaps(metadata_, host, len) || Overlaps(refcount_meta_, host, len);
 }
 
 Status Volume::BuildMetadataMap() {
@@ -220,10 +226,7 @@ Status Volume::BuildMetadataMap() {
   AddMetadata(h.l1_table_offset, uint64_t{h.l1_size} * 8);
   for (uint64_t e : l1_)
     if (e & kL1OffsetMask) AddMetadata(e & kL1OffsetMask, cs_);
-  AddMetadata(refcounts_->table_offset(), uint64_t{refcounts_->table_clusters()} * cs_);
-  for (uint64_t b : refcounts_->table())
-    if (b) AddMetadata(b, cs_);
-  refblocks_seen_ = refcounts_->structure_changes();
+  NoteRefcountStructure();
   if (h.bitmaps && (h.autoclear & kAutoclearBitmaps)) {
     const BitmapsExtension& ext = *h.bitmaps;
     CBT_RETURN_IF_ERROR(ValidateBitmapsExtension(ext, h.cluster_bits, path_));
@@ -237,11 +240,14 @@ Status Volume::BuildMetadataMap() {
 }
 
 void Volume::NoteRefcountStructure() {
-  if (refcounts_->structure_changes() == refblocks_seen_) return;
+  if (!refcount_meta_.empty() && refcounts_->structure_changes() == refblocks_seen_) return;
+  // Rebuilt whole: a table move frees the old table's clusters.
   refblocks_seen_ = refcounts_->structure_changes();
-  AddMetadata(refcounts_->table_offset(), uint64_t{refcounts_->table_clusters()} * cs_);
+  refcount_meta_.clear();
+  AddRange(refcount_meta_, refcounts_->table_offset(),
+           uint64_t{refcounts_->table_clusters()} * cs_, cs_);
   for (uint64_t b : refcounts_->table())
-    if (b) AddMetadata(b, cs_);
+    if (b) AddRange(refcount_meta_, b, cs_, cs_);
 }
 
 Status Volume::OpenBacking(uint32_t depth) {

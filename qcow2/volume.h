@@ -222,7 +222,8 @@ class Volume final : public Layer {
   uint64_t l2_dirty_count_ = 0;
   uint64_t cache_tables_ = 0;  // budget in tables
   std::optional<Refcounts> refcounts_;
-  std::map<uint64_t, uint64_t> metadata_;  // host start -> end of metadata ranges
+  std::map<uint64_t, uint64_t> metadata_;  // host start -> end: header, L1, L2, bitmaps
+  std::map<uint64_t, uint64_t> refcount_meta_;  // the refcount table and blocks
   uint64_t refblocks_seen_ = 0;
   std::unordered_set<uint64_t> busy_;  // guest clusters being allocated
   std::condition_variable busy_cv_;
