@@ -118,11 +118,28 @@ stop_server() {
   SERVER_PID=
 }
 
+# touched OFFSET : the last nbd_mirror requests (of this image's traces) whose
+# range meets the 512-byte sector at OFFSET (qemu-img compare reports sectors).
+touched() {
+  local f
+  for f in "$T"/trace.*; do
+    [ -e "$f" ] || continue
+    awk -v o="$1" -v f="${f##*/}" '$4 < o + 512 && $4 + $5 > o { print "  " f ": " $0 }' "$f" | tail -4
+  done
+}
+
 # judge WHAT IMG MIRROR : qemu-img compare says identical, qemu-img check exits 0.
 judge() {
-  local rc=0
+  local rc=0 off
   qemu-img compare -f qcow2 -F raw "$2" "$3" >"$T/compare.out" 2>&1 || rc=$?
-  [ "$rc" = 0 ] || fail "$1: qemu-img compare exit $rc: $(tr '\n' ' ' <"$T/compare.out")"
+  if [ "$rc" != 0 ]; then
+    off=$(sed -n 's/^Content mismatch at offset \([0-9]*\)!$/\1/p' "$T/compare.out")
+    if [ -n "$off" ]; then
+      echo "last requests meeting offset $off (idx conn kind offset length flags errno):" >&2
+      touched "$off" >&2
+    fi
+    fail "$1: qemu-img compare exit $rc: $(tr '\n' ' ' <"$T/compare.out")"
+  fi
   rc=0
   qemu-img check "$2" >"$T/check.out" 2>&1 || rc=$?
   [ "$rc" = 0 ] || { cat "$T/check.out" >&2; fail "$1: qemu-img check exit $rc"; }
@@ -215,9 +232,10 @@ run_image() {
     drop) extra=(--read-pct 0 --mutate-drop $((OPS - 40))) ;;
     trim-partial) extra=(--read-pct 0 --mutate-trim-partial) ;;
   esac
+  rm -f "$T"/trace.*
   start_server "$img"
   mirror_run "$name phase 1 (seed $seed)" --mirror "$mir" --seed "$seed" --ops "$OPS" \
-    --cluster "$cl" "${extra[@]}"
+    --cluster "$cl" --trace "$T/trace.phase1" "${extra[@]}"
   stop_server
   judge "$name phase 1: random requests over the plugin (nbd_mirror seed $seed)" "$img" "$mir"
 
@@ -237,7 +255,7 @@ run_image() {
   # Phase 3: our plugin writes, QEMU reads. A shorter random run, then
   # qemu-io as the NBD client writes a pattern into each of 6 disjoint slots.
   mirror_run "$name phase 3 (seed $((seed + 100)))" --mirror "$mir" --seed $((seed + 100)) \
-    --ops $((OPS / 3)) --cluster "$cl"
+    --ops $((OPS / 3)) --cluster "$cl" --trace "$T/trace.phase3"
   local slot=$((size / 6)) i off len pat pw=() pr=() mw=()
   for i in $(seq 0 5); do
     rnd; off=$((i * slot + R % (slot / 2)))
@@ -272,9 +290,10 @@ run_stress() {
   [ "$MUTATE" = stress ] && extra=(--mutate-drop 3000)
   qemu-img create -q -f qcow2 -o "cluster_size=$cl" "$img" "$size"
   truncate -s "$size" "$mir"
+  rm -f "$T"/trace.*
   start_server "$img"
   mirror_run "$name (seed $seed)" --mirror "$mir" --seed "$seed" --qd 8 --ops 4000 \
-    --cluster "$cl" --stress-one-cluster "${extra[@]}"
+    --cluster "$cl" --stress-one-cluster --trace "$T/trace.stress" "${extra[@]}"
   stop_server
   judge "$name: concurrent writes into the same fresh clusters (nbd_mirror seed $seed)" \
     "$img" "$mir"

@@ -34,6 +34,10 @@
 // zero the partial-cluster parts of trims too,
 // so a test can show that its comparison catches a wrong mirror.
 //
+// --trace FILE: one line per acknowledged request, in the order they were
+// applied to the mirror: "idx conn kind offset length flags errno" (what a
+// failing test greps for the requests that last touched an offset).
+//
 // Prints one summary line. Exit status: 0 when every request got the answer
 // it should and every read matched, 1 otherwise, 2 on bad usage.
 #include <fcntl.h>
@@ -70,6 +74,7 @@ struct Options {
   bool stress = false;
   int64_t mutate_drop = -1;
   bool mutate_trim_partial = false;
+  std::string trace;
 };
 
 enum class Kind { kWrite, kZero, kTrim, kFlush, kRead };
@@ -120,6 +125,7 @@ std::vector<Op*> in_flight;  // every request sent and not yet processed
 std::vector<Op*> completed;  // acknowledged, waiting for ProcessCompletions
 std::deque<Op*> resend;      // FAST_ZERO answered ENOTSUP: send again without it
 int mirror_fd = -1;
+FILE* trace_fp = nullptr;
 uint64_t granule = 1;  // in-flight overlap tracking granule
 bool can_fua = false, can_fast_zero = false, can_trim = false, can_zero = false, can_flush = false;
 const std::vector<char> zeros(1 << 20, 0);
@@ -297,6 +303,10 @@ void ProcessCompletions() {
       resend.push_back(op);
       continue;
     }
+    if (trace_fp && !op->verify_read)
+      fprintf(trace_fp, "%llu %u %s %llu %llu 0x%x %d\n", static_cast<unsigned long long>(op->idx),
+              op->conn, KindName(op->kind), static_cast<unsigned long long>(op->off),
+              static_cast<unsigned long long>(op->len), op->flags, op->err);
     if (op->err != 0) {
       if (st.errors++ < 5)
         fprintf(stderr, "nbd_mirror: %s failed: %s\n", Describe(*op).c_str(), strerror(op->err));
@@ -536,7 +546,7 @@ void RunVerify() {
   fprintf(stderr,
           "usage: nbd_mirror --socket PATH --mirror FILE [--conns N] [--qd N] [--seed S]\n"
           "                  [--ops K] [--size BYTES] [--cluster BYTES] [--max-len BYTES]\n"
-          "                  [--read-pct P] [--verify] [--stress-one-cluster]\n"
+          "                  [--read-pct P] [--verify] [--stress-one-cluster] [--trace FILE]\n"
           "                  [--mutate-drop N] [--mutate-trim-partial]\n");
   exit(2);
 }
@@ -577,6 +587,8 @@ int main(int argc, char** argv) {
         o.stress = true;
       else if (a == "--mutate-drop")
         o.mutate_drop = std::stoll(val());
+      else if (a == "--trace")
+        o.trace = val();
       else if (a == "--mutate-trim-partial")
         o.mutate_trim_partial = true;
       else
@@ -619,6 +631,8 @@ int main(int argc, char** argv) {
   if (fstat(mirror_fd, &sb) == -1 || static_cast<int64_t>(sb.st_size) != export_size)
     Die(o.mirror + ": not the size of the export (" + std::to_string(export_size) + ")");
 
+  if (!o.trace.empty() && !(trace_fp = fopen(o.trace.c_str(), "w")))
+    Die(o.trace + ": " + strerror(errno));
   granule = o.stress ? 1 : o.cluster;
   if (o.stress)
     RunStress();
@@ -634,6 +648,7 @@ int main(int argc, char** argv) {
     nbd_shutdown(c.h, 0);
     nbd_close(c.h);
   }
+  if (trace_fp && fclose(trace_fp) != 0) Die(o.trace + ": " + strerror(errno));
   if (fsync(mirror_fd) == -1 || close(mirror_fd) == -1)
     Die("mirror: " + std::string(strerror(errno)));
 
