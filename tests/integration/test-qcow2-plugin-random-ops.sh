@@ -23,6 +23,7 @@
 #
 # Environment:
 #   NBD_MIRROR     the tool (default $CBT_BUILD/tests/nbd_mirror)
+#   QCOW2_PLUGIN   the plugin (default $CBT_BUILD/plugin/nbdkit-qcow2-plugin.so)
 #   MIRROR_SERVER  plugin (default) | qemu-nbd: the same test against
 #                  qemu-nbd -f qcow2 --discard=unmap --cache=writeback -e 3,
 #                  the reference the harness is proven with
@@ -37,7 +38,7 @@
 source "$(dirname "$0")/common.sh"
 
 : "${CBT_BUILD:?CBT_BUILD must point at the build directory}"
-PLUGIN="$CBT_BUILD/plugin/nbdkit-qcow2-plugin.so"
+PLUGIN=${QCOW2_PLUGIN:-$CBT_BUILD/plugin/nbdkit-qcow2-plugin.so}
 NBD_MIRROR=${NBD_MIRROR:-$CBT_BUILD/tests/nbd_mirror}
 MIRROR_SERVER=${MIRROR_SERVER:-plugin}
 MIRROR_SEED=${MIRROR_SEED:-1}
@@ -45,9 +46,16 @@ MIRROR_ONLY=${MIRROR_ONLY:-}
 MUTATE=${MUTATE:-}
 OPS=1200   # requests per nbd_mirror run (phase 1); phase 3 runs a third of it
 
+# Failures also show the server's first errors (the cause; later ones tend
+# to repeat it) and the end of its log.
 fail() {
   echo "FAIL: $*" >&2
-  [ -s "$T/server.log" ] && tail -5 "$T/server.log" >&2
+  if [ -s "$T/server.log" ]; then
+    echo "server log, first errors:" >&2
+    grep -m3 -i error "$T/server.log" >&2 || echo "  (none)" >&2
+    echo "server log, end:" >&2
+    tail -3 "$T/server.log" >&2
+  fi
   exit 1
 }
 
