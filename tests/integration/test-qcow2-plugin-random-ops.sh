@@ -2,7 +2,9 @@
 # The read-write qcow2 plugin under random requests, judged by QEMU.
 # For each image kind (v3 with 64 KiB, 512 B and 2 MiB clusters, v2
 # (compat=0.10), refcount_bits=1 and 64, preallocation=metadata, compressed
-# clusters from qemu-img convert -c), all without a backing file:
+# clusters from qemu-img convert -c), all without a backing file (the 512 B
+# one's file grows past 8 MiB, where its one-cluster refcount table must
+# grow):
 #  1. serve it with the plugin, run nbd_mirror (3 connections, several
 #     requests in flight on each: writes, zeroes, trims, flushes, reads
 #     checked live, a full read-back at the end) keeping a raw mirror of what
