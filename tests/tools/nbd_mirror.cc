@@ -166,10 +166,10 @@ void MirrorRead(char* data, uint64_t len, uint64_t off) {
 
 std::string Describe(const Op& op) {
   char b[160];
-  snprintf(b, sizeof b, "#%llu conn %u %s off %llu len %llu flags 0x%x",
-           static_cast<unsigned long long>(op.idx), op.conn, KindName(op.kind),
-           static_cast<unsigned long long>(op.off), static_cast<unsigned long long>(op.len),
-           op.flags);
+  std::string id = op.verify_read ? "final read-back" : "#" + std::to_string(op.idx);
+  snprintf(b, sizeof b, "%s conn %u %s off %llu len %llu flags 0x%x", id.c_str(), op.conn,
+           KindName(op.kind), static_cast<unsigned long long>(op.off),
+           static_cast<unsigned long long>(op.len), op.flags);
   return b;
 }
 
