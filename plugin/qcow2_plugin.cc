@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "common/posix_file.h"
+#include "plugin/qcow2_storage.h"
 #include "qcow2/image.h"
 #include "qcow2/lock.h"
 #include "qcow2/volume.h"
@@ -41,7 +42,8 @@ struct Config {
 };
 Config config;
 
-std::shared_ptr<cbt::PosixFile> file;  // the image, for the whole run
+std::shared_ptr<cbt::PosixFile> file;  // the image, for the whole run (and its lock)
+std::shared_ptr<cbt::BlockIO> storage;  // what every read and write goes through
 bool file_writable = false;            // opened O_RDWR
 std::shared_ptr<Volume> volume;        // replaced once when a writer comes
 std::mutex upgrade_mu;                 // guards the replacement
@@ -127,14 +129,14 @@ Status GuardStoredBitmaps() {
     return Status::OK();
   cbt::qcow2::OpenOptions o;
   o.writable = true;
-  auto image = cbt::qcow2::Image::Open(file, o);
+  auto image = cbt::qcow2::Image::Open(storage, o);
   if (!image.ok()) return image.status().WithContext("bitmaps of " + config.file);
   std::vector<std::string> names;
   for (const auto& b : (*image)->Bitmaps())
     if (b.enabled && !b.in_use) names.push_back(b.name);
   if (names.empty()) return Status::OK();
   CBT_RETURN_IF_ERROR((*image)->SetInUse(names, true));
-  CBT_RETURN_IF_ERROR(file->flush());
+  CBT_RETURN_IF_ERROR(storage->flush());
   nbdkit_debug("qcow2: %zu enabled bitmap(s) marked in use: nothing records this session's "
                "changes in them",
                names.size());
@@ -150,9 +152,12 @@ int qcow2_get_ready() {
   if (Status s = cbt::qcow2::LockImage(file->fd(), config.file, cbt::qcow2::LockMode::kReadOnly);
       !s.ok())
     return Fail(s);
+  auto io = cbt::plugin::Qcow2ImageStorage(file, file_writable);
+  if (!io.ok()) return Fail(io.status());
+  storage = std::move(*io);
   VolumeOptions ro = config.opts;
   ro.writable = false;
-  auto v = Volume::Open(file, config.file, ro);
+  auto v = Volume::Open(storage, config.file, ro);
   if (!v.ok()) return Fail(v.status());
   std::atomic_store(&volume, std::shared_ptr<Volume>(std::move(*v)));
   if (!Current()->backing_description().empty())
@@ -177,7 +182,7 @@ Status Upgrade() {
     return s;
   VolumeOptions rw = config.opts;
   rw.writable = true;
-  auto v = Volume::Open(file, config.file, rw);
+  auto v = Volume::Open(storage, config.file, rw);
   if (!v.ok()) {
     (void)cbt::qcow2::UnlockImage(file->fd(), config.file);
     (void)cbt::qcow2::LockImage(file->fd(), config.file, cbt::qcow2::LockMode::kReadOnly);
@@ -277,6 +282,7 @@ void qcow2_cleanup() {
   if (v && v->writable())
     if (Status s = v->Flush(); !s.ok()) nbdkit_error("%s", s.message().c_str());
   std::atomic_store(&volume, std::shared_ptr<Volume>());
+  storage.reset();
   file.reset();
 }
 

@@ -4,6 +4,7 @@ set -euo pipefail
 
 : "${CBT_BUILD:?CBT_BUILD must point at the build directory}"
 FILTER="$CBT_BUILD/plugin/nbdkit-cbt-filter.so"
+QCOW2_PLUGIN="${QCOW2_PLUGIN:-$CBT_BUILD/plugin/nbdkit-qcow2-plugin.so}"
 CBT="$CBT_BUILD/server/cbt"
 NBD_LOAD="$CBT_BUILD/tests/nbd_load"
 NBD_OPS="$CBT_BUILD/tests/nbd_ops"
