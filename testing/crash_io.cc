@@ -108,6 +108,12 @@ Status CrashIO::pwrite(std::span<const std::byte> in, uint64_t offset) {
 Status CrashIO::flush() {
   std::lock_guard lock(mu_);
   CBT_RETURN_IF_ERROR(CheckAlive());
+  if (budget_ == 0 && !pending_.empty()) {
+    // The crash comes before this flush completes: the last writes are
+    // not durable yet (the state a crash at the next write cannot show).
+    crashed_ = true;
+    return CheckAlive();
+  }
   durable_ = current_;
   durable_size_ = current_.size();
   pending_.clear();

@@ -5,8 +5,9 @@
 // Method. The device keeps two images: `durable` (as of the last completed
 // flush) and `current` (every completed write applied, in order), and the
 // list of writes since the last flush. CrashAfterWrites(n) lets n more
-// pwrite calls complete; the next one and every call after it fail with EIO,
-// as if the process had died there. What the disk then holds:
+// pwrite calls complete; the next one (or a flush with writes pending that
+// comes first) and every call after it fail with EIO, as if the process had
+// died there. What the disk then holds:
 //  - after kill -9 (ProcessCrashImage): `current`; the page cache survives
 //    the process, so every completed write landed.
 //  - after a power cut (PowerCutImage): `durable` plus what the device's
