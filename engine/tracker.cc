@@ -174,6 +174,7 @@ Status Tracker::OpenContainer() {
   if (!file.ok()) return file.status().WithContext("cbt-file");
   qcow2::OpenOptions oo;
   oo.writable = !ro;
+  oo.refcounts = opts_.shared_refcounts;
   gate_ = std::make_shared<WriteGate>(std::move(file).value());
   auto img = qcow2::Image::Open(gate_, oo);
   if (!img.ok() && oo.writable && gate_->refused()) {
@@ -278,7 +279,10 @@ Status Tracker::Attach(uint64_t disk_size) {
     gate_->Open();
     if (reopen_writable_) {
       image_.reset();
-      auto img = qcow2::Image::Open(gate_, qcow2::OpenOptions{.writable = true});
+      qcow2::OpenOptions oo;
+      oo.writable = true;
+      oo.refcounts = opts_.shared_refcounts;
+      auto img = qcow2::Image::Open(gate_, oo);
       if (!img.ok()) return img.status().WithContext("cbt-file");
       image_ = std::move(img).value();
       reopen_writable_ = false;

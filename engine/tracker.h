@@ -69,6 +69,10 @@ struct TrackerOptions {
   // Where container files live; null: PosixStorage(). Not owned; must
   // outlive the tracker (tests inject crash-simulating devices here).
   Storage* storage = nullptr;
+  // Internal bitmaps (the container is the served qcow2 image itself): the
+  // allocator its data path uses, shared by every image opened here.
+  // Null: the container is ours alone.
+  std::shared_ptr<qcow2::SharedRefcounts> shared_refcounts = nullptr;
 };
 
 // What query-bitmaps reports about one bitmap.

@@ -55,6 +55,7 @@
 #include "plugin/backup_export.h"
 #include "plugin/filter_state.h"
 #include "plugin/filter_storage.h"
+#include "plugin/internal_bitmaps.h"
 #include "plugin/nbdkit_log.h"
 #include "server/control_handler.h"
 #include "server/control_socket.h"
@@ -242,8 +243,13 @@ int cbt_config(nbdkit_next_config* next, nbdkit_backend* nxdata, const char* key
 
 int cbt_config_complete(nbdkit_next_config_complete* next, nbdkit_backend* nxdata) noexcept {
   if (state->opts.container_path.empty()) {
-    nbdkit_error("cbt-file=PATH is required: the qcow2 file that holds the bitmaps");
-    return -1;
+    if (!cbt::plugin::Qcow2PluginLoaded()) {
+      nbdkit_error(
+          "cbt-file=PATH is required: the qcow2 file that holds the bitmaps (over cbt's qcow2 "
+          "plugin it may be left out: the bitmaps then live inside the image)");
+      return -1;
+    }
+    state->internal_bitmaps = true;
   }
   if (state->opts.bitmaps.empty()) {
     nbdkit_error("cbt-bitmap=NAME is required (repeat it for several bitmaps)");
@@ -260,6 +266,12 @@ int cbt_get_ready(int /*thread_model*/) noexcept {
     if (!state->control_path.empty()) {
       if (Status s = cbt::control::CheckSocketPath(state->control_path); !s.ok()) {
         nbdkit_error("cbt-control=%s: %s", state->control_path.c_str(), s.message().c_str());
+        return -1;
+      }
+    }
+    if (state->internal_bitmaps) {
+      if (Status s = cbt::plugin::UseInternalBitmaps(&state->opts); !s.ok()) {
+        nbdkit_error("cbt: %s", s.message().c_str());
         return -1;
       }
     }

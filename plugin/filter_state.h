@@ -25,6 +25,8 @@ namespace cbt::plugin {
 // .prepare under attach_mu; `tracking` is also read without it.
 struct State {
   cbt::TrackerOptions opts;
+  // No cbt-file= over cbt's qcow2 plugin: the bitmaps live in the image.
+  bool internal_bitmaps = false;
   cbt::PersistTriggers persist;  // cbt-persist-interval/-threshold/-idle; 0 = off
   std::unique_ptr<cbt::Tracker> tracker;
   std::unique_ptr<cbt::PersistScheduler> scheduler;

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "common/posix_file.h"
+#include "plugin/qcow2_share.h"
 #include "plugin/qcow2_storage.h"
 #include "qcow2/image.h"
 #include "qcow2/lock.h"
@@ -48,6 +49,9 @@ bool file_writable = false;            // opened O_RDWR
 std::shared_ptr<Volume> volume;        // replaced once when a writer comes
 std::mutex upgrade_mu;                 // guards the replacement
 Status rw_refusal;                     // why the image cannot be written
+cbt::plugin::Qcow2Share share;         // for the cbt filter (internal bitmaps)
+bool share_ready = false;
+std::atomic<bool> bitmaps_claimed{false};
 
 std::shared_ptr<Volume> Current() { return std::atomic_load(&volume); }
 
@@ -124,11 +128,13 @@ int qcow2_config_complete() {
 // records would silently miss it. Mark every enabled one in use (QEMU then
 // treats it as inconsistent; `cbt recover` or a new bitmap repairs that).
 Status GuardStoredBitmaps() {
+  if (bitmaps_claimed.load()) return Status::OK();  // the cbt filter records them
   if (!(Current()->header().autoclear & cbt::qcow2::kAutoclearBitmaps) ||
       !Current()->header().bitmaps)
     return Status::OK();
   cbt::qcow2::OpenOptions o;
   o.writable = true;
+  o.refcounts = share.refcounts;
   auto image = cbt::qcow2::Image::Open(storage, o);
   if (!image.ok()) return image.status().WithContext("bitmaps of " + config.file);
   std::vector<std::string> names;
@@ -160,6 +166,19 @@ int qcow2_get_ready() {
   auto v = Volume::Open(storage, config.file, ro);
   if (!v.ok()) return Fail(v.status());
   std::atomic_store(&volume, std::shared_ptr<Volume>(std::move(*v)));
+  share.path = config.file;
+  share.io = storage;
+  if (file_writable) {
+    const auto& h = Current()->header();
+    auto rc = cbt::qcow2::Refcounts::Load(storage.get(), h.cluster_bits, h.refcount_order,
+                                          h.refcount_table_offset, h.refcount_table_clusters,
+                                          config.file);
+    if (!rc.ok()) return Fail(rc.status());
+    share.refcounts = std::make_shared<cbt::qcow2::SharedRefcounts>();
+    share.refcounts->rc.emplace(std::move(*rc));
+  }
+  share.claim_bitmaps = [] { bitmaps_claimed.store(true); };
+  share_ready = true;
   if (!Current()->backing_description().empty())
     nbdkit_debug("qcow2: backing %s", Current()->backing_description().c_str());
   return 0;
@@ -182,6 +201,7 @@ Status Upgrade() {
     return s;
   VolumeOptions rw = config.opts;
   rw.writable = true;
+  rw.refcounts = share.refcounts;
   auto v = Volume::Open(storage, config.file, rw);
   if (!v.ok()) {
     (void)cbt::qcow2::UnlockImage(file->fd(), config.file);
@@ -327,6 +347,12 @@ nbdkit_plugin plugin = [] {
 }();
 
 }  // namespace
+
+extern "C" __attribute__((visibility("default"))) const cbt::plugin::Qcow2Share* cbt_qcow2_share(
+    uint64_t layout) {
+  if (layout != cbt::plugin::Qcow2ShareLayout() || !share_ready) return nullptr;
+  return &share;
+}
 
 #define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
 NBDKIT_REGISTER_PLUGIN(plugin)

@@ -203,6 +203,7 @@ std::string UntrustedReason(Image& img, const Counted& counted, const Counted::B
 }  // namespace
 
 Result<Counted> CountReferences(Image& img, const CountOptions& opts, CheckReport* rep) {
+  std::lock_guard rl(img.refcounts_mutex());  // the data path may allocate meanwhile
   const Header& h = img.header();
   const uint64_t cs = h.cluster_size();
   Counted out;
@@ -271,6 +272,7 @@ Result<Counted> CountReferences(Image& img, const CountOptions& opts, CheckRepor
 }
 
 Status CompareRefcounts(Image& img, const Counted& counted, bool repair_leaks, CheckReport* rep) {
+  std::lock_guard rl(img.refcounts_mutex());  // the data path may allocate meanwhile
   // Compare over the clusters of the file, as qemu-img check does: a
   // refcount for a cluster past the end of the file is not looked at (it
   // describes nothing; qemu-img reports nothing for it). Refcount blocks

@@ -57,6 +57,16 @@ Image::Image(std::shared_ptr<BlockIO> io, bool writable)
     : io_(std::make_unique<CountingIO>(std::move(io))), writable_(writable), ctx_(io_->name()) {}
 Image::~Image() = default;
 
+Result<uint64_t> Image::Alloc(uint64_t n) {
+  std::lock_guard rl(refcounts_->mu);
+  return refcounts_->rc->Allocate(n);
+}
+
+Status Image::FreeClusters(uint64_t offset, uint64_t n) {
+  std::lock_guard rl(refcounts_->mu);
+  return refcounts_->rc->Free(offset, n);
+}
+
 BlockIO* Image::io() {
   return io_.get();
 }
@@ -68,6 +78,7 @@ Result<std::unique_ptr<Image>> Image::Open(std::shared_ptr<BlockIO> io, const Op
   if (!io) return Status::InvalidArgument("qcow2 open: no file");
   std::unique_ptr<Image> img(new Image(std::move(io), opts.writable));
   img->adopt_stale_ = opts.adopt_stale_bitmaps && opts.writable;
+  img->refcounts_ = opts.refcounts;
   CBT_RETURN_IF_ERROR(img->Load());
   return img;
 }
@@ -82,11 +93,18 @@ Status Image::Load() {
   CBT_ASSIGN_OR_RETURN(header_, ParseHeader(buf, ctx_));
   CBT_RETURN_IF_ERROR(CheckFeatures(header_, writable_, ctx_));
   header_on_disk_ = std::move(buf);
-  CBT_ASSIGN_OR_RETURN(
-      Refcounts rc,
-      Refcounts::Load(io_.get(), header_.cluster_bits, header_.refcount_order,
-                      header_.refcount_table_offset, header_.refcount_table_clusters, ctx_));
-  refcounts_.emplace(std::move(rc));
+  if (refcounts_) {
+    std::lock_guard rl(refcounts_->mu);
+    if (!refcounts_->rc || refcounts_->rc->table_offset() != header_.refcount_table_offset)
+      return Status::InvalidArgument(ctx_ + ": the shared refcounts describe another file");
+  } else {
+    CBT_ASSIGN_OR_RETURN(
+        Refcounts rc,
+        Refcounts::Load(io_.get(), header_.cluster_bits, header_.refcount_order,
+                        header_.refcount_table_offset, header_.refcount_table_clusters, ctx_));
+    refcounts_ = std::make_shared<SharedRefcounts>();
+    refcounts_->rc.emplace(std::move(rc));
+  }
 
   const bool bit = header_.version == 3 && (header_.autoclear & kAutoclearBitmaps);
   if (header_.bitmaps && !bit && !adopt_stale_) {
@@ -373,8 +391,15 @@ Status Image::WriteHeaderBytes(std::span<const std::byte> bytes, uint64_t from, 
 }
 
 Status Image::SwitchHeader(Header next) {
-  next.refcount_table_offset = refcounts_->table_offset();
-  next.refcount_table_clusters = refcounts_->table_clusters();
+  // Held throughout: the data path of an image with internal bitmaps may
+  // grow the refcount table (and write its header fields) otherwise.
+  std::lock_guard rl(refcounts_->mu);
+  return SwitchHeaderLocked(std::move(next));
+}
+
+Status Image::SwitchHeaderLocked(Header next) {
+  next.refcount_table_offset = refcounts_->rc->table_offset();
+  next.refcount_table_clusters = refcounts_->rc->table_clusters();
   next.autoclear &= kAutoclearKnown;  // clear unknown autoclear bits (spec)
   if (next.bitmaps)                   // P4: bit 0 set exactly when the extension is present
     next.autoclear |= kAutoclearBitmaps;
@@ -432,7 +457,7 @@ Status Image::SwitchHeader(Header next) {
     CBT_RETURN_IF_ERROR(WriteHeaderBytes(mbytes, 0, kSectorSize));
     CBT_RETURN_IF_ERROR(io_->flush());
     header_ = std::move(mid);
-    return SwitchHeader(std::move(next));
+    return SwitchHeaderLocked(std::move(next));
   }
   header_ = std::move(next);
   return Status::OK();
@@ -441,9 +466,9 @@ Status Image::SwitchHeader(Header next) {
 Status Image::FreeBitmapClusters(const BitmapDirEntry& e, const std::vector<uint64_t>& table) {
   for (uint64_t t : table) {
     uint64_t off = t & kTableEntryOffsetMask;
-    if (off) CBT_RETURN_IF_ERROR(refcounts_->Free(off, 1));
+    if (off) CBT_RETURN_IF_ERROR(FreeClusters(off, 1));
   }
-  return refcounts_->Free(e.table_offset, DivRoundUp(uint64_t{e.table_size} * 8, cluster_size()));
+  return FreeClusters(e.table_offset, DivRoundUp(uint64_t{e.table_size} * 8, cluster_size()));
 }
 
 Status Image::Commit(const std::vector<BitmapSpec>& specs, OldClusters old) {
@@ -532,13 +557,13 @@ Status Image::Commit(const std::vector<BitmapSpec>& specs, OldClusters old) {
         if (p.data->SlotIsZero(slot)) continue;
         p.data->FillSlot(slot, buf);
         if (AllZero(buf)) continue;
-        CBT_ASSIGN_OR_RETURN(uint64_t off, refcounts_->Allocate(1));
+        CBT_ASSIGN_OR_RETURN(uint64_t off, Alloc(1));
         CBT_RETURN_IF_ERROR(io_->pwrite(buf, off));
         t[slot] = off;
       }
     }
     uint64_t tc = DivRoundUp(t.size() * 8, cs);
-    CBT_ASSIGN_OR_RETURN(uint64_t toff, refcounts_->Allocate(tc));
+    CBT_ASSIGN_OR_RETURN(uint64_t toff, Alloc(tc));
     CBT_RETURN_IF_ERROR(io_->pwrite(SerializeTable(t, tc * cs), toff));
     p.entry.table_offset = toff;
     new_entries[i].table_offset = toff;
@@ -550,7 +575,7 @@ Status Image::Commit(const std::vector<BitmapSpec>& specs, OldClusters old) {
   } else {
     std::vector<std::byte> dir = SerializeDirectory(new_entries);
     uint64_t dc = DivRoundUp(dir.size(), cs);
-    CBT_ASSIGN_OR_RETURN(uint64_t doff, refcounts_->Allocate(dc));
+    CBT_ASSIGN_OR_RETURN(uint64_t doff, Alloc(dc));
     dir.resize(dc * cs, std::byte{0});
     CBT_RETURN_IF_ERROR(io_->pwrite(dir, doff));
     next.bitmaps = BitmapsExtension{static_cast<uint32_t>(new_entries.size()), 0,
@@ -574,7 +599,7 @@ Status Image::Commit(const std::vector<BitmapSpec>& specs, OldClusters old) {
   if (old == OldClusters::kLeave) return Status::OK();
   Status st;
   if (old_ext)
-    st = refcounts_->Free(old_ext->directory_offset, DivRoundUp(old_ext->directory_size, cs));
+    st = FreeClusters(old_ext->directory_offset, DivRoundUp(old_ext->directory_size, cs));
   for (size_t i = 0; i < old_entries.size() && st.ok(); ++i)
     if (!reused.count(static_cast<int>(i))) st = FreeBitmapClusters(old_entries[i], old_tables[i]);
   if (!st.ok())

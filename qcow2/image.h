@@ -95,6 +95,9 @@ struct OpenOptions {
   // the open. Its bitmaps are inconsistent (in use): they can only be
   // dropped or rewritten whole.
   bool adopt_stale_bitmaps = false;
+  // Internal bitmaps: the allocator the data path of the same file uses
+  // (it must describe this file). Null: the image loads its own.
+  std::shared_ptr<SharedRefcounts> refcounts = nullptr;
 };
 
 struct CreateOptions {
@@ -218,7 +221,9 @@ class Image {
 
   // --- for check.cc and tests ---
   BlockIO* io();
-  Refcounts& refcounts() { return *refcounts_; }
+  // REQUIRES refcounts_mutex() held while another writer may run.
+  Refcounts& refcounts() { return *refcounts_->rc; }
+  std::mutex& refcounts_mutex() { return refcounts_->mu; }
   const std::vector<BitmapDirEntry>& dir_entries() const { return entries_; }
   const std::vector<uint64_t>& table(size_t i) const { return tables_[i]; }
   // Set when the bitmaps extension lacks autoclear bit 0 on disk (P4):
@@ -231,6 +236,10 @@ class Image {
  private:
   class CountingIO;
   Image(std::shared_ptr<BlockIO> io, bool writable);
+  // The allocator, under its lock (shared with the data path: internal
+  // bitmaps).
+  Result<uint64_t> Alloc(uint64_t n);
+  Status FreeClusters(uint64_t offset, uint64_t n);
   Status Load();
   int IndexOf(std::string_view name) const;
   Status RequireWritable(const char* op) const;
@@ -238,6 +247,7 @@ class Image {
   // Writes `next` as the new header; every crash point leaves a whole old,
   // intermediate or new header (image.cc's design note); flushes.
   Status SwitchHeader(Header next);
+  Status SwitchHeaderLocked(Header next);  // REQUIRES refcounts_->mu held
   // Writes bytes[from, to) of a serialised header at the same offsets and
   // records them in header_on_disk_. Not flushed.
   Status WriteHeaderBytes(std::span<const std::byte> bytes, uint64_t from, uint64_t to);
@@ -249,7 +259,7 @@ class Image {
   std::string ctx_;
   Header header_;
   std::vector<std::byte> header_on_disk_;  // header bytes as last read/written
-  std::optional<Refcounts> refcounts_;
+  std::shared_ptr<SharedRefcounts> refcounts_;
   std::vector<BitmapDirEntry> entries_;
   std::vector<std::vector<uint64_t>> tables_;
   std::vector<bool> inconsistent_;  // in_use when opened (someone else's)

@@ -55,7 +55,7 @@ Result<uint64_t> Image::WriteSlots(std::string_view name, std::span<const uint64
   // it back, so a failed persist that is retried later leaks nothing.
   auto fail = [&](Status s, size_t referenced) -> Status {
     for (size_t k = referenced; k < new_entries.size(); ++k)
-      if (new_entries[k].second) (void)refcounts_->Free(new_entries[k].second, 1);
+      if (new_entries[k].second) (void)FreeClusters(new_entries[k].second, 1);
     return s;
   };
   for (uint64_t slot : slots) {
@@ -75,7 +75,7 @@ Result<uint64_t> Image::WriteSlots(std::string_view name, std::span<const uint64
     } else if (zero || AllZero(buf)) {
       if (t[slot] == kTableEntryAllOnes) new_entries.emplace_back(slot, 0);
     } else {
-      auto noff = refcounts_->Allocate(1);
+      auto noff = Alloc(1);
       if (!noff.ok()) return fail(std::move(noff).status(), 0);
       new_entries.emplace_back(slot, *noff);
       if (Status s = io_->pwrite(buf, *noff); !s.ok()) return fail(std::move(s), 0);
@@ -108,7 +108,7 @@ Status Image::Preallocate(std::string_view name) {
   std::vector<std::pair<uint64_t, uint64_t>> fresh;
   for (uint64_t slot = 0; slot < t.size(); ++slot) {
     if (t[slot] & kTableEntryOffsetMask) continue;
-    CBT_ASSIGN_OR_RETURN(uint64_t off, refcounts_->Allocate(1));
+    CBT_ASSIGN_OR_RETURN(uint64_t off, Alloc(1));
     CBT_RETURN_IF_ERROR(io_->pwrite(t[slot] == kTableEntryAllOnes ? ones : zeros, off));
     fresh.emplace_back(slot, off);
   }

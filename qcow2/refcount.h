@@ -20,6 +20,9 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -84,6 +87,14 @@ class Refcounts {
   std::map<uint64_t, std::vector<std::byte>> blocks_;  // cache by block index
   uint64_t free_hint_ = 0;
   uint64_t structure_changes_ = 0;                             // no free cluster below this index
+};
+
+// The one Refcounts of a file that several writers in this process share:
+// the data path (Volume) and the bitmaps (Image) of an image with internal
+// bitmaps. Every use of rc holds mu; rc is set once, before sharing.
+struct SharedRefcounts {
+  std::mutex mu;
+  std::optional<Refcounts> rc;
 };
 
 }  // namespace cbt::qcow2

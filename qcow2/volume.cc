@@ -7,7 +7,6 @@
 
 #include "common/endian.h"
 #include "common/posix_file.h"
-#include "qcow2/bitmap_dir.h"
 #include "qcow2/compress.h"
 #include "qcow2/format.h"
 #include "qcow2/util.h"
@@ -166,10 +165,18 @@ Status Volume::Load(uint32_t depth) {
   cache_tables_ = std::max<uint64_t>(2, budget / cs_);
   CBT_RETURN_IF_ERROR(LoadL1());
   if (rw) {
-    CBT_ASSIGN_OR_RETURN(auto rc, Refcounts::Load(io_.get(), h.cluster_bits, h.refcount_order,
-                                                  h.refcount_table_offset,
-                                                  h.refcount_table_clusters, path_));
-    refcounts_.emplace(std::move(rc));
+    if (opts_.refcounts) {
+      rc_ = opts_.refcounts;
+      std::lock_guard rl(rc_->mu);
+      if (!rc_->rc || rc_->rc->table_offset() != h.refcount_table_offset)
+        return Status::InvalidArgument(path_ + ": the shared refcounts describe another file");
+    } else {
+      CBT_ASSIGN_OR_RETURN(auto rc, Refcounts::Load(io_.get(), h.cluster_bits, h.refcount_order,
+                                                    h.refcount_table_offset,
+                                                    h.refcount_table_clusters, path_));
+      rc_ = std::make_shared<SharedRefcounts>();
+      rc_->rc.emplace(std::move(rc));
+    }
     CBT_RETURN_IF_ERROR(BuildMetadataMap());
   }
   return OpenBacking(depth);
@@ -226,27 +233,21 @@ Status Volume::BuildMetadataMap() {
   AddMetadata(h.l1_table_offset, uint64_t{h.l1_size} * 8);
   for (uint64_t e : l1_)
     if (e & kL1OffsetMask) AddMetadata(e & kL1OffsetMask, cs_);
+  // Bitmap clusters are left out: with internal bitmaps they move and are
+  // freed by the bitmap code, and their refcounts keep them from us.
+  std::lock_guard rl(rc_->mu);
   NoteRefcountStructure();
-  if (h.bitmaps && (h.autoclear & kAutoclearBitmaps)) {
-    const BitmapsExtension& ext = *h.bitmaps;
-    CBT_RETURN_IF_ERROR(ValidateBitmapsExtension(ext, h.cluster_bits, path_));
-    AddMetadata(ext.directory_offset, ext.directory_size);
-    std::vector<std::byte> dir(ext.directory_size);
-    CBT_RETURN_IF_ERROR(io_->pread(dir, ext.directory_offset));
-    CBT_ASSIGN_OR_RETURN(auto entries, ParseDirectory(dir, ext.nb_bitmaps, path_));
-    for (const auto& e : entries) AddMetadata(e.table_offset, uint64_t{e.table_size} * 8);
-  }
   return Status::OK();
 }
 
 void Volume::NoteRefcountStructure() {
-  if (!refcount_meta_.empty() && refcounts_->structure_changes() == refblocks_seen_) return;
+  const Refcounts& rc = *rc_->rc;
+  if (!refcount_meta_.empty() && rc.structure_changes() == refblocks_seen_) return;
   // Rebuilt whole: a table move frees the old table's clusters.
-  refblocks_seen_ = refcounts_->structure_changes();
+  refblocks_seen_ = rc.structure_changes();
   refcount_meta_.clear();
-  AddRange(refcount_meta_, refcounts_->table_offset(),
-           uint64_t{refcounts_->table_clusters()} * cs_, cs_);
-  for (uint64_t b : refcounts_->table())
+  AddRange(refcount_meta_, rc.table_offset(), uint64_t{rc.table_clusters()} * cs_, cs_);
+  for (uint64_t b : rc.table())
     if (b) AddRange(refcount_meta_, b, cs_, cs_);
 }
 

@@ -92,6 +92,10 @@ struct VolumeOptions {
   uint32_t max_backing_depth = 16;
   // Default: PosixFile read-only.
   FileOpener open_file;
+  // Writable only: the allocator to share with the bitmaps of the same file
+  // (internal bitmaps; it must describe this file). Null: the volume loads
+  // its own.
+  std::shared_ptr<SharedRefcounts> refcounts = nullptr;
 };
 inline constexpr const char* kRefuseBacking = "refuse";
 
@@ -184,7 +188,7 @@ class Volume final : public Layer {
   void ReleaseOld(const Mapping& m);
   bool IsMetadata(uint64_t host, uint64_t len) const;
   void AddMetadata(uint64_t host, uint64_t len);
-  void NoteRefcountStructure();
+  void NoteRefcountStructure();  // REQUIRES rc_->mu held
   Status MarkCorrupt(const std::string& why);
   void WaitIdle(uint64_t guest_cluster, std::unique_lock<std::mutex>& lk);
   Result<uint64_t> AllocateCluster(bool* fresh);
@@ -221,7 +225,7 @@ class Volume final : public Layer {
   uint64_t l2_clock_ = 0;
   uint64_t l2_dirty_count_ = 0;
   uint64_t cache_tables_ = 0;  // budget in tables
-  std::optional<Refcounts> refcounts_;
+  std::shared_ptr<SharedRefcounts> rc_;  // its mu is taken inside mu_, never around it
   std::map<uint64_t, uint64_t> metadata_;  // host start -> end: header, L1, L2, bitmaps
   std::map<uint64_t, uint64_t> refcount_meta_;  // the refcount table and blocks
   uint64_t refblocks_seen_ = 0;

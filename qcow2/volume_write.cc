@@ -44,8 +44,10 @@ Status Volume::MarkCorrupt(const std::string& why) {
 }
 
 Result<uint64_t> Volume::AllocateCluster(bool* fresh) {
-  CBT_ASSIGN_OR_RETURN(uint64_t off, refcounts_->Allocate(1));
+  std::unique_lock rl(rc_->mu);
+  CBT_ASSIGN_OR_RETURN(uint64_t off, rc_->rc->Allocate(1));
   NoteRefcountStructure();
+  rl.unlock();
   if (IsMetadata(off, cs_)) {
     // The refcounts say free what the image uses as metadata: refuse, as
     // QEMU's overlap check does.
@@ -165,7 +167,10 @@ Status Volume::WritePiece(uint64_t gc, uint64_t in_off, std::span<const std::byt
   if (s.ok()) s = SetEntry(gc, target | kOflagCopied);
   if (!s.ok()) {
     // Nothing references the new cluster: give it back now (R6).
-    if (!reuse) (void)refcounts_->Free(target, 1);
+    if (!reuse) {
+      std::lock_guard rl(rc_->mu);
+      (void)rc_->rc->Free(target, 1);
+    }
     done();
     return s;
   }
@@ -343,16 +348,17 @@ Status Volume::Flush() {
   // 4. The references are gone on disk; wait until no I/O that started
   // before the change can still use the old clusters, then release them.
   pin_cv_.wait(lk, [&] { return pins_.empty() || pins_.begin()->first >= boundary; });
+  std::lock_guard rl(rc_->mu);
   for (size_t i = 0; i < frees.size(); ++i) {
     auto [host, n] = frees[i];
-    s = refcounts_->Free(host, n);
+    s = rc_->rc->Free(host, n);
     if (!s.ok()) {
       // Refcounts wrong on disk already: leave the rest leaked (safe).
       return s.WithContext(path_ + ": releasing clusters at " + Hex(host));
     }
     if (!opts_.discard) continue;
     for (uint64_t c = 0; c < n; ++c) {
-      auto rc = refcounts_->Get((host + c * cs_) / cs_);
+      auto rc = rc_->rc->Get((host + c * cs_) / cs_);
       if (rc.ok() && *rc == 0) (void)io_->punch_hole(host + c * cs_, cs_);
     }
   }
