@@ -8,10 +8,11 @@
 # backing that holds a qcow2 image (never probed), lazy refcounts, internal
 # snapshots, the corrupt bit.
 # For each image, served read-only and read-write where allowed:
-#   - every byte read through NBD (nbdcopy, with and without extents) equals
-#     `qemu-img convert -O raw` of the image;
+#   - every byte read through NBD (nbdcopy without extents; read-only also
+#     with extents) equals `qemu-img convert -O raw` of the image;
 #   - `nbdinfo --map --json` (base:allocation, adjacent equal extents merged)
-#     equals what qemu-nbd -r serves for the same image;
+#     equals what qemu-nbd -r serves for the same image, the two taken back
+#     to back (read-only: before and after the reads);
 #   - read-write: after a clean stop the image is unchanged and passes
 #     qemu-img check; then a second copy is rewritten through NBD (nbdcopy of
 #     a changed raw: data, zero requests) and QEMU must read exactly that raw.
@@ -26,14 +27,15 @@
 #                           plugin (proves the harness on the oracle; the
 #                           refusal checks are then skipped)
 #   CORPUS_ONLY=REGEX       only the cases whose name matches
-#   CORPUS_MUTATE=flip-ref|data-byte|map-only|refuse-clean
+#   CORPUS_MUTATE=flip-ref|flip-new|data-byte|map-only|refuse-clean
 #                           deliberately break the harness's inputs, to prove
 #                           the checks can fail: a bit of each expected raw
-#                           flipped; each image changed after its reference
-#                           raw was taken (512 bytes of 0xfe); or served from
-#                           a copy with zero bytes written as data over a zero
-#                           extent (same bytes, other map); refusals handed a
-#                           clean image
+#                           flipped (flip-new: of the raw written through NBD,
+#                           after the write); each image changed after its
+#                           reference raw was taken (512 bytes of 0xfe); or
+#                           served from a copy with zero bytes written as data
+#                           over a zero extent (same bytes, other map);
+#                           refusals handed a clean image
 # Each case prints "PASS name" or "FAIL name: first difference"; the test
 # fails if any case failed.
 LIB_NO_FILTER=1
@@ -49,7 +51,7 @@ case $SERVER in
   qemu-nbd) echo "NOTE: serving with qemu-nbd (CORPUS_SERVER=qemu-nbd): refusal checks skipped" ;;
   *) fail "CORPUS_SERVER must be plugin or qemu-nbd, not '$SERVER'" ;;
 esac
-case $MUTATE in ''|flip-ref|data-byte|map-only|refuse-clean) ;; *) fail "unknown CORPUS_MUTATE '$MUTATE'" ;; esac
+case $MUTATE in ''|flip-ref|flip-new|data-byte|map-only|refuse-clean) ;; *) fail "unknown CORPUS_MUTATE '$MUTATE'" ;; esac
 
 I=$T/img
 mkdir -p "$I" "$T/cwd" "$T/out"
@@ -240,11 +242,16 @@ qemu_ref() {
   qview "$1"
   rm -f "$2"
   qemu-img convert -O raw --image-opts "$QV" "$2" || fail "qemu-img convert $1"
-  [ "$MUTATE" != flip-ref ] || python3 -c '
+  [ "$MUTATE" != flip-ref ] || flip_bit "$2"
+}
+
+# flip_bit FILE : flips the low bit of the byte at a third of FILE (mutations).
+flip_bit() {
+  python3 -c '
 import sys
 with open(sys.argv[1], "r+b") as f:
     f.seek(0, 2); n = f.tell(); f.seek(n // 3); b = f.read(1); f.seek(n // 3)
-    f.write(bytes([b[0] ^ 0x01]))' "$2"
+    f.write(bytes([b[0] ^ 0x01]))' "$1"
 }
 
 # mutate IMG : for CORPUS_MUTATE=data-byte|map-only, changes IMG in place:
@@ -336,6 +343,7 @@ rewrite() {
     WHY="nbdcopy into the served copy failed: $(head -3 "$T/copy.err" | tr '\n' ' ')"; return 1
   fi
   stop_nbdkit "$SRV_PID"
+  [ "$MUTATE" != flip-new ] || flip_bit "$T/out/new.raw"
   qemu-img check -q "$w" >"$T/check.out" 2>&1 ||
     { WHY="qemu-img check: $(head -3 "$T/check.out" | tr '\n' ' ')"; return 1; }
   qemu_ref "$w" "$T/out/after.raw"
