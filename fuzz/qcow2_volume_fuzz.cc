@@ -9,7 +9,8 @@
 //     (and over the whole disk when it is at most 64 MiB); a range reported
 //     zero must read zeros; Write must fail (read-only).
 //  2. writable: Volume::Open on a fresh copy; a few writes / zeroes / trims /
-//     flushes derived from the input's last bytes; re-read. When the image
+//     flushes in the first MiB of the disk (and its last cluster), derived
+//     from the input's last bytes; re-read, Extents. When the image
 //     checks clean with qcow2::Check (no corruption, leaks allowed), every
 //     byte an acknowledged operation defined must read back, and after the
 //     final Flush the file must open again read-only and hold those bytes.
@@ -49,6 +50,7 @@ namespace q = cbt::qcow2;
 constexpr size_t kMaxInput = 16 << 20;           // matches run.sh's -max_len (2 MiB cluster seeds)
 constexpr uint64_t kMaxFile = 64ull << 20;       // the in-memory file's capacity
 constexpr uint64_t kWindow = 4ull << 20;         // first bytes of the disk read whole
+constexpr uint64_t kWriteWindow = 1ull << 20;    // the writable pass works here
 constexpr uint64_t kChunk = 256ull << 10;        // read request size
 constexpr uint64_t kSample = 64ull << 10;        // sampled window size
 constexpr uint64_t kWholeExtents = 64ull << 20;  // Extents over the whole disk up to this
@@ -247,7 +249,7 @@ void FuzzWritable(const std::vector<std::byte>& bytes, OpBytes& ops, bool memory
   q::Volume& v = **vol;
   const uint64_t size = v.size(), cs = v.cluster_size();
   if (size == 0) return;
-  const uint64_t window = std::min(size, kWindow);
+  const uint64_t window = std::min(size, kWriteWindow);
   const bool strict = ChecksClean(bytes);
 
   Shadow sh;
@@ -308,8 +310,12 @@ void FuzzWritable(const std::vector<std::byte>& bytes, OpBytes& ops, bool memory
       sh.Compare(v, "read back after an op", off - std::min(off, cs), len + 2 * cs);
   }
   const Status flushed = v.Flush();
-  ReadAll(v, ops);
   sh.Compare(v, "read back after flush");
+  {
+    std::vector<std::byte> data;
+    bool ok = ReadRange(v, 0, window, &data);
+    CheckExtents(v, 0, window, ok ? &data : nullptr);
+  }
   vol->reset();
   if (!strict || !flushed.ok()) return;
   // A clean image flushed: it opens again and holds every acknowledged byte.

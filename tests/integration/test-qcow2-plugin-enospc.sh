@@ -16,6 +16,8 @@
 #     corruption (leaks only if qemu-img check -r leaks then fixes them) and
 #     QEMU reads back the acknowledged data (qemu-io -r read -P per range)
 #     and zeros where it was trimmed.
+#  6. the same on a 512 B cluster image, 4 KiB writes 256 KiB apart (each
+#     needs a new L2 table): ENOSPC hits L2 table allocation too.
 # Skipped (77, reason printed) when a tmpfs cannot be mounted.
 #
 #   MUTATE   TEST OF THE TEST only; the test must then FAIL:
@@ -23,10 +25,11 @@
 #            pattern  (QEMU reads back the acknowledged data as 0x5a)
 #            trim     (the trimmed range must read 0xa5, not zeros)
 #            qemu     (step 5 only: QEMU must read the data as 0x5a)
+#            l2       (step 6 only: QEMU must read the 512 B image's data as 0x5a)
 source "$(dirname "$0")/lib.sh"
 need qemu-io
 MUTATE=${MUTATE:-}
-case "$MUTATE" in "" | errno | pattern | trim | qemu) ;; *) fail "unknown MUTATE=$MUTATE" ;; esac
+case "$MUTATE" in "" | errno | pattern | trim | qemu | l2) ;; *) fail "unknown MUTATE=$MUTATE" ;; esac
 [ -f "$QCOW2_PLUGIN" ] || fail "plugin not built: $QCOW2_PLUGIN"
 [ -x "$NBD_OPS" ] || fail "nbd_ops not built: $NBD_OPS"
 want_errno=ENOSPC
@@ -185,4 +188,61 @@ for m in "${acked[@]}" "${retry[@]}"; do
   for t in "${trim_mib[@]}"; do [ "$t" = "$m" ] && want=$tpat; done
   img_qio "read -P $want $((m * MIB)) 1M" || fail "QEMU: $m MiB does not read $want: $(cat "$T/qio.out")"
 done
-echo "OK: ENOSPC reported, reads served, image checks clean, QEMU reads the acknowledged data"
+echo "ok: ENOSPC reported, reads served, image checks clean, QEMU reads the acknowledged data"
+
+# 6. 512 B clusters: each 4 KiB write at a 256 KiB stride needs a new L2
+# table as well as data clusters, so ENOSPC also hits L2 table allocation
+# (written at flush). Same judgement: ENOSPC only, flush ok or clean, the
+# server keeps serving, qemu-img check, QEMU reads every acknowledged write
+# (after a successful flush).
+rm -f "$IMG"
+# 4 MiB left: fewer than the ~4.6 MiB the 1000 writes need.
+dd if=/dev/zero of="$T/mnt/filler" bs=1M count=4 status=none
+qemu-img create -q -f qcow2 -o cluster_size=512 "$IMG" 256M
+start_nbdkit "$T/sock" "$QCOW2_PLUGIN" file="$IMG"
+ops=()
+for i in $(seq 0 999); do ops+=("w:$((i * 256 * 1024)):4096"); done
+rc=0
+timeout 120 "$NBD_OPS" "$T/sock" "${ops[@]}" f >"$T/ops6.out" 2>&1 || rc=$?
+[ $rc -eq 1 ] || fail "512 B clusters: expected a write to fail, nbd_ops exit $rc"
+if grep '^w.* error ' "$T/ops6.out" | grep -qv " error $want_errno "; then
+  fail "512 B clusters: a write failed with another errno: $(grep '^w.* error ' "$T/ops6.out" | grep -v " error $want_errno " | head -3)"
+fi
+flush_line=$(grep '^f ' "$T/ops6.out") || fail "512 B clusters: no flush result"
+echo "observed: 512 B clusters: $(grep -c '^w.* ok$' "$T/ops6.out") writes acknowledged, $(grep -c '^w.* error ' "$T/ops6.out") failed with $want_errno; $flush_line"
+case "$flush_line" in
+  "f ok") ;;
+  "f error ENOSPC "* | "f error EIO "*)
+    timeout 60 "$NBD_OPS" "$T/sock" f >"$T/ops7.out" 2>&1 ||
+      skip_flush=1 ;;
+  *) fail "512 B clusters: flush neither succeeded nor failed cleanly: $flush_line" ;;
+esac
+[ "${skip_flush:-0}" = 0 ] || fail "512 B clusters: flush keeps failing: $(cat "$T/ops7.out")"
+nbd_qio "read -P $pat 0 4k" || fail "512 B clusters: reads not served after ENOSPC: $(cat "$T/qio.out")"
+stop_nbdkit "$NBDKIT_PID"
+rc=0
+qemu-img check "$IMG" >"$T/check.out" 2>&1 || rc=$?
+case $rc in
+  0) ;;
+  3)
+    echo "observed: 512 B clusters: qemu-img check reports leaks"
+    qemu-img check -r leaks "$IMG" >"$T/repair.out" 2>&1 || fail "qemu-img check -r leaks failed: $(cat "$T/repair.out")"
+    qemu-img check "$IMG" >"$T/check2.out" 2>&1 || fail "leaks remain after -r leaks: $(cat "$T/check2.out")"
+    ;;
+  *) fail "512 B clusters: qemu-img check exit $rc: $(cat "$T/check.out")" ;;
+esac
+# One qemu-io run reads every acknowledged write.
+l2pat=$pat
+[ "$MUTATE" = l2 ] && l2pat=0x5a
+args=()
+while read -r op res; do
+  [ "$res" = ok ] || continue
+  off=${op#w:}
+  off=${off%%:*}
+  args+=(-c "read -P $l2pat $off 4k")
+done < <(grep '^w:' "$T/ops6.out")
+rc=0
+timeout 120 qemu-io -r -f qcow2 "${args[@]}" "$IMG" >"$T/qio.out" 2>&1 || rc=$?
+[ $rc -eq 0 ] && ! grep -qiE 'error|fail|mismatch' "$T/qio.out" ||
+  fail "512 B clusters: QEMU does not read back an acknowledged write (qemu-io exit $rc): $(grep -iE 'error|fail' "$T/qio.out" | head -2)"
+echo "OK: 512 B clusters: ENOSPC on L2 allocation, image checks clean, QEMU reads the acknowledged writes"
