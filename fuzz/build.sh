@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Configures build/fuzz with clang (libFuzzer + ASan + UBSan) and builds only
-# the fuzz targets (qcow2_fuzz, control_fuzz) and the libraries they need.
+# the fuzz targets (qcow2_fuzz, qcow2_volume_fuzz, control_fuzz) and the
+# libraries they need. CBT_FUZZ_BUILD_JOBS=N: build jobs (default 2).
 # Used by fuzz/run.sh (its two ctests, one per target, share a lock so
 # they never build this tree at the same time).
 # Exit 77 (skip) with a reason when clang or libFuzzer is missing.
@@ -28,4 +29,5 @@ if [ ! -f build/fuzz/CMakeCache.txt ]; then
   CC=clang CXX=clang++ cmake -S . -B build/fuzz -G Ninja -DCBT_FUZZ=ON -DCBT_BENCH=OFF \
     -DCMAKE_BUILD_TYPE=RelWithDebInfo
 fi
-cmake --build build/fuzz --target qcow2_fuzz control_fuzz -j2
+cmake --build build/fuzz --target qcow2_fuzz qcow2_volume_fuzz control_fuzz \
+  -j"${CBT_FUZZ_BUILD_JOBS:-2}"

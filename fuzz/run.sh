@@ -5,7 +5,8 @@
 #   fuzz/run.sh [SECONDS] [TARGET]
 # TARGET: qcow2 (default; qcow2_fuzz, the qcow2 parsers, seeds from
 # make_corpus.sh) or control (control_fuzz, the control request parser,
-# seeds and dictionary from control_seeds.sh).
+# seeds and dictionary from control_seeds.sh) or volume (qcow2_volume_fuzz,
+# the qcow2::Volume data path, seeds from make_corpus.sh + volume_seeds.sh).
 # Exit: 0 no finding; 1 a crash/leak/timeout/OOM (reproducer kept, path
 # printed); 77 skip (clang/libFuzzer or qemu-img missing), with the reason.
 #   CBT_FUZZ_KEEP=DIR   keep the corpus and findings in DIR instead of a temp dir
@@ -18,7 +19,8 @@ cd "$src"
 case $target in
   qcow2) max_len=1048576 ;;
   control) max_len=70000 ;;  # the protocol refuses lines over 64 KiB
-  *) echo "run.sh: unknown target '$target' (qcow2 or control)" >&2; exit 1 ;;
+  volume) max_len=16777216 ;;  # seeds with 2 MiB clusters are ~10 MiB
+  *) echo "run.sh: unknown target '$target' (qcow2, control or volume)" >&2; exit 1 ;;
 esac
 
 blog=$(mktemp /tmp/cbt-fuzz-build.XXXXXX)
@@ -33,6 +35,7 @@ if [ $rc -ne 0 ]; then
 fi
 rm -f "$blog"
 bin=$src/build/fuzz/fuzz/${target}_fuzz
+[ "$target" = volume ] && bin=$src/build/fuzz/fuzz/qcow2_volume_fuzz
 
 if [ -n "${CBT_FUZZ_KEEP:-}" ]; then
   dir=$CBT_FUZZ_KEEP
@@ -46,6 +49,8 @@ rm -rf "$seeds"
 dict=()
 if [ "$target" = qcow2 ]; then
   fuzz/make_corpus.sh "$seeds"
+elif [ "$target" = volume ]; then
+  fuzz/make_corpus.sh "$seeds" && fuzz/volume_seeds.sh "$seeds"
 else
   fuzz/control_seeds.sh "$seeds" "$dir/control.dict" && dict=(-dict="$dir/control.dict")
 fi
