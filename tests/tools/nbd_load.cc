@@ -10,6 +10,11 @@
 //                    offset length") and one when it is acknowledged ("A conn
 //                    id status"), written unbuffered so that a test killing
 //                    the server can tell what was in flight
+//   --stamp          every write carries data that names it: the 8-byte
+//                    little-endian word at disk offset 8k (of which the
+//                    write has some or all bytes) is (tag << 32) | k, with
+//                    tag = ((conn + 1) << 24) | id, so that a test can tell
+//                    from any byte which request wrote it (ids < 2^24)
 //   --hold-file FILE after the requests, create FILE and keep the
 //                    connection open until the test removes it
 //   --kill-after N --kill-pid PID
@@ -52,6 +57,7 @@ struct Options {
   std::string expected, log;
   bool allow_errors = false;
   bool final_flush = true;
+  bool stamp = false;
   std::string hold_file;    // after the requests: create it, wait until removed
   uint64_t kill_after = 0;  // SIGKILL kill_pid after this many acks; 0 = never
   pid_t kill_pid = 0;
@@ -80,7 +86,21 @@ struct Request {
   uint64_t id, off, len;
   char op;
   const Options* o;
+  std::vector<char> data;  // --stamp: this write's own buffer
 };
+
+// --stamp: the data of write `id` of `conn` at [off, off+len).
+void Stamp(Request* r) {
+  const uint64_t tag = ((static_cast<uint64_t>(r->conn) + 1) << 24) | r->id;
+  const uint64_t first = r->off / 8, last = (r->off + r->len - 1) / 8;
+  std::vector<char> words((last - first + 1) * 8);
+  for (uint64_t k = first; k <= last; ++k) {
+    uint64_t w = (tag << 32) | k;
+    for (int b = 0; b < 8; ++b) words[(k - first) * 8 + b] = static_cast<char>(w >> (8 * b));
+  }
+  r->data.assign(words.begin() + static_cast<ptrdiff_t>(r->off % 8),
+                 words.begin() + static_cast<ptrdiff_t>(r->off % 8 + r->len));
+}
 
 int Done(void* user, int* error) {
   auto* r = static_cast<Request*>(user);
@@ -119,7 +139,7 @@ int RunConnection(const Options& o, unsigned conn, uint64_t size) {
     while (nbd_aio_in_flight(h) >= static_cast<int>(o.qd))
       if (nbd_poll(h, -1) == -1) break;
     if (killed.load()) break;
-    auto* r = new Request{conn, i, 0, 0, 'W', &o};
+    auto* r = new Request{conn, i, 0, 0, 'W', &o, {}};
     bool flush = o.flush_every && can_flush && (i + 1) % o.flush_every == 0;
     if (flush) {
       r->op = 'F';
@@ -130,6 +150,7 @@ int RunConnection(const Options& o, unsigned conn, uint64_t size) {
       r->len = len;
       int pick = static_cast<int>(rng() % 20);
       r->op = pick < 12 ? 'W' : pick < 16 ? (can_zero ? 'Z' : 'W') : (can_trim ? 'T' : 'W');
+      if (o.stamp && r->op == 'W') Stamp(r);
     }
     LogLine("S " + std::to_string(conn) + " " + std::to_string(i) + " " + r->op + " " +
             std::to_string(r->off) + " " + std::to_string(r->len) + "\n");
@@ -137,7 +158,7 @@ int RunConnection(const Options& o, unsigned conn, uint64_t size) {
     int64_t cookie;
     switch (r->op) {
       case 'W':
-        cookie = nbd_aio_pwrite(h, buf.data(), r->len, r->off, cb, 0);
+        cookie = nbd_aio_pwrite(h, o.stamp ? r->data.data() : buf.data(), r->len, r->off, cb, 0);
         break;
       case 'Z':
         cookie = nbd_aio_zero(h, r->len, r->off, cb, 0);
@@ -201,7 +222,7 @@ void WriteExpected(const Options& o, uint64_t size) {
           "usage: nbd_load --socket PATH [--seed N] [--ops N] [--qd N] [--connections N]\n"
           "                [--granularity N] [--flush-every N] [--max-len N]\n"
           "                [--region OFFSET:LENGTH] [--expected FILE] [--log FILE]\n"
-          "                [--allow-errors] [--no-final-flush] [--hold-file FILE]\n"
+          "                [--allow-errors] [--no-final-flush] [--stamp] [--hold-file FILE]\n"
           "                [--kill-after N --kill-pid PID]\n");
   exit(2);
 }
@@ -246,6 +267,8 @@ int main(int argc, char** argv) {
       o.allow_errors = true;
     else if (a == "--no-final-flush")
       o.final_flush = false;
+    else if (a == "--stamp")
+      o.stamp = true;
     else if (a == "--hold-file")
       o.hold_file = val();
     else if (a == "--kill-after")
@@ -256,6 +279,7 @@ int main(int argc, char** argv) {
       Usage();
   }
   if (o.socket.empty() || o.connections == 0 || o.qd == 0) Usage();
+  if (o.stamp && o.ops / o.connections + 1 >= (uint64_t{1} << 24)) Usage();
   if ((o.kill_after == 0) != (o.kill_pid <= 0)) Usage();  // both or neither
 
   nbd_handle* h = nbd_create();
