@@ -24,6 +24,12 @@
 //                    and submit nothing more. Unlike a kill at a wall-clock
 //                    instant, this crash point is a count a test can print
 //                    and replay with the same --seed.
+//   --flush-conns N  only the first N connections flush (--flush-every)
+//   --kill-on-flush  with --kill-after N: kill at the first successful flush
+//                    acknowledged at or after the Nth ack instead (right
+//                    after a completed flush: every write before it must
+//                    survive, and the next flush has not begun), or at ack
+//                    4N + 1000 if no flush completes by then
 // Exit status: 0 when every request succeeded (or --allow-errors), else 1.
 #include <fcntl.h>
 #include <libnbd.h>
@@ -50,7 +56,8 @@ struct Options {
   unsigned qd = 8;
   unsigned connections = 1;
   uint64_t granularity = 65536;
-  unsigned flush_every = 0;  // flush after every N ops per connection; 0 = never
+  unsigned flush_every = 0;    // flush after every N ops per connection; 0 = never
+  unsigned flush_conns = ~0u;  // only connections below this flush
   uint64_t max_len = 256 * 1024;
   uint64_t region_offset = 0;  // confine requests to [offset, offset+length)
   uint64_t region_length = 0;  // 0 = whole disk
@@ -61,6 +68,7 @@ struct Options {
   std::string hold_file;    // after the requests: create it, wait until removed
   uint64_t kill_after = 0;  // SIGKILL kill_pid after this many acks; 0 = never
   pid_t kill_pid = 0;
+  bool kill_on_flush = false;
 };
 
 std::mutex mu;  // guards granules, log writes and error counts
@@ -107,10 +115,16 @@ int Done(void* user, int* error) {
   LogLine("A " + std::to_string(r->conn) + " " + std::to_string(r->id) + " " +
           std::to_string(*error) + "\n");
   // The ack is logged first: the Nth ack is in the log before the kill.
-  if (r->o->kill_after && acks.fetch_add(1) + 1 == r->o->kill_after) {
-    kill(r->o->kill_pid, SIGKILL);
-    killed.store(true);
-    LogLine("K " + std::to_string(r->o->kill_after) + "\n");
+  if (r->o->kill_after) {
+    const uint64_t n = acks.fetch_add(1) + 1;
+    bool now = n == r->o->kill_after;
+    if (r->o->kill_on_flush)
+      now = (n >= r->o->kill_after && r->op == 'F' && *error == 0) ||
+            n == 4 * r->o->kill_after + 1000;
+    if (now && !killed.exchange(true)) {
+      kill(r->o->kill_pid, SIGKILL);
+      LogLine("K " + std::to_string(n) + "\n");
+    }
   }
   if (*error == 0) {
     if (r->op != 'F') MarkRange(r->off, r->len, r->o->granularity);
@@ -140,7 +154,7 @@ int RunConnection(const Options& o, unsigned conn, uint64_t size) {
       if (nbd_poll(h, -1) == -1) break;
     if (killed.load()) break;
     auto* r = new Request{conn, i, 0, 0, 'W', &o, {}};
-    bool flush = o.flush_every && can_flush && (i + 1) % o.flush_every == 0;
+    bool flush = o.flush_every && can_flush && conn < o.flush_conns && (i + 1) % o.flush_every == 0;
     if (flush) {
       r->op = 'F';
     } else {
@@ -220,10 +234,10 @@ void WriteExpected(const Options& o, uint64_t size) {
 [[noreturn]] void Usage() {
   fprintf(stderr,
           "usage: nbd_load --socket PATH [--seed N] [--ops N] [--qd N] [--connections N]\n"
-          "                [--granularity N] [--flush-every N] [--max-len N]\n"
+          "                [--granularity N] [--flush-every N] [--flush-conns N] [--max-len N]\n"
           "                [--region OFFSET:LENGTH] [--expected FILE] [--log FILE]\n"
           "                [--allow-errors] [--no-final-flush] [--stamp] [--hold-file FILE]\n"
-          "                [--kill-after N --kill-pid PID]\n");
+          "                [--kill-after N --kill-pid PID [--kill-on-flush]]\n");
   exit(2);
 }
 
@@ -251,6 +265,8 @@ int main(int argc, char** argv) {
       o.granularity = std::stoull(val());
     else if (a == "--flush-every")
       o.flush_every = static_cast<unsigned>(std::stoul(val()));
+    else if (a == "--flush-conns")
+      o.flush_conns = static_cast<unsigned>(std::stoul(val()));
     else if (a == "--max-len")
       o.max_len = std::stoull(val());
     else if (a == "--region") {
@@ -273,6 +289,8 @@ int main(int argc, char** argv) {
       o.hold_file = val();
     else if (a == "--kill-after")
       o.kill_after = std::stoull(val());
+    else if (a == "--kill-on-flush")
+      o.kill_on_flush = true;
     else if (a == "--kill-pid")
       o.kill_pid = static_cast<pid_t>(std::stol(val()));
     else
