@@ -145,52 +145,59 @@ def base_content(rng, size):
     return bytes(out)
 
 
-def make_image(kind, rng, d, size):
-    """Creates the image; returns (path, initial guest content or None for
-    zeros, description)."""
-    img = os.path.join(d, "img.qcow2")
-    create = ["qemu-img", "create", "-q", "-f", "qcow2"]
-    if kind == "v3-64k":
-        run(create + ["-o", "cluster_size=65536", img, str(size)])
-        return img, None, "v3 64k"
-    if kind == "c512":
-        run(create + ["-o", "cluster_size=512", img, str(size)])
-        return img, None, "v3 512 B clusters"
-    if kind == "c2m":
-        run(create + ["-o", "cluster_size=2M", img, str(size)])
-        return img, None, "v3 2 MiB clusters"
-    if kind == "v2":
-        cs = rng.choice([4096, 65536])
-        run(create + ["-o", f"compat=0.10,cluster_size={cs}", img, str(size)])
-        return img, None, f"v2 {cs // 1024}k"
-    if kind == "refcount1":
-        cs = rng.choice([4096, 65536])
-        run(create + ["-o", f"refcount_bits=1,cluster_size={cs}", img, str(size)])
-        return img, None, f"refcount_bits=1 {cs // 1024}k"
-    if kind == "prealloc":
-        cs = rng.choice([4096, 65536])
-        run(create + ["-o", f"preallocation=metadata,cluster_size={cs}", img, str(size)])
-        return img, None, f"preallocation=metadata {cs // 1024}k"
+def make_backing(rng, d, size):
+    """A qcow2 backing file with data; returns (path, its content)."""
     data = base_content(rng, size)
-    raw = os.path.join(d, "base.raw")
+    raw, base = os.path.join(d, "base.raw"), os.path.join(d, "base.qcow2")
     with open(raw, "wb") as f:
         f.write(data)
+    run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", "-o",
+         f"cluster_size={rng.choice([4096, 65536])}", raw, base])
+    os.unlink(raw)
+    return base, data
+
+
+def make_image(kind, rng, d, size):
+    """Creates the image; returns (path, initial guest content or None for
+    zeros, backing content or None, description). The kinds without data of
+    their own sometimes get a backing file too: every first write to a
+    cluster then copies backing data around it, which a write ordered wrongly
+    against its L2 entry loses."""
+    img = os.path.join(d, "img.qcow2")
+    create = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    opts = {"v3-64k": "cluster_size=65536", "c512": "cluster_size=512",
+            "c2m": "cluster_size=2M"}.get(kind)
+    desc = {"v3-64k": "v3 64k", "c512": "v3 512 B clusters", "c2m": "v3 2 MiB clusters"}.get(kind)
+    if kind in ("v2", "refcount1", "prealloc"):
+        cs = rng.choice([4096, 65536])
+        opts = {"v2": "compat=0.10", "refcount1": "refcount_bits=1",
+                "prealloc": "preallocation=metadata"}[kind] + f",cluster_size={cs}"
+        desc = {"v2": "v2", "refcount1": "refcount_bits=1",
+                "prealloc": "preallocation=metadata"}[kind] + f" {cs // 1024}k"
+    if opts:
+        if kind != "prealloc" and rng.random() < 0.3:
+            base, data = make_backing(rng, d, size)
+            run(create + ["-o", opts, "-b", base, "-F", "qcow2", img, str(size)])
+            return img, data, data, desc + " over a qcow2 backing"
+        run(create + ["-o", opts, img, str(size)])
+        return img, None, None, desc
     if kind == "compressed":
+        data = base_content(rng, size)
+        raw = os.path.join(d, "base.raw")
+        with open(raw, "wb") as f:
+            f.write(data)
         cs = rng.choice([4096, 65536])
         run(["qemu-img", "convert", "-q", "-c", "-f", "raw", "-O", "qcow2", "-o",
              f"cluster_size={cs}", raw, img])
         os.unlink(raw)
-        return img, data, f"compressed {cs // 1024}k"
+        return img, data, None, f"compressed {cs // 1024}k"
     assert kind == "overlay"
-    base = os.path.join(d, "base.qcow2")
-    run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", "-o",
-         f"cluster_size={rng.choice([4096, 65536])}", raw, base])
-    os.unlink(raw)
+    base, data = make_backing(rng, d, size)
     compat = rng.choice(["1.1", "0.10"])
     cs = rng.choice([4096, 65536])
     run(create + ["-o", f"compat={compat},cluster_size={cs}", "-b", base, "-F", "qcow2", img,
                   str(size)])
-    return img, data, f"overlay compat={compat} {cs // 1024}k over qcow2"
+    return img, data, data, f"overlay compat={compat} {cs // 1024}k over qcow2"
 
 
 def stamp(tag, lo, hi):
@@ -334,7 +341,7 @@ def iteration(a, i, work, figures):
     d = os.path.join(work, f"it{i}")
     os.makedirs(d)
     size = a.disk_mib << 20
-    img, initial, desc = make_image(kind, rng, d, size)
+    img, initial, backing, desc = make_image(kind, rng, d, size)
     sock, log = os.path.join(d, "sock"), os.path.join(d, "load.log")
     nlog = open(os.path.join(d, "nbdkit.log"), "w")
     env = dict(os.environ)
@@ -418,7 +425,7 @@ def iteration(a, i, work, figures):
         actual = f.read()
     if len(actual) != size:
         fail(f"served size {len(actual)}, expected {size}")
-    errors, checked, unspec = verify(reqs, actual, initial, initial if kind == "overlay" else None)
+    errors, checked, unspec = verify(reqs, actual, initial, backing)
     if errors:
         fail("content differs from every allowed value:\n  " + "\n  ".join(errors))
     cmp_ = run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, out], check=False)
