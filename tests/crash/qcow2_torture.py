@@ -63,6 +63,9 @@ import tempfile
 import time
 from array import array
 
+# What libnbd reports for the requests the kill cut off (ENOTCONN,
+# ECONNRESET, EPIPE, ESHUTDOWN); any other error is the plugin's.
+DISCONNECTED = {"0", "107", "104", "32", "108"}
 KINDS = ["v3-64k", "c512", "c2m", "v2", "refcount1", "overlay", "compressed", "prealloc"]
 
 
@@ -227,9 +230,12 @@ class Req:
 def parse_log(path):
     """Returns (requests, index in the log of F*'s S line or -1, figures)."""
     reqs, flushes = {}, {}
+    early_errors = []
     with open(path) as f:
         for n, line in enumerate(f):
             p = line.split()
+            if len(p) >= 4 and p[0] == "A" and p[3] not in DISCONNECTED:
+                early_errors.append(line.strip())
             if len(p) >= 6 and p[0] == "S":
                 key = (int(p[1]), int(p[2]))
                 if p[3] == "F":
@@ -246,7 +252,7 @@ def parse_log(path):
     for r in reqs.values():
         r.durable = r.ok and r.a is not None and r.a < fstar
     done = sum(1 for _, ok in flushes.values() if ok)
-    return list(reqs.values()), fstar, {"flushes": done,
+    return list(reqs.values()), fstar, {"flushes": done, "early_errors": early_errors,
                                         "durable": sum(r.durable for r in reqs.values()),
                                         "requests": len(reqs)}
 
@@ -421,6 +427,11 @@ def iteration(a, i, work, figures):
     if cp.returncode != 0:
         fail(f"nbdcopy from the plugin failed: {cp.stderr.strip()}")
     reqs, fstar, fig = parse_log(log)
+    if fig["early_errors"]:
+        # Every request must succeed or be cut off by the kill (nbd_load runs
+        # with --allow-errors only for those).
+        fail("requests failed with an error of the plugin's (A conn id errno): "
+             + ", ".join(fig["early_errors"][:8]))
     with open(out, "rb") as f:
         actual = f.read()
     if len(actual) != size:
