@@ -10,6 +10,11 @@
 //                    offset length") and one when it is acknowledged ("A conn
 //                    id status"), written unbuffered so that a test killing
 //                    the server can tell what was in flight
+//   --stamp          every write carries data that names it: the 8-byte
+//                    little-endian word at disk offset 8k (of which the
+//                    write has some or all bytes) is (tag << 32) | k, with
+//                    tag = ((conn + 1) << 24) | id, so that a test can tell
+//                    from any byte which request wrote it (ids < 2^24)
 //   --hold-file FILE after the requests, create FILE and keep the
 //                    connection open until the test removes it
 //   --kill-after N --kill-pid PID
@@ -19,6 +24,12 @@
 //                    and submit nothing more. Unlike a kill at a wall-clock
 //                    instant, this crash point is a count a test can print
 //                    and replay with the same --seed.
+//   --flush-conns N  only the first N connections flush (--flush-every)
+//   --kill-on-flush  with --kill-after N: kill at the first successful flush
+//                    acknowledged at or after the Nth ack instead (right
+//                    after a completed flush: every write before it must
+//                    survive, and the next flush has not begun), or at ack
+//                    4N + 1000 if no flush completes by then
 // Exit status: 0 when every request succeeded (or --allow-errors), else 1.
 #include <fcntl.h>
 #include <libnbd.h>
@@ -45,16 +56,19 @@ struct Options {
   unsigned qd = 8;
   unsigned connections = 1;
   uint64_t granularity = 65536;
-  unsigned flush_every = 0;  // flush after every N ops per connection; 0 = never
+  unsigned flush_every = 0;    // flush after every N ops per connection; 0 = never
+  unsigned flush_conns = ~0u;  // only connections below this flush
   uint64_t max_len = 256 * 1024;
   uint64_t region_offset = 0;  // confine requests to [offset, offset+length)
   uint64_t region_length = 0;  // 0 = whole disk
   std::string expected, log;
   bool allow_errors = false;
   bool final_flush = true;
+  bool stamp = false;
   std::string hold_file;    // after the requests: create it, wait until removed
   uint64_t kill_after = 0;  // SIGKILL kill_pid after this many acks; 0 = never
   pid_t kill_pid = 0;
+  bool kill_on_flush = false;
 };
 
 std::mutex mu;  // guards granules, log writes and error counts
@@ -80,17 +94,37 @@ struct Request {
   uint64_t id, off, len;
   char op;
   const Options* o;
+  std::vector<char> data;  // --stamp: this write's own buffer
 };
+
+// --stamp: the data of write `id` of `conn` at [off, off+len).
+void Stamp(Request* r) {
+  const uint64_t tag = ((static_cast<uint64_t>(r->conn) + 1) << 24) | r->id;
+  const uint64_t first = r->off / 8, last = (r->off + r->len - 1) / 8;
+  std::vector<char> words((last - first + 1) * 8);
+  for (uint64_t k = first; k <= last; ++k) {
+    uint64_t w = (tag << 32) | k;
+    for (int b = 0; b < 8; ++b) words[(k - first) * 8 + b] = static_cast<char>(w >> (8 * b));
+  }
+  r->data.assign(words.begin() + static_cast<ptrdiff_t>(r->off % 8),
+                 words.begin() + static_cast<ptrdiff_t>(r->off % 8 + r->len));
+}
 
 int Done(void* user, int* error) {
   auto* r = static_cast<Request*>(user);
   LogLine("A " + std::to_string(r->conn) + " " + std::to_string(r->id) + " " +
           std::to_string(*error) + "\n");
   // The ack is logged first: the Nth ack is in the log before the kill.
-  if (r->o->kill_after && acks.fetch_add(1) + 1 == r->o->kill_after) {
-    kill(r->o->kill_pid, SIGKILL);
-    killed.store(true);
-    LogLine("K " + std::to_string(r->o->kill_after) + "\n");
+  if (r->o->kill_after) {
+    const uint64_t n = acks.fetch_add(1) + 1;
+    bool now = n == r->o->kill_after;
+    if (r->o->kill_on_flush)
+      now = (n >= r->o->kill_after && r->op == 'F' && *error == 0) ||
+            n == 4 * r->o->kill_after + 1000;
+    if (now && !killed.exchange(true)) {
+      kill(r->o->kill_pid, SIGKILL);
+      LogLine("K " + std::to_string(n) + "\n");
+    }
   }
   if (*error == 0) {
     if (r->op != 'F') MarkRange(r->off, r->len, r->o->granularity);
@@ -119,8 +153,8 @@ int RunConnection(const Options& o, unsigned conn, uint64_t size) {
     while (nbd_aio_in_flight(h) >= static_cast<int>(o.qd))
       if (nbd_poll(h, -1) == -1) break;
     if (killed.load()) break;
-    auto* r = new Request{conn, i, 0, 0, 'W', &o};
-    bool flush = o.flush_every && can_flush && (i + 1) % o.flush_every == 0;
+    auto* r = new Request{conn, i, 0, 0, 'W', &o, {}};
+    bool flush = o.flush_every && can_flush && conn < o.flush_conns && (i + 1) % o.flush_every == 0;
     if (flush) {
       r->op = 'F';
     } else {
@@ -130,6 +164,7 @@ int RunConnection(const Options& o, unsigned conn, uint64_t size) {
       r->len = len;
       int pick = static_cast<int>(rng() % 20);
       r->op = pick < 12 ? 'W' : pick < 16 ? (can_zero ? 'Z' : 'W') : (can_trim ? 'T' : 'W');
+      if (o.stamp && r->op == 'W') Stamp(r);
     }
     LogLine("S " + std::to_string(conn) + " " + std::to_string(i) + " " + r->op + " " +
             std::to_string(r->off) + " " + std::to_string(r->len) + "\n");
@@ -137,7 +172,7 @@ int RunConnection(const Options& o, unsigned conn, uint64_t size) {
     int64_t cookie;
     switch (r->op) {
       case 'W':
-        cookie = nbd_aio_pwrite(h, buf.data(), r->len, r->off, cb, 0);
+        cookie = nbd_aio_pwrite(h, o.stamp ? r->data.data() : buf.data(), r->len, r->off, cb, 0);
         break;
       case 'Z':
         cookie = nbd_aio_zero(h, r->len, r->off, cb, 0);
@@ -199,10 +234,10 @@ void WriteExpected(const Options& o, uint64_t size) {
 [[noreturn]] void Usage() {
   fprintf(stderr,
           "usage: nbd_load --socket PATH [--seed N] [--ops N] [--qd N] [--connections N]\n"
-          "                [--granularity N] [--flush-every N] [--max-len N]\n"
+          "                [--granularity N] [--flush-every N] [--flush-conns N] [--max-len N]\n"
           "                [--region OFFSET:LENGTH] [--expected FILE] [--log FILE]\n"
-          "                [--allow-errors] [--no-final-flush] [--hold-file FILE]\n"
-          "                [--kill-after N --kill-pid PID]\n");
+          "                [--allow-errors] [--no-final-flush] [--stamp] [--hold-file FILE]\n"
+          "                [--kill-after N --kill-pid PID [--kill-on-flush]]\n");
   exit(2);
 }
 
@@ -230,6 +265,8 @@ int main(int argc, char** argv) {
       o.granularity = std::stoull(val());
     else if (a == "--flush-every")
       o.flush_every = static_cast<unsigned>(std::stoul(val()));
+    else if (a == "--flush-conns")
+      o.flush_conns = static_cast<unsigned>(std::stoul(val()));
     else if (a == "--max-len")
       o.max_len = std::stoull(val());
     else if (a == "--region") {
@@ -246,16 +283,21 @@ int main(int argc, char** argv) {
       o.allow_errors = true;
     else if (a == "--no-final-flush")
       o.final_flush = false;
+    else if (a == "--stamp")
+      o.stamp = true;
     else if (a == "--hold-file")
       o.hold_file = val();
     else if (a == "--kill-after")
       o.kill_after = std::stoull(val());
+    else if (a == "--kill-on-flush")
+      o.kill_on_flush = true;
     else if (a == "--kill-pid")
       o.kill_pid = static_cast<pid_t>(std::stol(val()));
     else
       Usage();
   }
   if (o.socket.empty() || o.connections == 0 || o.qd == 0) Usage();
+  if (o.stamp && o.ops / o.connections + 1 >= (uint64_t{1} << 24)) Usage();
   if ((o.kill_after == 0) != (o.kill_pid <= 0)) Usage();  // both or neither
 
   nbd_handle* h = nbd_create();
