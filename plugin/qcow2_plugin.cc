@@ -12,16 +12,19 @@
 
 #include <atomic>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <vector>
 
 #include "common/posix_file.h"
 #include "plugin/qcow2_share.h"
 #include "plugin/qcow2_storage.h"
+#include "qcow2/format.h"
 #include "qcow2/image.h"
 #include "qcow2/lock.h"
 #include "qcow2/volume.h"
@@ -179,6 +182,18 @@ int qcow2_get_ready() {
   }
   share.claim_bitmaps = [] { bitmaps_claimed.store(true); };
   share_ready = true;
+  // nbdkit tells a plugin about -r only per connection: say now what a
+  // writing client will get.
+  const auto& hd = Current()->header();
+  std::string ro_reason;
+  if (!file_writable) ro_reason = "the file is not writable here";
+  if (hd.incompatible & cbt::qcow2::kIncompatCorrupt) ro_reason = "it is marked corrupt";
+  if (hd.incompatible & cbt::qcow2::kIncompatDirty)
+    ro_reason = "its refcounts may be stale (dirty bit; qemu-img check -r all repairs it)";
+  if (hd.nb_snapshots > 0) ro_reason = "it has internal snapshots";
+  if (!ro_reason.empty())
+    fprintf(stderr, "nbdkit: qcow2: warning: %s is served read-only: %s\n", config.file.c_str(),
+            ro_reason.c_str());
   if (!Current()->backing_description().empty())
     nbdkit_debug("qcow2: backing %s", Current()->backing_description().c_str());
   return 0;
@@ -213,19 +228,38 @@ Status Upgrade() {
   return Status::OK();
 }
 
-int handle_token;
+// Per connection: whether this client may write.
+struct Handle {
+  bool writable = false;
+};
+
+// A refusal that leaves reading safe: the image is served read-only.
+bool ReadOnlyWillDo(const Status& s) {
+  return s.IsNotSupported() || s.IsCorruption() || s.err() == EROFS;
+}
 
 void* qcow2_open(int readonly) {
+  auto* h = new (std::nothrow) Handle;
+  if (!h) {
+    nbdkit_error("qcow2: out of memory");
+    return nullptr;
+  }
   if (!readonly) {
-    if (Status s = Upgrade(); !s.ok()) {
+    Status s = Upgrade();
+    if (s.ok()) {
+      h->writable = true;
+    } else if (ReadOnlyWillDo(s)) {
+      nbdkit_debug("qcow2: serving this client read-only: %s", s.message().c_str());
+    } else {
       Fail(s);
+      delete h;
       return nullptr;
     }
   }
-  return &handle_token;
+  return h;
 }
 
-void qcow2_close(void*) {}
+void qcow2_close(void* h) { delete static_cast<Handle*>(h); }
 
 int64_t qcow2_get_size(void*) { return static_cast<int64_t>(Current()->size()); }
 
@@ -236,7 +270,7 @@ int qcow2_block_size(void*, uint32_t* minimum, uint32_t* preferred, uint32_t* ma
   return 0;
 }
 
-int qcow2_can_write(void*) { return 1; }
+int qcow2_can_write(void* h) { return static_cast<Handle*>(h)->writable ? 1 : 0; }
 int qcow2_can_flush(void*) { return 1; }
 int qcow2_can_trim(void*) { return config.opts.discard ? 1 : 0; }
 int qcow2_can_zero(void*) { return 1; }

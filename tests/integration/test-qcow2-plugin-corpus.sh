@@ -379,6 +379,25 @@ refused() {
   pass "$name/$mode refused: $(grep -iE "$re" "$T/serve.log" | head -1)"
 }
 
+# served_read_only NAME WORD-REGEX IMG : an image that may be read but not
+# written, served without -r: nbdkit tells a plugin about -r only per
+# connection, so it starts, warns (stderr matching WORD-REGEX) and serves
+# every client read-only (docs/qcow2-plugin.md).
+served_read_only() {
+  local name=$1 re=$2 img=$3 ro
+  wanted "$name" || return 0
+  [ "$SERVER" = plugin ] || return 0
+  [ "$MUTATE" != refuse-clean ] || img=$I/v3-64k.qcow2
+  serve "$T/s" rw "$img" ||
+    { bad "$name" "server did not start: $(head -3 "$T/serve.log" | tr '\n' ' ')"; return 0; }
+  ro=$(timeout 30 nbdinfo --json "nbd+unix:///?socket=$T/s" | jq -r '.exports[0].is_read_only')
+  stop_nbdkit "$SRV_PID"
+  [ "$ro" = true ] || { bad "$name" "a client may write (is_read_only=$ro)"; return 0; }
+  grep -qiE "read-only.*($re)|($re).*read-only" "$T/serve.log" ||
+    { bad "$name" "no warning matching /$re/: $(head -3 "$T/serve.log" | tr '\n' ' ')"; return 0; }
+  pass "$name served read-only: $(grep -iE "$re" "$T/serve.log" | head -1)"
+}
+
 # set_bit IMG OFFSET BIT : ORs bit BIT into the big-endian u64 at OFFSET.
 set_bit() {
   local v
@@ -533,6 +552,8 @@ QOPTS="driver=qcow2,file.driver=file,file.filename=$C/mid/mid.qcow2,backing.driv
   check chain-mid-backing-override "$C/mid/mid.qcow2" ro backing="$I/alt.raw" backing-format=raw
 check snapshot "$I/snapshot.qcow2" ro
 check corrupt-ro "$I/corrupt.qcow2" ro
+# QEMU reads an image with the dirty bit (only its refcounts are stale).
+check dirty-ro "$I/dirty.qcow2" ro
 
 # ---- refusals -------------------------------------------------------------
 for mode in ro rw; do
@@ -541,12 +562,12 @@ for mode in ro rw; do
   refused extended-l2 extended "$I/extl2.qcow2" $mode
   refused data-file 'data.?file' "$I/datafile.qcow2" $mode
   refused data-file-raw 'data.?file' "$I/datafile-raw.qcow2" $mode
-  refused dirty dirty "$I/dirty.qcow2" $mode
   refused unknown-incompat 'incompatible|unknown' "$I/unknown-incompat.qcow2" $mode
   refused backing-refuse backing "$C/top/top.qcow2" $mode backing=refuse
 done
-refused corrupt-rw corrupt "$I/corrupt.qcow2" rw
-refused snapshot-rw snapshot "$I/snapshot.qcow2" rw
+served_read_only corrupt-rw corrupt "$I/corrupt.qcow2"
+served_read_only snapshot-rw snapshot "$I/snapshot.qcow2"
+served_read_only dirty-rw dirty "$I/dirty.qcow2"
 
 echo "---- ${#PASSED[@]} passed, ${#FAILED[@]} failed (server: $SERVER${MUTATE:+, mutation: $MUTATE}), ${SECONDS}s"
 [ "${#PASSED[@]}" -gt 0 ] || fail "no case ran (CORPUS_ONLY='$ONLY')"
