@@ -36,12 +36,13 @@
 #   BENCH_EMPTY_SIZE, BENCH_PREALLOC_SIZE, BENCH_FULL_SIZE  image sizes
 #                              (default 64G, 4G, 1G)
 #   BENCH_ROWS="empty prealloc overlay read seq"  the rows to run
-#   BENCH_VERIFY=0             skip the verification: after each prealloc,
-#                              overlay and read run on the plugin (with and
+#   BENCH_VERIFY="overlay read"  the rows verified (BENCH_VERIFY= for none):
+#                              after each such run on the plugin (with and
 #                              without cbt), the whole export is read back
 #                              (qemu-img convert from the NBD URI, not timed)
 #                              and compared with the image as qemu reads it
-#                              once the server stopped (qemu-img compare)
+#                              once the server stopped (qemu-img compare);
+#                              the copy goes to BENCH_DUMP_DIR (/dev/shm)
 # Exit status 0; 2 when some measurement failed (the table marks it and the
 # failures are listed with their server log).
 set -euo pipefail
@@ -56,7 +57,11 @@ empty_size=${BENCH_EMPTY_SIZE:-64G}
 prealloc_size=${BENCH_PREALLOC_SIZE:-4G}
 full_size=${BENCH_FULL_SIZE:-1G}
 rows=${BENCH_ROWS:-empty prealloc overlay read seq}
-verify=${BENCH_VERIFY:-1}
+verify=${BENCH_VERIFY-overlay read}
+# Read-back copies go to memory where there is some (removing a scattered
+# file from this disk, mounted with discard, can take minutes).
+dumpdir=${BENCH_DUMP_DIR:-/dev/shm}
+[ -d "$dumpdir" ] && [ -w "$dumpdir" ] || dumpdir=
 servers="qemu plugin pluginf"
 
 case "$standin" in
@@ -86,6 +91,7 @@ pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   rm -rf "$d"
+  [ -z "${dump:-}" ] || rm -f "$dump"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -188,6 +194,7 @@ measure() {
   local img="$d/$tag.qcow2" sock="$d/$tag.sock" log="$d/$tag.log" ok=1 bad=0 vf=-
   local du0 du1 c0 c1 ce co le iops=0 mibs=0 ios=0 chk vsize esize
   local uri="nbd+unix:///?socket=$sock"
+  dump=$(mktemp "${dumpdir:-$d}/cbt-qcow2-bench-dump.XXXXXX")
   make_image "$row" "$img"
   du0=$(du_b "$img")
   read -r c0 _ < <(check "$img" || true)
@@ -205,8 +212,8 @@ measure() {
         '.jobs[0][$k] | "\(.iops) \(.bw / 1024) \(.total_ios)"' "$d/$tag.json")
       # Verification (not timed): what the server reads back, all of it,
       # against what qemu reads from the image once the server has stopped.
-      if [ "$verify" = 1 ] && [ "$s" != qemu ] && [ "$row" != empty ] && [ "$row" != seq ]; then
-        if timeout -k 10 600 qemu-img convert -q -f raw -O raw "$uri" "$d/$tag.dump" >>"$log" 2>&1; then
+      if [ "$s" != qemu ] && [[ " $verify " == *" $row "* ]]; then
+        if timeout -k 10 600 qemu-img convert -q -f raw -O raw "$uri" "$dump" >>"$log" 2>&1; then
           vf=pending
         else
           vf=0; echo "reading the export back failed" >>"$log"
@@ -228,15 +235,16 @@ measure() {
   fi
   read -r c1 ce co le <<<"$chk"
   if [ "$vf" = pending ]; then
-    if qemu-img compare -q -f raw -F qcow2 "$d/$tag.dump" "$img" >>"$log" 2>&1; then vf=1; else
+    if qemu-img compare -q -f raw -F qcow2 "$dump" "$img" >>"$log" 2>&1; then vf=1; else
       vf=0; echo "qemu-img compare: the data read through the server differs from the image" >>"$log"
-      qemu-img compare -f raw -F qcow2 "$d/$tag.dump" "$img" >>"$log" 2>&1 || true
+      qemu-img compare -f raw -F qcow2 "$dump" "$img" >>"$log" 2>&1 || true
     fi
   fi
   [ "$vf" != 0 ] || bad=1
   if [ "$ok" = 0 ] || [ "$bad" = 1 ]; then failed=1; cp "$log" "$d/failed.$tag.log"; fi
   echo "$row $s $r $ok $iops $mibs $ios $du0 $du1 $c0 $c1 $ce $co $le $vf" >>"$d/results"
-  rm -f "$img" "$img.bitmaps.qcow2" "$sock" "$sock.inner" "$sock.pid" "$d/$tag.dump"
+  rm -f "$img" "$img.bitmaps.qcow2" "$sock" "$sock.inner" "$sock.pid" "$dump"
+  echo "[$(date -u +%T)] $tag: ok=$ok IOPS=${iops%.*} check=$ce/$co/$le verified=$vf" >&2
 }
 
 for r in $(seq "$rounds"); do
