@@ -86,10 +86,10 @@ if [ "$avail" -lt "$need" ]; then
   exit 0
 fi
 d=$(mktemp -d "$base/cbt-qcow2-bench.XXXXXX")
-pids=()
+srv_pids=()  # the servers running now (each one leaves it once reaped)
 # shellcheck disable=SC2317  # called by the trap
 cleanup() {
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  for p in "${srv_pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   rm -rf "$d"
   [ -z "${dump:-}" ] || rm -f "$dump"
 }
@@ -103,9 +103,8 @@ head -c "$(bytes "$full_size")" /dev/urandom >"$d/full.raw"
 qemu-img convert -q -f raw -O qcow2 "$d/full.raw" "$d/full.qcow2"
 rm -f "$d/full.raw"
 
-srv_pids=()
 # bg LOG CMD... : start a server process, its pid recorded (killed at exit)
-bg() { local log=$1; shift; "$@" >>"$log" 2>&1 & pids+=("$!"); srv_pids+=("$!"); }
+bg() { local log=$1; shift; "$@" >>"$log" 2>&1 & srv_pids+=("$!"); }
 wait_sock() {  # wait_sock SOCK LOG
   for _ in $(seq 400); do
     [ -S "$1" ] && return 0
@@ -117,7 +116,6 @@ wait_sock() {  # wait_sock SOCK LOG
 # start SERVER IMG SOCK LOG : starts it (srv_pids), 1 if it did not come up
 start() {
   local s=$1 img=$2 sock=$3 log=$4
-  srv_pids=()
   case "$s:$standin" in
     qemu:*|plugin:qemu-nbd)
       bg "$log" qemu-nbd -f qcow2 --cache=writeback -t -k "$sock" "$img" ;;
@@ -147,6 +145,7 @@ stop() {
     for _ in $(seq 600); do kill -0 "$p" 2>/dev/null || break; sleep 0.05; done
     kill -0 "$p" 2>/dev/null && { echo "server pid $p ignored SIGTERM for 30 s: killed" >>"$log"; kill -9 "$p"; rc=1; }
     st=0; wait "$p" 2>/dev/null || st=$?
+    unset 'srv_pids[i]'  # reaped: its pid may be reused, never signal it again
     [ "$st" = 0 ] || { echo "server pid $p exit status $st" >>"$log"; rc=1; }
   done
   srv_pids=()
