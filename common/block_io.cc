@@ -13,4 +13,8 @@ Result<BlockIO::Run> BlockIO::probe_run(uint64_t, uint64_t max_len) {
   return Run{false, max_len};
 }
 
+Result<uint64_t> BlockIO::allocated_bytes() {
+  return size();
+}
+
 }  // namespace cbt

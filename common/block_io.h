@@ -55,6 +55,8 @@ class BlockIO {
     uint64_t length = 0;
   };
   virtual Result<Run> probe_run(uint64_t offset, uint64_t max_len);
+  // Bytes of storage the file occupies (st_blocks); default: size().
+  virtual Result<uint64_t> allocated_bytes();
 };
 
 }  // namespace cbt

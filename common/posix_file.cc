@@ -114,6 +114,12 @@ Status PosixFile::punch_hole(uint64_t offset, uint64_t len) {
   return Status::OK();
 }
 
+Result<uint64_t> PosixFile::allocated_bytes() {
+  struct stat st;
+  if (::fstat(fd_, &st) != 0) return Status::FromErrno(errno, "stat " + path_);
+  return static_cast<uint64_t>(st.st_blocks) * 512;
+}
+
 Result<BlockIO::Run> PosixFile::probe_run(uint64_t offset, uint64_t max_len) {
   const auto off = static_cast<off_t>(offset);
   off_t data = ::lseek(fd_, off, SEEK_DATA);

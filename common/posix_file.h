@@ -35,6 +35,7 @@ class PosixFile final : public BlockIO {
   const char* name() const override { return path_.c_str(); }
   Status punch_hole(uint64_t offset, uint64_t len) override;  // fallocate
   Result<Run> probe_run(uint64_t offset, uint64_t max_len) override;  // SEEK_DATA/HOLE
+  Result<uint64_t> allocated_bytes() override;                        // st_blocks
 
   int fd() const { return fd_; }
   bool writable() const { return writable_; }

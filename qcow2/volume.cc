@@ -461,7 +461,47 @@ Status Volume::Read(std::span<std::byte> out, uint64_t offset) {
   return Status::OK();
 }
 
+// QEMU (qcow2_detect_metadata_preallocation, once per open image) looks at
+// host holes inside data clusters only when more clusters have a refcount
+// than the file has storage for (metadata preallocation, or sparse data
+// clusters); otherwise a data cluster is data. We decide the same way, so
+// that extents match qemu-nbd's on the same image.
+Result<bool> Volume::LooksMetadataPreallocated() {
+  CBT_ASSIGN_OR_RETURN(uint64_t flen, io_->size());
+  CBT_ASSIGN_OR_RETURN(uint64_t real, io_->allocated_bytes());
+  const uint64_t real_clusters = real / cs_;
+  const uint64_t threshold = std::max(real_clusters * 10 / 9, real_clusters + 2);
+  std::optional<Refcounts> own;
+  Refcounts* rc = nullptr;
+  std::unique_lock<std::mutex> rl;
+  if (rc_) {
+    rl = std::unique_lock(rc_->mu);
+    rc = &*rc_->rc;
+  } else {
+    const Header& h = header_;
+    CBT_ASSIGN_OR_RETURN(auto r, Refcounts::Load(io_.get(), h.cluster_bits, h.refcount_order,
+                                                 h.refcount_table_offset,
+                                                 h.refcount_table_clusters, path_));
+    own.emplace(std::move(r));
+    rc = &*own;
+  }
+  uint64_t count = 0;
+  const uint64_t end = DivRoundUp(flen, cs_);
+  for (uint64_t i = 0; i < end && count < threshold; ++i) {
+    CBT_ASSIGN_OR_RETURN(uint64_t v, rc->Get(i));
+    count += v != 0;
+  }
+  return count >= threshold;
+}
+
 Status Volume::Extents(uint64_t offset, uint64_t len, std::vector<Extent>* out) {
+  {
+    std::lock_guard lk(mu_);
+    if (host_holes_ < 0) {
+      CBT_ASSIGN_OR_RETURN(bool p, LooksMetadataPreallocated());
+      host_holes_ = p ? 1 : 0;
+    }
+  }
   const uint64_t end = offset + len;
   const uint64_t vend = std::min(end, size_);
   uint64_t off = offset;
@@ -487,6 +527,10 @@ Status Volume::Extents(uint64_t offset, uint64_t len, std::vector<Extent>* out) 
     }
     switch (m.kind) {
       case Kind::kNormal: {
+        if (!host_holes_) {
+          AppendExtent(out, {off, n, 0});
+          break;
+        }
         // QEMU reports allocated clusters over host holes as zero (not hole).
         uint64_t host = m.host + in, left = n, at = off;
         while (left) {

@@ -203,6 +203,7 @@ class Volume final : public Layer {
   Status WritePiece(uint64_t guest_cluster, uint64_t in_off, std::span<const std::byte> data);
   Status ZeroWhole(uint64_t guest_cluster, bool may_trim, bool fast, bool trim);
   Status ReadsAsZero(uint64_t guest_cluster, bool* zero);
+  Result<bool> LooksMetadataPreallocated();  // REQUIRES mu_ held
   Status BeforeChange();
   Status MaybeWriteback();
 
@@ -229,6 +230,7 @@ class Volume final : public Layer {
   std::map<uint64_t, uint64_t> metadata_;  // host start -> end: header, L1, L2, bitmaps
   std::map<uint64_t, uint64_t> refcount_meta_;  // the refcount table and blocks
   uint64_t refblocks_seen_ = 0;
+  int host_holes_ = -1;  // report host holes in data clusters: -1 not decided yet
   std::unordered_set<uint64_t> busy_;  // guest clusters being allocated
   std::condition_variable busy_cv_;
   uint64_t high_water_ = 0;  // no cluster at or past this was ever written

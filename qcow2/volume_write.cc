@@ -283,7 +283,9 @@ Status Volume::Trim(uint64_t offset, uint64_t len) {
 Status Volume::MaybeWriteback() {
   {
     std::lock_guard lk(mu_);
-    if (l2_dirty_count_ <= std::max<uint64_t>(cache_tables_ / 2, 1)) return Status::OK();
+    // Dirty tables cannot be evicted: write them back only once they hold
+    // the cache over its budget (by default the cache covers the image).
+    if (l2_.size() <= cache_tables_ || l2_dirty_count_ == 0) return Status::OK();
   }
   return Flush();
 }
