@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <set>
 
 #include "common/endian.h"
 #include "qcow2/format.h"
@@ -41,6 +42,9 @@ Result<Refcounts> Refcounts::Load(BlockIO* io, uint32_t cluster_bits, uint32_t r
   uint64_t bytes = uint64_t{table_clusters} * r.cs_;
   if (bytes > kMaxRefcountTableBytes || table_offset % r.cs_ != 0)
     return Status::Corruption(r.ctx_ + ": bad refcount table location");
+  CBT_ASSIGN_OR_RETURN(uint64_t fsize, io->size());
+  if (table_offset > fsize || bytes > fsize - table_offset)
+    return Status::Corruption(r.ctx_ + ": refcount table at " + Hex(table_offset) + " truncated");
   std::vector<std::byte> buf(bytes);
   CBT_RETURN_IF_ERROR(ReadMeta(io, buf, table_offset, r.ctx_, "refcount table"));
   r.table_.resize(bytes / 8);
@@ -52,6 +56,16 @@ Result<Refcounts> Refcounts::Load(BlockIO* io, uint32_t cluster_bits, uint32_t r
     r.table_[i] = e;
   }
   return r;
+}
+
+Status Refcounts::CheckForAllocation() const {
+  std::set<uint64_t> seen;
+  for (uint64_t e : table_)
+    if (e && !seen.insert(e).second)
+      return Status::Corruption(ctx_ + ": refcount block " + Hex(e) +
+                                " is named by two refcount table entries; repair with qemu-img "
+                                "check -r all");
+  return Status::OK();
 }
 
 Result<std::vector<std::byte>*> Refcounts::Block(uint64_t b) {

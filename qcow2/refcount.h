@@ -38,6 +38,10 @@ class Refcounts {
   static Result<Refcounts> Load(BlockIO* io, uint32_t cluster_bits, uint32_t refcount_order,
                                 uint64_t table_offset, uint32_t table_clusters, std::string ctx);
 
+  // Refuses (Corruption) a table that names one block twice: every count
+  // would be wrong, and a search for free clusters would scan far more than
+  // the file holds. Writers call it before their first allocation.
+  Status CheckForAllocation() const;
   // Refcount of cluster `index` (0 if not covered by any block).
   Result<uint64_t> Get(uint64_t index);
   // Allocates n contiguous clusters (first fit) with refcount 1 and writes

@@ -177,6 +177,10 @@ Status Volume::Load(uint32_t depth) {
       rc_ = std::make_shared<SharedRefcounts>();
       rc_->rc.emplace(std::move(rc));
     }
+    {
+      std::lock_guard rl(rc_->mu);
+      CBT_RETURN_IF_ERROR(rc_->rc->CheckForAllocation());
+    }
     CBT_RETURN_IF_ERROR(BuildMetadataMap());
   }
   return OpenBacking(depth);
@@ -188,6 +192,9 @@ Status Volume::LoadL1() {
   if (h.l1_table_offset % cs_ != 0)
     return Status::Corruption(path_ + ": L1 table offset " + Hex(h.l1_table_offset) +
                               " is not cluster aligned");
+  CBT_ASSIGN_OR_RETURN(uint64_t fsize, io_->size());
+  if (h.l1_table_offset > fsize || uint64_t{h.l1_size} * 8 > fsize - h.l1_table_offset)
+    return Status::Corruption(path_ + ": L1 table truncated");
   std::vector<std::byte> buf(uint64_t{h.l1_size} * 8);
   Status s = io_->pread(buf, h.l1_table_offset);
   if (s.IsOutOfRange()) return Status::Corruption(path_ + ": L1 table truncated");
