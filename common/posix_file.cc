@@ -125,7 +125,7 @@ Result<BlockIO::Run> PosixFile::probe_run(uint64_t offset, uint64_t max_len) {
   off_t data = ::lseek(fd_, off, SEEK_DATA);
   if (data < 0) {
     if (errno == ENXIO) return Run{true, max_len};  // at or past the last data
-    return Run{false, max_len};                      // no SEEK_DATA here: say data
+    return Run{false, max_len};                     // no SEEK_DATA here: say data
   }
   if (data > off) return Run{true, std::min<uint64_t>(max_len, static_cast<uint64_t>(data - off))};
   off_t hole = ::lseek(fd_, off, SEEK_HOLE);

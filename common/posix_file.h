@@ -33,7 +33,7 @@ class PosixFile final : public BlockIO {
   Result<uint64_t> size() override;
   Status resize(uint64_t new_size) override;
   const char* name() const override { return path_.c_str(); }
-  Status punch_hole(uint64_t offset, uint64_t len) override;  // fallocate
+  Status punch_hole(uint64_t offset, uint64_t len) override;          // fallocate
   Result<Run> probe_run(uint64_t offset, uint64_t max_len) override;  // SEEK_DATA/HOLE
   Result<uint64_t> allocated_bytes() override;                        // st_blocks
 

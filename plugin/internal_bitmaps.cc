@@ -38,7 +38,9 @@ class SharedImageStorage final : public Storage {
 
 }  // namespace
 
-bool Qcow2PluginLoaded() { return FindShare() != nullptr; }
+bool Qcow2PluginLoaded() {
+  return FindShare() != nullptr;
+}
 
 Status UseInternalBitmaps(TrackerOptions* opts) {
   Qcow2ShareFn fn = FindShare();

@@ -46,17 +46,19 @@ struct Config {
 };
 Config config;
 
-std::shared_ptr<cbt::PosixFile> file;  // the image, for the whole run (and its lock)
+std::shared_ptr<cbt::PosixFile> file;   // the image, for the whole run (and its lock)
 std::shared_ptr<cbt::BlockIO> storage;  // what every read and write goes through
-bool file_writable = false;            // opened O_RDWR
-std::shared_ptr<Volume> volume;        // replaced once when a writer comes
-std::mutex upgrade_mu;                 // guards the replacement
-Status rw_refusal;                     // why the image cannot be written
-cbt::plugin::Qcow2Share share;         // for the cbt filter (internal bitmaps)
+bool file_writable = false;             // opened O_RDWR
+std::shared_ptr<Volume> volume;         // replaced once when a writer comes
+std::mutex upgrade_mu;                  // guards the replacement
+Status rw_refusal;                      // why the image cannot be written
+cbt::plugin::Qcow2Share share;          // for the cbt filter (internal bitmaps)
 bool share_ready = false;
 std::atomic<bool> bitmaps_claimed{false};
 
-std::shared_ptr<Volume> Current() { return std::atomic_load(&volume); }
+std::shared_ptr<Volume> Current() {
+  return std::atomic_load(&volume);
+}
 
 int Fail(const Status& s) {
   nbdkit_error("%s", s.message().c_str());
@@ -146,9 +148,10 @@ Status GuardStoredBitmaps() {
   if (names.empty()) return Status::OK();
   CBT_RETURN_IF_ERROR((*image)->SetInUse(names, true));
   CBT_RETURN_IF_ERROR(storage->flush());
-  nbdkit_debug("qcow2: %zu enabled bitmap(s) marked in use: nothing records this session's "
-               "changes in them",
-               names.size());
+  nbdkit_debug(
+      "qcow2: %zu enabled bitmap(s) marked in use: nothing records this session's "
+      "changes in them",
+      names.size());
   return Status::OK();
 }
 
@@ -259,9 +262,13 @@ void* qcow2_open(int readonly) {
   return h;
 }
 
-void qcow2_close(void* h) { delete static_cast<Handle*>(h); }
+void qcow2_close(void* h) {
+  delete static_cast<Handle*>(h);
+}
 
-int64_t qcow2_get_size(void*) { return static_cast<int64_t>(Current()->size()); }
+int64_t qcow2_get_size(void*) {
+  return static_cast<int64_t>(Current()->size());
+}
 
 int qcow2_block_size(void*, uint32_t* minimum, uint32_t* preferred, uint32_t* maximum) {
   *minimum = 1;
@@ -270,15 +277,33 @@ int qcow2_block_size(void*, uint32_t* minimum, uint32_t* preferred, uint32_t* ma
   return 0;
 }
 
-int qcow2_can_write(void* h) { return static_cast<Handle*>(h)->writable ? 1 : 0; }
-int qcow2_can_flush(void*) { return 1; }
-int qcow2_can_trim(void*) { return config.opts.discard ? 1 : 0; }
-int qcow2_can_zero(void*) { return 1; }
-int qcow2_can_fast_zero(void*) { return 1; }
-int qcow2_can_fua(void*) { return NBDKIT_FUA_EMULATE; }
-int qcow2_can_multi_conn(void*) { return 1; }
-int qcow2_can_extents(void*) { return 1; }
-int qcow2_thread_model() { return NBDKIT_THREAD_MODEL_PARALLEL; }
+int qcow2_can_write(void* h) {
+  return static_cast<Handle*>(h)->writable ? 1 : 0;
+}
+int qcow2_can_flush(void*) {
+  return 1;
+}
+int qcow2_can_trim(void*) {
+  return config.opts.discard ? 1 : 0;
+}
+int qcow2_can_zero(void*) {
+  return 1;
+}
+int qcow2_can_fast_zero(void*) {
+  return 1;
+}
+int qcow2_can_fua(void*) {
+  return NBDKIT_FUA_EMULATE;
+}
+int qcow2_can_multi_conn(void*) {
+  return 1;
+}
+int qcow2_can_extents(void*) {
+  return 1;
+}
+int qcow2_thread_model() {
+  return NBDKIT_THREAD_MODEL_PARALLEL;
+}
 
 int qcow2_pread(void*, void* buf, uint32_t count, uint64_t offset, uint32_t) {
   return Guard([&] {
@@ -296,8 +321,8 @@ int qcow2_pwrite(void*, const void* buf, uint32_t count, uint64_t offset, uint32
 
 int qcow2_zero(void*, uint32_t count, uint64_t offset, uint32_t flags) {
   return Guard([&] {
-    Status s = Current()->Zero(offset, count, flags & NBDKIT_FLAG_MAY_TRIM,
-                               flags & NBDKIT_FLAG_FAST_ZERO);
+    Status s =
+        Current()->Zero(offset, count, flags & NBDKIT_FLAG_MAY_TRIM, flags & NBDKIT_FLAG_FAST_ZERO);
     if (s.IsNotSupported() && (flags & NBDKIT_FLAG_FAST_ZERO)) {
       nbdkit_set_error(ENOTSUP);  // expected, not worth an error message
       return -1;

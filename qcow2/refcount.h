@@ -90,7 +90,7 @@ class Refcounts {
   std::vector<uint64_t> table_;
   std::map<uint64_t, std::vector<std::byte>> blocks_;  // cache by block index
   uint64_t free_hint_ = 0;
-  uint64_t structure_changes_ = 0;                             // no free cluster below this index
+  uint64_t structure_changes_ = 0;  // no free cluster below this index
 };
 
 // The one Refcounts of a file that several writers in this process share:

@@ -80,7 +80,9 @@ void AppendExtent(std::vector<Extent>* out, Extent e) {
   out->push_back(e);
 }
 
-Volume::Pin::~Pin() { Release(); }
+Volume::Pin::~Pin() {
+  Release();
+}
 
 void Volume::Pin::Release() {
   if (!v_) return;
@@ -160,8 +162,8 @@ Status Volume::Load(uint32_t depth) {
                               " entries, the disk size needs " + std::to_string(need_l1));
   if (uint64_t{h.l1_size} * 8 > kMaxL1Bytes)
     return Status::Corruption(path_ + ": L1 table larger than 32 MiB");
-  uint64_t budget = opts_.cache_bytes ? opts_.cache_bytes
-                                      : std::min<uint64_t>(kDefaultCacheMax, need_l1 * cs_);
+  uint64_t budget =
+      opts_.cache_bytes ? opts_.cache_bytes : std::min<uint64_t>(kDefaultCacheMax, need_l1 * cs_);
   cache_tables_ = std::max<uint64_t>(2, budget / cs_);
   CBT_RETURN_IF_ERROR(LoadL1());
   if (rw) {
@@ -171,9 +173,9 @@ Status Volume::Load(uint32_t depth) {
       if (!rc_->rc || rc_->rc->table_offset() != h.refcount_table_offset)
         return Status::InvalidArgument(path_ + ": the shared refcounts describe another file");
     } else {
-      CBT_ASSIGN_OR_RETURN(auto rc, Refcounts::Load(io_.get(), h.cluster_bits, h.refcount_order,
-                                                    h.refcount_table_offset,
-                                                    h.refcount_table_clusters, path_));
+      CBT_ASSIGN_OR_RETURN(
+          auto rc, Refcounts::Load(io_.get(), h.cluster_bits, h.refcount_order,
+                                   h.refcount_table_offset, h.refcount_table_clusters, path_));
       rc_ = std::make_shared<SharedRefcounts>();
       rc_->rc.emplace(std::move(rc));
     }
@@ -228,7 +230,9 @@ bool Overlaps(const std::map<uint64_t, uint64_t>& m, uint64_t host, uint64_t len
 }
 }  // namespace
 
-void Volume::AddMetadata(uint64_t host, uint64_t len) { AddRange(metadata_, host, len, cs_); }
+void Volume::AddMetadata(uint64_t host, uint64_t len) {
+  AddRange(metadata_, host, len, cs_);
+}
 
 bool Volume::IsMetadata(uint64_t host, uint64_t len) const {
   return Overlaps(metadata_, host, len) || Overlaps(refcount_meta_, host, len);
@@ -299,8 +303,8 @@ Status Volume::OpenBacking(uint32_t depth) {
     return Status::OK();
   }
   if (format != "qcow2")
-    return Status::NotSupported(path_ + ": backing file '" + resolved + "' has format '" +
-                                format + "'; only raw and qcow2 are supported");
+    return Status::NotSupported(path_ + ": backing file '" + resolved + "' has format '" + format +
+                                "'; only raw and qcow2 are supported");
   VolumeOptions child;
   child.open_file = opts_.open_file;
   child.max_backing_depth = opts_.max_backing_depth;
@@ -383,9 +387,8 @@ Result<Volume::Mapping> Volume::Lookup(uint64_t guest_cluster) {
   uint64_t e = t->e[guest_cluster % l2_entries_];
   if (!(e & kOflagCompressed)) {
     if ((e & kL2OffsetMask) % cs_ != 0)
-      return Status::Corruption(path_ + ": L2 entry for guest offset " +
-                                Hex(guest_cluster * cs_) + " has unaligned host offset " +
-                                Hex(e & kL2OffsetMask));
+      return Status::Corruption(path_ + ": L2 entry for guest offset " + Hex(guest_cluster * cs_) +
+                                " has unaligned host offset " + Hex(e & kL2OffsetMask));
     if (header_.version < 3 && (e & kOflagZero))
       return Status::Corruption(path_ + ": zero flag in a version 2 image at guest offset " +
                                 Hex(guest_cluster * cs_));
@@ -486,9 +489,9 @@ Result<bool> Volume::LooksMetadataPreallocated() {
     rc = &*rc_->rc;
   } else {
     const Header& h = header_;
-    CBT_ASSIGN_OR_RETURN(auto r, Refcounts::Load(io_.get(), h.cluster_bits, h.refcount_order,
-                                                 h.refcount_table_offset,
-                                                 h.refcount_table_clusters, path_));
+    CBT_ASSIGN_OR_RETURN(
+        auto r, Refcounts::Load(io_.get(), h.cluster_bits, h.refcount_order,
+                                h.refcount_table_offset, h.refcount_table_clusters, path_));
     own.emplace(std::move(r));
     rc = &*own;
   }
@@ -564,8 +567,9 @@ Status Volume::Extents(uint64_t offset, uint64_t len, std::vector<Extent>* out) 
     }
     off += n;
   }
-  if (vend < end) AppendExtent(out, {std::max(offset, vend), end - std::max(offset, vend),
-                                     kExtentHole | kExtentZero});
+  if (vend < end)
+    AppendExtent(out,
+                 {std::max(offset, vend), end - std::max(offset, vend), kExtentHole | kExtentZero});
   return Status::OK();
 }
 

@@ -35,9 +35,9 @@
 #include <cstdint>
 #include <functional>
 #include <map>
-#include <optional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <span>
 #include <string>
@@ -141,8 +141,8 @@ class Volume final : public Layer {
   struct Mapping {
     Kind kind = Kind::kUnallocated;
     uint64_t entry = 0;
-    uint64_t host = 0;     // normal / zero-alloc / compressed: host byte offset
-    bool copied = false;   // bit 63: refcount 1, writable in place
+    uint64_t host = 0;    // normal / zero-alloc / compressed: host byte offset
+    bool copied = false;  // bit 63: refcount 1, writable in place
   };
   // Keeps clusters freed by a change from being reused or punched while
   // an I/O that looked up the old mapping runs (see Flush).
@@ -221,16 +221,16 @@ class Volume final : public Layer {
 
   mutable std::mutex mu_;  // guards everything below
   std::vector<uint64_t> l1_;
-  std::set<uint64_t> l1_dirty_;  // indices
+  std::set<uint64_t> l1_dirty_;                                // indices
   std::unordered_map<uint64_t, std::unique_ptr<L2Table>> l2_;  // by L1 index
   uint64_t l2_clock_ = 0;
   uint64_t l2_dirty_count_ = 0;
-  uint64_t cache_tables_ = 0;  // budget in tables
-  std::shared_ptr<SharedRefcounts> rc_;  // its mu is taken inside mu_, never around it
-  std::map<uint64_t, uint64_t> metadata_;  // host start -> end: header, L1, L2, bitmaps
+  uint64_t cache_tables_ = 0;                   // budget in tables
+  std::shared_ptr<SharedRefcounts> rc_;         // its mu is taken inside mu_, never around it
+  std::map<uint64_t, uint64_t> metadata_;       // host start -> end: header, L1, L2, bitmaps
   std::map<uint64_t, uint64_t> refcount_meta_;  // the refcount table and blocks
   uint64_t refblocks_seen_ = 0;
-  int host_holes_ = -1;  // report host holes in data clusters: -1 not decided yet
+  int host_holes_ = -1;                // report host holes in data clusters: -1 not decided yet
   std::unordered_set<uint64_t> busy_;  // guest clusters being allocated
   std::condition_variable busy_cv_;
   uint64_t high_water_ = 0;  // no cluster at or past this was ever written

@@ -85,7 +85,8 @@ Bytes Model(const std::vector<Op>& ops, size_t n, uint64_t size, uint64_t cs, bo
   for (size_t i = 0; i < n; ++i) {
     const Op& op = ops[i];
     if (op.kind == Op::kWrite) std::memset(b.data() + op.offset, op.fill, op.length);
-    if (op.kind == Op::kZero || op.kind == Op::kZeroTrim) std::memset(b.data() + op.offset, 0, op.length);
+    if (op.kind == Op::kZero || op.kind == Op::kZeroTrim)
+      std::memset(b.data() + op.offset, 0, op.length);
     if (op.kind == Op::kTrim) {
       uint64_t a = (op.offset + cs - 1) / cs * cs, e = (op.offset + op.length) / cs * cs;
       if (a < e) std::memset(b.data() + a, 0, e - a);
@@ -202,20 +203,20 @@ void Enumerate(const std::string& label, const Sequence& sq) {
 std::vector<Op> Mixed(uint64_t cs) {
   using K = Op::Kind;
   return {
-      {K::kWrite, 100, 3 * cs, 0x11},          // allocations, COW head and tail
-      {K::kWrite, 40 * cs, cs, 0x12},          // a whole cluster
+      {K::kWrite, 100, 3 * cs, 0x11},  // allocations, COW head and tail
+      {K::kWrite, 40 * cs, cs, 0x12},  // a whole cluster
       {K::kFlush},
-      {K::kWrite, 200, 1000, 0x21},            // in place
-      {K::kZero, cs, cs},                      // zero flag, allocation kept
-      {K::kZeroTrim, 2 * cs, cs},              // zero flag, cluster freed
-      {K::kTrim, 40 * cs, cs},                 // freed
-      {K::kWrite, 100 * cs + 7, 5000, 0x22},   // a second L2 table (512 B clusters)
+      {K::kWrite, 200, 1000, 0x21},           // in place
+      {K::kZero, cs, cs},                     // zero flag, allocation kept
+      {K::kZeroTrim, 2 * cs, cs},             // zero flag, cluster freed
+      {K::kTrim, 40 * cs, cs},                // freed
+      {K::kWrite, 100 * cs + 7, 5000, 0x22},  // a second L2 table (512 B clusters)
       {K::kFlush},
-      {K::kWrite, cs + 10, 100, 0x31},         // into a zeroed, allocated cluster
-      {K::kWrite, 50 * cs, 2 * cs, 0x32},      // reuses the freed clusters
-      {K::kWrite, 2 * cs + 5, 10, 0x33},       // into a zeroed, freed cluster
+      {K::kWrite, cs + 10, 100, 0x31},     // into a zeroed, allocated cluster
+      {K::kWrite, 50 * cs, 2 * cs, 0x32},  // reuses the freed clusters
+      {K::kWrite, 2 * cs + 5, 10, 0x33},   // into a zeroed, freed cluster
       {K::kFlush},
-      {K::kWrite, 4 * cs, 3 * cs + 1, 0x41},   // unflushed at the end
+      {K::kWrite, 4 * cs, 3 * cs + 1, 0x41},  // unflushed at the end
   };
 }
 

@@ -168,8 +168,8 @@ TEST(VolumeConcurrency, PartialWritesIntoOneNewClusterAndTrimsRacingWrites) {
   Bytes all = ReadAll(*v);
   for (int c = 0; c < kClusters; ++c)
     for (int t = 0; t < kThreads; ++t)
-      ASSERT_EQ(all[c * cs + t * kPiece], std::byte(t + 1 + c)) << "cluster " << c << " piece "
-                                                                  << t << " lost";
+      ASSERT_EQ(all[c * cs + t * kPiece], std::byte(t + 1 + c))
+          << "cluster " << c << " piece " << t << " lost";
   // Even clusters are trimmed and rewritten while odd ones are written;
   // a flusher runs all the time (frees happen behind it).
   std::atomic<bool> stop{false};

@@ -108,8 +108,7 @@ Status Volume::WritePiece(uint64_t gc, uint64_t in_off, std::span<const std::byt
   if (m.kind == Kind::kNormal && m.copied) {
     // The common case: the cluster is ours alone; no metadata changes.
     if (IsMetadata(m.host, cs_))
-      return MarkCorrupt("guest offset " + Hex(gc * cs_) + " maps onto metadata at " +
-                         Hex(m.host));
+      return MarkCorrupt("guest offset " + Hex(gc * cs_) + " maps onto metadata at " + Hex(m.host));
     Pin pin = TakePin();
     lk.unlock();
     return io_->pwrite(data, m.host + in_off);
@@ -235,7 +234,9 @@ Status Volume::ZeroWhole(uint64_t gc, bool may_trim, bool fast, bool trim) {
 Status Volume::Zero(uint64_t offset, uint64_t len, bool may_trim, bool fast) {
   CBT_RETURN_IF_ERROR(BeforeChange());
   const uint64_t end = offset + len;
-  auto whole = [&](uint64_t off, uint64_t n) { return off % cs_ == 0 && (n == cs_ || off + n == size_); };
+  auto whole = [&](uint64_t off, uint64_t n) {
+    return off % cs_ == 0 && (n == cs_ || off + n == size_);
+  };
   if (fast) {
     // Decide before changing anything: partial clusters that do not read as
     // zero, or v2 over a backing file, would need data writes.
@@ -322,7 +323,8 @@ Status Volume::Flush() {
   // 1. Data and refcount increments durable before anything points at them.
   Status s = io_->flush();
   // 2. L2 tables (new ones before their L1 entries).
-  for (size_t i = 0; s.ok() && i < tables.size(); ++i) s = io_->pwrite(tables[i].bytes, tables[i].host);
+  for (size_t i = 0; s.ok() && i < tables.size(); ++i)
+    s = io_->pwrite(tables[i].bytes, tables[i].host);
   if (s.ok() && !tables.empty()) s = io_->flush();
   // 3. L1 entries (8 bytes each: a sector write is atomic).
   for (size_t i = 0; s.ok() && i < l1.size(); ++i) {
