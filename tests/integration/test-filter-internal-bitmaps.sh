@@ -170,6 +170,19 @@ judge "$img" "$mirror" b0 "$T/ops-a"
 judge "$img" "$mirror" b1 "$T/ops-b"
 echo "ok: control socket: checkpoint b0 -> b1, both stored in the image, each exact"
 
+# The plugin alone (no filter) over an image with bitmaps: nobody records
+# the session's changes, so it marks them in use before the first write.
+img="$T/alone.qcow2"
+qemu-img create -q -f qcow2 "$img" "$SIZE"
+qemu-img bitmap --add "$img" b0
+start_nbdkit "$SOCK" "$QCOW2_PLUGIN" file="$img"
+timeout 60 qemu-io -f raw -c "write -P 1 0 4096" "$URI" >/dev/null || fail "write through the plugin alone"
+stop_nbdkit "$NBDKIT_PID"
+[[ "$(bitmap_flags "$img" b0)" == *in-use* ]] ||
+  fail "the plugin alone left b0 trusted after a write: $(bitmap_flags "$img" b0)"
+qemu-img check -q "$img" || fail "plugin alone: qemu-img check"
+echo "ok: the plugin alone marks stored bitmaps in use before a write"
+
 # Refused: no cbt-file= over a plugin that is not cbt's qcow2 plugin.
 truncate -s "$SIZE" "$T/plain.raw"
 rm -f "$SOCK"
