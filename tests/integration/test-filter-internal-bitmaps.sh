@@ -47,6 +47,8 @@ apply() {
   done <"$1"
   timeout 60 qemu-io -f raw "${nbd[@]}" -c flush "$URI" >"$T/qemu-io.out" 2>&1 ||
     { cat "$T/qemu-io.out" >&2; fail "qemu-io over NBD failed ($1)"; }
+  # qemu-io may exit 0 after a failed command: its message says so.
+  if grep -q "failed" "$T/qemu-io.out"; then cat "$T/qemu-io.out" >&2; fail "a request failed ($1)"; fi
   timeout 60 qemu-io -f raw "${raw[@]}" "$2" >/dev/null || fail "qemu-io on the mirror failed"
 }
 
