@@ -52,10 +52,10 @@ std::string RecoveryHint(const std::string& file, const std::string& name, Durab
   return s;
 }
 
-Status CheckSize(const qcow2::Image& img, const std::string& path, uint64_t disk_size) {
+Status CheckSize(const qcow2::Image& img, const std::string& where, uint64_t disk_size) {
   if (img.virtual_size() == RoundUp512(disk_size)) return Status::OK();
   return Status::InvalidArgument(
-      "cbt-file=" + path + ": size mismatch: the container tracks a disk of " +
+      where + ": size mismatch: the container tracks a disk of " +
       std::to_string(img.virtual_size()) + " bytes but this disk has " + std::to_string(disk_size) +
       " bytes; use the container made for this disk (or create a new one)");
 }
@@ -125,7 +125,7 @@ Status Tracker::LoadContainerState() {
   const std::vector<std::byte>* rec = image_->GetExtension(kIntentExtensionType);
   if (rec && image_->private_record_vouched()) {
     auto m = IntentMap::Parse(*rec);
-    if (!m.ok()) return m.status().WithContext("cbt-file=" + opts_.container_path);
+    if (!m.ok()) return m.status().WithContext(Where());
     found_record_ = std::move(m).value();
   }
   return CheckBitmaps();
@@ -140,6 +140,15 @@ bool Tracker::RecordRecoverable() const {
 }
 
 Tracker::~Tracker() = default;
+
+std::string Tracker::Where() const {
+  return opts_.internal ? "internal bitmaps of " + opts_.container_path
+                        : "cbt-file=" + opts_.container_path;
+}
+
+std::string Tracker::Label() const {
+  return opts_.internal ? "internal bitmaps" : "cbt-file";
+}
 
 // Opens and locks an existing container, through the closed write gate;
 // leaves image_ empty when it does not exist and may be created (Attach
@@ -166,12 +175,12 @@ Status Tracker::OpenContainer() {
   }
   if (!file.ok() && file.status().IsNotFound()) {
     if (!opts_.create || opts_.readonly)
-      return Status::NotFound("cbt-file=" + path +
+      return Status::NotFound(Where() +
                               ": no such file; add cbt-create=true to create it");
     // Attach creates it after nbdkit forks: find what would stop it now.
-    return st.CheckCreatable(path).WithContext("cbt-file=" + path);
+    return st.CheckCreatable(path).WithContext(Where());
   }
-  if (!file.ok()) return file.status().WithContext("cbt-file");
+  if (!file.ok()) return file.status().WithContext(Label());
   qcow2::OpenOptions oo;
   oo.writable = !ro;
   oo.refcounts = opts_.shared_refcounts;
@@ -184,10 +193,10 @@ Status Tracker::OpenContainer() {
     img = qcow2::Image::Open(gate_, oo);
     reopen_writable_ = true;
   }
-  if (!img.ok()) return img.status().WithContext("cbt-file");
+  if (!img.ok()) return img.status().WithContext(Label());
   // P4: overlapping metadata or refcounts below the references would let a
   // persist allocate a cluster holding live bits (or the refcount table).
-  if (!opts_.readonly) CBT_RETURN_IF_ERROR(qcow2::CheckBeforeWrite(**img).WithContext("cbt-file"));
+  if (!opts_.readonly) CBT_RETURN_IF_ERROR(qcow2::CheckBeforeWrite(**img).WithContext(Label()));
   image_ = std::move(img).value();
   return Status::OK();
 }
@@ -254,7 +263,7 @@ Status Tracker::AttachReadOnly(uint64_t disk_size) {
     spdlog::info("{} does not exist and is not created for a read-only export", path);
     return Status::OK();
   }
-  CBT_RETURN_IF_ERROR(CheckSize(*image_, path, disk_size_));
+  CBT_RETURN_IF_ERROR(CheckSize(*image_, Where(), disk_size_));
   for (const qcow2::BitmapInfo& info : image_->Bitmaps())
     if (info.enabled && !info.consistent)
       spdlog::info(
@@ -268,7 +277,7 @@ Status Tracker::Attach(uint64_t disk_size) {
   if (opts_.readonly) return AttachReadOnly(disk_size);  // nothing will be marked or written
   const std::string& path = opts_.container_path;
   if (container_readonly_)
-    return Status::IOError("cbt-file=" + path +
+    return Status::IOError(Where() +
                                ": the container is read-only here (no write permission or a "
                                "read-only file system); a writable export needs a writable "
                                "container, or serve the export read-only (nbdkit -r)",
@@ -283,7 +292,7 @@ Status Tracker::Attach(uint64_t disk_size) {
       oo.writable = true;
       oo.refcounts = opts_.shared_refcounts;
       auto img = qcow2::Image::Open(gate_, oo);
-      if (!img.ok()) return img.status().WithContext("cbt-file");
+      if (!img.ok()) return img.status().WithContext(Label());
       image_ = std::move(img).value();
       reopen_writable_ = false;
       CBT_RETURN_IF_ERROR(LoadContainerState());
@@ -291,21 +300,21 @@ Status Tracker::Attach(uint64_t disk_size) {
   }
   if (!image_) {
     auto nf = storage().Open(path, Storage::Mode::kCreate);
-    if (!nf.ok()) return nf.status().WithContext("cbt-file");
+    if (!nf.ok()) return nf.status().WithContext(Label());
     qcow2::CreateOptions co;
     co.virtual_size = disk_size_;
     co.cluster_size = opts_.cluster_size;
     auto img = qcow2::Image::Create(std::move(nf).value(), co);
     if (!img.ok()) {
       storage().Remove(path);  // we made it; leave nothing half-built behind
-      return img.status().WithContext("cbt-file=" + path + ": create");
+      return img.status().WithContext(Where() + ": create");
     }
     image_ = std::move(img).value();
     created = true;
     spdlog::info("created container {} for a disk of {} bytes", path, disk_size_);
   }
 
-  CBT_RETURN_IF_ERROR(CheckSize(*image_, path, disk_size_));
+  CBT_RETURN_IF_ERROR(CheckSize(*image_, Where(), disk_size_));
   cluster_size_.store(image_->cluster_size());
 
   // Bitmaps our own crash left in_use: take them back (CheckBitmaps made
@@ -314,7 +323,7 @@ Status Tracker::Attach(uint64_t disk_size) {
   for (const qcow2::BitmapInfo& info : image_->Bitmaps()) {
     if (!info.enabled || info.consistent) continue;
     if (found_record_->disk_size() != disk_size_)
-      return Status::Corruption("cbt-file=" + path +
+      return Status::Corruption(Where() +
                                 ": the crash-safety record describes another disk size");
     CBT_RETURN_IF_ERROR(image_->AdoptInconsistent(info.name));
     recovering = true;
@@ -335,7 +344,7 @@ Status Tracker::Attach(uint64_t disk_size) {
     Status s = image_->Commit(specs);
     if (!s.ok()) {
       if (created) storage().Remove(path);
-      return s.WithContext("cbt-file=" + path + ": add bitmaps");
+      return s.WithContext(Where() + ": add bitmaps");
     }
   }
 
@@ -412,11 +421,11 @@ Status Tracker::ArmRecord() {
 Status Tracker::ArmLocked() {
   if (armed_) return Status::OK();
   if (!intents_) {
-    CBT_RETURN_IF_ERROR(image_->RemovePrivateRecord(kIntentExtensionType).WithContext("cbt-file"));
+    CBT_RETURN_IF_ERROR(image_->RemovePrivateRecord(kIntentExtensionType).WithContext(Label()));
   } else {
     Status s =
         image_->SetPrivateRecord(kIntentExtensionType, intents_->Serialize(intents_->Snapshot()));
-    if (!s.ok()) return s.WithContext("cbt-file=" + opts_.container_path + ": crash-safety record");
+    if (!s.ok()) return s.WithContext(Where() + ": crash-safety record");
     spdlog::debug("crash-safety record armed: {} regions of {} bytes", intents_->region_count(),
                   uint64_t{1} << intents_->region_bits());
   }

@@ -73,6 +73,9 @@ struct TrackerOptions {
   // allocator its data path uses, shared by every image opened here.
   // Null: the container is ours alone.
   std::shared_ptr<qcow2::SharedRefcounts> shared_refcounts = nullptr;
+  // The container is the served image (internal bitmaps): only changes how
+  // messages name it.
+  bool internal = false;
 };
 
 // What query-bitmaps reports about one bitmap.
@@ -206,6 +209,10 @@ class Tracker {
   bool InUseOnDisk() const { return in_use_on_disk_.load(); }
 
  private:
+  // How messages name the container: "cbt-file=PATH", or the image holding
+  // internal bitmaps; Label() is the short form.
+  std::string Where() const;
+  std::string Label() const;
   class WriteGate;
   void AddStat(uint64_t TrackerStats::*field, uint64_t n = 1);
   explicit Tracker(const TrackerOptions& opts) : opts_(opts) {}

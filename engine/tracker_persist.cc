@@ -135,9 +135,9 @@ Status Tracker::StoreEditLocked(std::vector<qcow2::BitmapSpec>& specs) {
       switched = now[i].name == specs[i].name && now[i].enabled == specs[i].enabled;
     if (!switched) {
       RestoreLocked(w);
-      return c.WithContext("cbt-file=" + opts_.container_path);
+      return c.WithContext(Where());
     }
-    spdlog::warn("cbt-file={}: {}", opts_.container_path, c.message());
+    spdlog::warn("{}: {}", Where(), c.message());
   }
   ApplyDurableLocked(w);
   return Status::OK();

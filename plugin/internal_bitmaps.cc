@@ -54,6 +54,7 @@ Status UseInternalBitmaps(TrackerOptions* opts) {
   opts->container_path = share->path;
   opts->storage = &storage;
   opts->shared_refcounts = share->refcounts;
+  opts->internal = true;
   if (share->claim_bitmaps) share->claim_bitmaps();
   return Status::OK();
 }
