@@ -35,7 +35,6 @@
 
 namespace {
 
-using cbt::Result;
 using cbt::Status;
 using cbt::qcow2::Volume;
 using cbt::qcow2::VolumeOptions;
@@ -207,7 +206,7 @@ Status Upgrade() {
   std::lock_guard lk(upgrade_mu);
   if (Current()->writable()) return Status::OK();
   if (!rw_refusal.ok()) return rw_refusal.WithContext("");
-  auto refuse = [&](Status s) {
+  auto refuse = [&](const Status& s) {
     rw_refusal = s.WithContext(config.file + " cannot be written");
     return rw_refusal;
   };
