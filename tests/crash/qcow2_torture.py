@@ -69,21 +69,8 @@ DISCONNECTED = {"0", "107", "104", "32", "108"}
 KINDS = ["v3-64k", "c512", "c2m", "v2", "refcount1", "overlay", "compressed", "prealloc"]
 
 
-def wait_for(pred, timeout, what):
-    end = time.time() + timeout
-    while time.time() < end:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"timeout waiting for {what}")
-
-
-def served(sock):
-    if not os.path.exists(sock):
-        return False
-    r = subprocess.run(["nbdinfo", "--size", f"nbd+unix:///?socket={sock}"],
-                       capture_output=True, timeout=30)
-    return r.returncode == 0
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torture import served, wait_for  # noqa: E402  (shared with the filter's torture)
 
 
 class Server:
