@@ -202,7 +202,7 @@ echo "ok: the plugin alone marks stored bitmaps in use before a write"
 truncate -s "$SIZE" "$T/plain.raw"
 rm -f "$SOCK"
 rc=0
-timeout 30 nbdkit -f -U "$SOCK" --filter="$FILTER" file "$T/plain.raw" cbt-bitmap=b0 \
+timeout 30 "${NBDKIT_ENV[@]}" nbdkit -f -U "$SOCK" --filter="$FILTER" file "$T/plain.raw" cbt-bitmap=b0 \
   cbt-create=true >"$T/err.out" 2>&1 || rc=$?
 [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || fail "no cbt-file= over the file plugin: exit $rc"
 grep -q "cbt-file" "$T/err.out" || { cat "$T/err.out" >&2; fail "the message does not name cbt-file"; }
@@ -215,7 +215,7 @@ qemu-img create -q -f qcow2 -o compat=0.10 "$img" "$SIZE"
 sha256sum "$img" >"$T/v2.sum"
 rm -f "$SOCK"
 : >"$T/v2.log"
-nbdkit -f --exit-with-parent -U "$SOCK" --filter="$FILTER" "$QCOW2_PLUGIN" file="$img" \
+"${NBDKIT_ENV[@]}" nbdkit -f --exit-with-parent -U "$SOCK" --filter="$FILTER" "$QCOW2_PLUGIN" file="$img" \
   cbt-bitmap=b0 cbt-create=true 2>"$T/v2.log" &
 pid=$!
 PIDS+=("$pid")
