@@ -366,8 +366,12 @@ Volume::Mapping Volume::Classify(uint64_t entry) const {
   Mapping m;
   m.entry = entry;
   if (entry & kOflagCompressed) {
+    // Host byte offset in bits 0..x-1, extra 512-byte sectors above it.
+    const uint32_t x = 62 - (cluster_bits_ - 8);
     m.kind = Kind::kCompressed;
-    m.host = entry & ((uint64_t{1} << (62 - (cluster_bits_ - 8))) - 1);
+    m.host = entry & ((uint64_t{1} << x) - 1);
+    const uint64_t nsect = ((entry >> x) & ((uint64_t{1} << (cluster_bits_ - 8)) - 1)) + 1;
+    m.csize = nsect * 512 - (m.host & 511);
     return m;
   }
   m.host = entry & kL2OffsetMask;
@@ -410,10 +414,7 @@ Status Volume::ReadHost(std::span<std::byte> out, uint64_t host) {
 }
 
 Status Volume::ReadCompressed(const Mapping& m, std::span<std::byte> cluster) {
-  const uint32_t x = 62 - (cluster_bits_ - 8);
-  uint64_t nsect = ((m.entry >> x) & ((uint64_t{1} << (cluster_bits_ - 8)) - 1)) + 1;
-  uint64_t csize = nsect * 512 - (m.host & 511);
-  std::vector<std::byte> in(csize);
+  std::vector<std::byte> in(m.csize);
   CBT_RETURN_IF_ERROR(ReadHost(in, m.host));
   return Decompress(compression_type_, in, cluster)
       .WithContext(path_ + ": cluster at host offset " + Hex(m.host));

@@ -143,6 +143,7 @@ class Volume final : public Layer {
     uint64_t entry = 0;
     uint64_t host = 0;    // normal / zero-alloc / compressed: host byte offset
     bool copied = false;  // bit 63: refcount 1, writable in place
+    uint64_t csize = 0;   // compressed: bytes stored from host on
   };
   // Keeps clusters freed by a change from being reused or punched while
   // an I/O that looked up the old mapping runs (see Flush).

@@ -74,9 +74,8 @@ void Volume::ReleaseOld(const Mapping& m) {
       pending_free_.emplace_back(m.host, 1);
       break;
     case Kind::kCompressed: {
-      const uint32_t x = 62 - (cluster_bits_ - 8);
-      uint64_t nsect = ((m.entry >> x) & ((uint64_t{1} << (cluster_bits_ - 8)) - 1)) + 1;
-      uint64_t last = m.host + nsect * 512 - (m.host & 511) - 1;
+      // Every host cluster the compressed bytes touch holds a reference.
+      uint64_t last = m.host + m.csize - 1;
       uint64_t first = m.host / cs_ * cs_;
       pending_free_.emplace_back(first, (last / cs_ * cs_ - first) / cs_ + 1);
       break;
