@@ -6,6 +6,9 @@
 #include <cinttypes>
 #include <cstring>
 #include <filesystem>
+#include <mutex>
+#include <optional>
+#include <string_view>
 #include <vector>
 
 #include "plugin/filter_state.h"
@@ -81,10 +84,9 @@ int BackupConfig(const char* key, const char* value) {
   return 0;
 }
 
-int BackupGetReady() {
-  BackupOptions& o = state->backup_opts;
-  if (o.dir.empty())
-    o.dir = std::filesystem::path(state->opts.container_path).parent_path().string();
+int BackupAttach(Disk& d) {
+  BackupOptions o = state->backup_opts;
+  if (o.dir.empty()) o.dir = std::filesystem::path(d.opts.container_path).parent_path().string();
   struct stat st;
   if (stat(o.dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
     nbdkit_error("cbt-fleece-dir=%s: not a directory (%s)", o.dir.c_str(),
@@ -95,12 +97,22 @@ int BackupGetReady() {
     nbdkit_error("cbt-backup-export=: must not be empty (\"\" is the live export)");
     return -1;
   }
-  state->backup = std::make_unique<BackupManager>(*state->tracker, o);
+  d.backup_export = state->per_export ? state->backup_export + "/" + d.name : state->backup_export;
+  d.backup = std::make_unique<BackupManager>(*d.tracker, o);
   return 0;
 }
 
-bool IsBackupExport(const char* exportname) {
-  return exportname && state->backup_export == exportname;
+std::optional<std::string> BackupViewOf(const char* exportname) {
+  if (!exportname) return std::nullopt;
+  const std::string_view e(exportname), b(state->backup_export);
+  if (!state->per_export) {
+    if (e != b) return std::nullopt;
+    std::lock_guard lock(state->attach_mu);
+    return state->single->name;  // "" before a live connection: refused at prepare
+  }
+  if (e.size() <= b.size() + 1 || e.substr(0, b.size()) != b || e[b.size()] != '/')
+    return std::nullopt;
+  return std::string(e.substr(b.size() + 1));
 }
 
 int BackupListExports(nbdkit_next_list_exports* next, nbdkit_backend* nxdata, int readonly,
@@ -108,13 +120,20 @@ int BackupListExports(nbdkit_next_list_exports* next, nbdkit_backend* nxdata, in
   if (next(nxdata, readonly, exports) == -1) return -1;
   // Listed only while a session is open: clients such as nbdinfo --list
   // open every export listed, and this one refuses connections otherwise.
-  if (!state->backup || !state->backup->Current()) return 0;
-  return nbdkit_add_export(exports, state->backup_export.c_str(),
-                           "point-in-time view of a backup session (cbt)");
+  std::lock_guard lock(state->attach_mu);
+  auto add = [&](const Disk& d) {
+    if (!d.backup || !d.backup->Current()) return 0;
+    return nbdkit_add_export(exports, d.backup_export.c_str(),
+                             "point-in-time view of a backup session (cbt)");
+  };
+  if (state->single && add(*state->single) == -1) return -1;
+  for (const auto& [name, d] : state->disks)
+    if (add(*d) == -1) return -1;
+  return 0;
 }
 
 int BackupPrepare(nbdkit_next* next, Handle& h) {
-  if (!state->tracking.load()) {
+  if (!h.disk || !h.disk->tracking.load()) {
     nbdkit_error(
         "cbt: export \"%s\" refused: no backup session is open (the disk has no writable "
         "client yet)",
@@ -122,7 +141,7 @@ int BackupPrepare(nbdkit_next* next, Handle& h) {
     return -1;
   }
   uint64_t id = 0;
-  h.view = state->backup->Current(&id);
+  h.view = h.disk->backup->Current(&id);
   if (!h.view) {
     nbdkit_error(
         "cbt: export \"%s\" refused: no backup session is open; begin one with "
@@ -176,9 +195,9 @@ int BackupExtents(nbdkit_next* next, Handle& h, uint32_t count, uint64_t offset,
   return 0;
 }
 
-int CopyBeforeWrite(nbdkit_next* next, uint32_t count, uint64_t offset, int* err) {
-  if (!state->backup) return 0;
-  Status s = state->backup->BeforeChange(offset, count, Reader(next));
+int CopyBeforeWrite(nbdkit_next* next, Disk& d, uint32_t count, uint64_t offset, int* err) {
+  if (!d.backup) return 0;
+  Status s = d.backup->BeforeChange(offset, count, Reader(next));
   if (!s.ok()) return Fail(s, err);
   return 0;
 }

@@ -8,26 +8,31 @@
 //   get_ready               open, lock and validate the container (errors
 //                           still reach the terminal; nothing forked yet;
 //                           nothing written: -r is not known yet); checks
-//                           the cbt-control path
+//                           the cbt-control path. With a per-export
+//                           template (cbt-file=...%e...) nothing is opened
+//                           yet (filter_disks.h)
 //   after_fork              start the control socket (cbt-control=PATH,
 //                           docs/control.md): its threads must not be
 //                           started before the fork
-//   open/prepare            per connection. The first one attaches the
-//                           tracker to its export (size known only here,
-//                           per export): read-only for a read-only export,
-//                           for writing otherwise; starts the persister.
-//                           Another export name is refused. An attach error
-//                           fails the connection and shuts the server down
-//                           with a non-zero exit status.
-//   pwrite/zero/trim        Tracker::BeginChange, then next->...; the
-//                           Change lives until the plugin answered (edits
-//                           drain it)
-//   flush                   Tracker::Persist, then next->flush
-//   finalize                Tracker::Persist (client disconnect; also runs on
-//                           SIGTERM, unlike .close)
+//   open/prepare            per connection. The first one to an export
+//                           attaches its disk's tracker (size known only
+//                           here, per export): read-only for a read-only
+//                           export, for writing otherwise; starts the
+//                           persister. One container: another export name
+//                           is refused, and an attach error fails the
+//                           connection and shuts the server down with a
+//                           non-zero exit status. Per export: the export's
+//                           container is opened here; an error fails that
+//                           connection only.
+//   pwrite/zero/trim        the connection's disk: Tracker::BeginChange, then
+//                           next->...; the Change lives until the plugin
+//                           answered (edits drain it)
+//   flush                   Tracker::Persist of its disk, then next->flush
+//   finalize                Tracker::Persist of its disk (client disconnect;
+//                           also runs on SIGTERM, unlike .close)
 //   cleanup                 stop the control socket (joins its threads,
-//                           unlinks it), stop the persister, final persist,
-//                           close
+//                           unlinks it), then per disk: stop the persister,
+//                           final persist, close
 // Nothing is done in static destructors: they also run in the pre-fork
 // parent, which must never touch the container.
 #include <dlfcn.h>
@@ -53,6 +58,7 @@
 #include "engine/scheduler.h"
 #include "engine/tracker.h"
 #include "plugin/backup_export.h"
+#include "plugin/filter_disks.h"
 #include "plugin/filter_state.h"
 #include "plugin/filter_storage.h"
 #include "plugin/internal_bitmaps.h"
@@ -69,33 +75,6 @@ using cbt::plugin::Guard;
 using cbt::plugin::Handle;
 using cbt::plugin::State;
 using cbt::plugin::state;
-
-// nbdkit 1.32 has no way for a filter to set the exit status, and exits 0
-// after nbdkit_shutdown(). This makes the process exit with EXIT_FAILURE
-// once nbdkit's main has cleaned up (socket, temp dirs): an atexit handler,
-// kept alive past nbdkit's dlclose of the filter by RTLD_NODELETE.
-void ExitFailureAtExit() noexcept {
-  static std::once_flag once;
-  std::call_once(once, [] {
-    Dl_info info{};
-    if (dladdr(reinterpret_cast<void*>(&ExitFailureAtExit), &info) && info.dli_fname)
-      dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
-    atexit([] {
-      fflush(nullptr);
-      _exit(EXIT_FAILURE);
-    });
-  });
-}
-
-// A failure after the fork that makes the whole server useless (the first
-// client's export cannot be tracked): tell that client, stop serving, exit
-// non-zero. A --run command sees its connection fail instead of hanging.
-void FatalAtConnect(const std::string& msg) noexcept {
-  state->fatal = msg;
-  nbdkit_error("cbt: %s; shutting down", msg.c_str());
-  ExitFailureAtExit();
-  nbdkit_shutdown();
-}
 
 void cbt_load() noexcept {
   // noexcept: an exception here (spdlog's sink, an allocation) would end
@@ -149,6 +128,13 @@ int cbt_config(nbdkit_next_config* next, nbdkit_backend* nxdata, const char* key
       if (!*value) {
         nbdkit_error("cbt-file=: the path must not be empty (cbt-file=PATH, the qcow2 container)");
         return -1;
+      }
+      if (cbt::IsTemplate(value)) {
+        if (Status s = cbt::CheckTemplate(value); !s.ok()) {
+          nbdkit_error("cbt-file=%s: %s", value, s.message().c_str());
+          return -1;
+        }
+        state->per_export = true;
       }
       char* p = nbdkit_absolute_path(value);
       if (!p) return -1;
@@ -275,16 +261,7 @@ int cbt_get_ready(int /*thread_model*/) noexcept {
         return -1;
       }
     }
-    // Open, lock and validate the container before nbdkit forks, so errors
-    // reach the terminal and no --run command starts. The OFD locks stay
-    // with the server: the forked child shares the open file description.
-    auto t = cbt::Tracker::Prepare(state->opts);
-    if (!t.ok()) {
-      nbdkit_error("cbt: %s", t.status().message().c_str());
-      return -1;
-    }
-    state->tracker = std::move(t).value();
-    return cbt::plugin::BackupGetReady();
+    return cbt::plugin::DisksGetReady();
   });
 }
 
@@ -293,24 +270,7 @@ int cbt_get_ready(int /*thread_model*/) noexcept {
 // plugin's .after_fork itself.
 int cbt_after_fork(nbdkit_backend* /*backend*/) noexcept {
   int err = 0;
-  return Guard(&err, [&]() -> int {
-    if (state->control_path.empty()) return 0;
-    state->control_handler = std::make_unique<cbt::control::TrackerHandler>(
-        *state->tracker, state->tracking, std::chrono::milliseconds(state->drain_timeout_ms));
-    state->control_handler->SetBackup(
-        {state->backup.get(), state->backup_export,
-         [path = state->control_path] { return cbt::control::ListeningUnixSockets({path}); }});
-    cbt::control::ServerOptions opt;
-    opt.path = state->control_path;
-    state->control =
-        std::make_unique<cbt::control::ControlServer>(std::move(opt), *state->control_handler);
-    if (Status s = state->control->Start(); !s.ok()) {
-      nbdkit_error("cbt-control=%s: %s", state->control_path.c_str(), s.message().c_str());
-      state->control.reset();  // Stop(): closes what Start() opened
-      return -1;
-    }
-    return 0;
-  });
+  return Guard(&err, [&]() -> int { return cbt::plugin::StartControl(); });
 }
 
 void* cbt_open(nbdkit_next_open* next, nbdkit_context* ctx, int readonly, const char* exportname,
@@ -319,15 +279,11 @@ void* cbt_open(nbdkit_next_open* next, nbdkit_context* ctx, int readonly, const 
   void* h = nullptr;
   Guard(&err, [&]() -> int {
     auto handle = std::make_unique<Handle>();
-    if (cbt::plugin::IsBackupExport(exportname)) {
+    if (auto live = cbt::plugin::BackupViewOf(exportname)) {
       // The view reads the tracked export, read-only.
       handle->backup = true;
-      std::string live;
-      {
-        std::lock_guard lock(state->attach_mu);
-        live = state->export_name;
-      }
-      if (next(ctx, 1, live.c_str()) == -1) return -1;
+      if (next(ctx, 1, live->c_str()) == -1) return -1;
+      handle->disk = cbt::plugin::FindDisk(*live);
     } else if (next(ctx, readonly, exportname) == -1) {
       return -1;
     }
@@ -381,60 +337,14 @@ int cbt_extents(nbdkit_next* next, void* handle, uint32_t count, uint64_t offset
   });
 }
 
-// The first connection attaches the tracker to its export; later ones
-// must be for the same export (one container tracks one disk).
+// The first connection to an export attaches its disk (filter_disks.h).
 int cbt_prepare(nbdkit_next* next, void* handle, int readonly_export) noexcept {
   int err = 0;
   return Guard(&err, [&]() -> int {
     auto* h = static_cast<Handle*>(handle);
     if (h->backup) return cbt::plugin::BackupPrepare(next, *h);
-    const char* name = h->name;
-    std::lock_guard lock(state->attach_mu);
-    if (!state->fatal.empty()) {
-      nbdkit_error("cbt: not serving: %s", state->fatal.c_str());
-      return -1;
-    }
-    if (state->have_export && state->export_name != name) {
-      nbdkit_error(
-          "cbt: export \"%s\" refused: this server tracks the changes of export \"%s\" "
-          "only (cbt-file=%s holds the bitmaps of one disk); connect to \"%s\", or serve "
-          "\"%s\" from another nbdkit with its own cbt-file",
-          name, state->export_name.c_str(), state->opts.container_path.c_str(),
-          state->export_name.c_str(), name);
-      return -1;
-    }
-    int64_t size = next->get_size(next);
-    if (size == -1) return -1;  // the plugin said why
-    const auto usize = static_cast<uint64_t>(size);
-    // A zero-sized disk cannot change either (and qcow2 has no bitmaps for it).
-    const bool readonly = readonly_export || usize == 0;
-    cbt::Tracker& t = *state->tracker;
-    if (state->tracking.load() || (state->attached_ro && readonly)) {
-      if (usize != t.disk_size()) {
-        nbdkit_error("cbt: export \"%s\" now has %" PRIu64 " bytes; tracking started with %" PRIu64
-                     " (the size must not change)",
-                     name, usize, t.disk_size());
-        return -1;
-      }
-      return 0;
-    }
-    Status s = readonly ? t.AttachReadOnly(usize) : t.Attach(usize);
-    if (!s.ok()) {
-      FatalAtConnect(s.message());
-      return -1;
-    }
-    state->have_export = true;
-    state->export_name = name;
-    if (readonly) {
-      state->attached_ro = true;
-      return 0;
-    }
-    state->tracking.store(true);
-    if (state->persist.any()) {
-      state->scheduler = std::make_unique<cbt::PersistScheduler>(t, state->persist);
-      state->scheduler->Start();
-    }
-    return 0;
+    h->disk = cbt::plugin::AttachExport(next, h->name, readonly_export);
+    return h->disk ? 0 : -1;
   });
 }
 
@@ -442,29 +352,18 @@ void cbt_cleanup(nbdkit_backend* /*backend*/) noexcept {
   if (!state) return;
   int err = 0;
   Guard(&err, [&]() -> int {
-    // First: no control client may reach the tracker once it closes.
-    if (state->control) state->control->Stop();
-    state->control.reset();
-    state->control_handler.reset();
-    if (state->scheduler) state->scheduler->Stop();
-    if (state->backup) state->backup->Shutdown();
-    if (state->tracker && state->tracking.load()) {
-      // Clean shutdown (P3): persist and clear in_use.
-      Status s = state->tracker->Close();
-      if (!s.ok()) nbdkit_error("cbt: final persist failed: %s", s.message().c_str());
-    }
-    state->backup.reset();
-    state->tracker.reset();  // not attached for writing: nothing to write
+    cbt::plugin::CloseDisks();
     return 0;
   });
 }
 
-int cbt_finalize(nbdkit_next* next, void* /*handle*/) noexcept {
+int cbt_finalize(nbdkit_next* next, void* handle) noexcept {
   int err = 0;
   return Guard(&err, [&]() -> int {
-    // Client disconnect: persist everything (all connections share one tracker).
-    if (state->tracking.load())
-      if (Status s = state->tracker->Persist(); !s.ok()) return Fail(s, &err);
+    // Client disconnect: persist its disk (all its connections share one tracker).
+    cbt::plugin::Disk* d = static_cast<Handle*>(handle)->disk;
+    if (d && d->tracking.load() && !static_cast<Handle*>(handle)->backup)
+      if (Status s = d->tracker->Persist(); !s.ok()) return Fail(s, &err);
     return next->finalize(next);
   });
 }
@@ -477,45 +376,49 @@ int NotTracking(int* err) {
   return -1;
 }
 
-int cbt_pwrite(nbdkit_next* next, void* /*handle*/, const void* buf, uint32_t count,
-               uint64_t offset, uint32_t flags, int* err) noexcept {
+int cbt_pwrite(nbdkit_next* next, void* handle, const void* buf, uint32_t count, uint64_t offset,
+               uint32_t flags, int* err) noexcept {
   return Guard(err, [&]() -> int {
-    if (!state->tracking.load()) return NotTracking(err);
-    auto change = state->tracker->BeginChange(offset, count);
+    cbt::plugin::Disk* d = static_cast<Handle*>(handle)->disk;
+    if (!d || !d->tracking.load()) return NotTracking(err);
+    auto change = d->tracker->BeginChange(offset, count);
     if (!change.ok()) return Fail(change.status(), err);
-    if (cbt::plugin::CopyBeforeWrite(next, count, offset, err) == -1) return -1;
+    if (cbt::plugin::CopyBeforeWrite(next, *d, count, offset, err) == -1) return -1;
     return next->pwrite(next, buf, count, offset, flags, err);  // `change` ends after the answer
   });
 }
 
-int cbt_zero(nbdkit_next* next, void* /*handle*/, uint32_t count, uint64_t offset, uint32_t flags,
+int cbt_zero(nbdkit_next* next, void* handle, uint32_t count, uint64_t offset, uint32_t flags,
              int* err) noexcept {
   return Guard(err, [&]() -> int {
-    if (!state->tracking.load()) return NotTracking(err);
-    auto change = state->tracker->BeginChange(offset, count);
+    cbt::plugin::Disk* d = static_cast<Handle*>(handle)->disk;
+    if (!d || !d->tracking.load()) return NotTracking(err);
+    auto change = d->tracker->BeginChange(offset, count);
     if (!change.ok()) return Fail(change.status(), err);
-    if (cbt::plugin::CopyBeforeWrite(next, count, offset, err) == -1) return -1;
+    if (cbt::plugin::CopyBeforeWrite(next, *d, count, offset, err) == -1) return -1;
     return next->zero(next, count, offset, flags, err);  // `change` ends after the answer
   });
 }
 
-int cbt_trim(nbdkit_next* next, void* /*handle*/, uint32_t count, uint64_t offset, uint32_t flags,
+int cbt_trim(nbdkit_next* next, void* handle, uint32_t count, uint64_t offset, uint32_t flags,
              int* err) noexcept {
   return Guard(err, [&]() -> int {
-    if (!state->tracking.load()) return NotTracking(err);
-    auto change = state->tracker->BeginChange(offset, count);
+    cbt::plugin::Disk* d = static_cast<Handle*>(handle)->disk;
+    if (!d || !d->tracking.load()) return NotTracking(err);
+    auto change = d->tracker->BeginChange(offset, count);
     if (!change.ok()) return Fail(change.status(), err);
-    if (cbt::plugin::CopyBeforeWrite(next, count, offset, err) == -1) return -1;
+    if (cbt::plugin::CopyBeforeWrite(next, *d, count, offset, err) == -1) return -1;
     return next->trim(next, count, offset, flags, err);  // `change` ends after the answer
   });
 }
 
-int cbt_flush(nbdkit_next* next, void* /*handle*/, uint32_t flags, int* err) noexcept {
+int cbt_flush(nbdkit_next* next, void* handle, uint32_t flags, int* err) noexcept {
   return Guard(err, [&]() -> int {
     // Bitmap first, then data: a crash in between leaves bits for data that
     // may not be durable (a superset), never the reverse.
-    if (state->tracking.load())
-      if (Status s = state->tracker->Persist(); !s.ok()) return Fail(s, err);
+    cbt::plugin::Disk* d = static_cast<Handle*>(handle)->disk;
+    if (d && d->tracking.load() && !static_cast<Handle*>(handle)->backup)
+      if (Status s = d->tracker->Persist(); !s.ok()) return Fail(s, err);
     return next->flush(next, flags, err);
   });
 }
@@ -533,7 +436,8 @@ nbdkit_filter filter = [] {
   f.config_complete = cbt_config_complete;
   static const std::string help =
       std::string(
-          "cbt-file=PATH            (required) qcow2 container holding the bitmaps\n"
+          "cbt-file=PATH            (required) qcow2 container holding the bitmaps;\n"
+          "                         with %e (the export name): one per export\n"
           "cbt-bitmap=NAME          (required, repeatable) bitmap that records changes\n"
           "cbt-create=BOOL          create a missing container or bitmap (default false)\n"
           "cbt-granularity=SIZE     granularity of created bitmaps (default 64K)\n"

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -20,38 +21,59 @@
 
 namespace cbt::plugin {
 
+// One tracked disk: an export and the container of its bitmaps. Created in
+// get_ready (one container for the server's one export) or, with a
+// per-export cbt-file template (%e), by the first connection to its export.
+// Never destroyed before .cleanup, so connections keep a plain pointer.
+// The attach fields are written under State::attach_mu; `tracking` is also
+// read without it.
+struct Disk {
+  cbt::TrackerOptions opts;  // container_path: this disk's container
+  std::unique_ptr<cbt::Tracker> tracker;
+  std::unique_ptr<cbt::PersistScheduler> scheduler;
+  bool have_export = false;  // `name` is the tracked export
+  std::string name;          // canonical export name, as the plugin sees it
+  bool attached_ro = false;  // AttachReadOnly done (a read-only client came first)
+  // Attached for writing: flush, finalize and cleanup persist.
+  std::atomic<bool> tracking{false};
+  // The backup export's session manager (from attach to cleanup) and the
+  // NBD name of this disk's point-in-time view.
+  std::unique_ptr<cbt::BackupManager> backup;
+  std::string backup_export;
+  // Its control commands (cbt-control=PATH), routed by export name.
+  std::unique_ptr<cbt::control::TrackerHandler> control_handler;
+};
+
 // Filter state. opts and persist are written during config
-// (single-threaded); tracker in get_ready. The attach state is written in
-// .prepare under attach_mu; `tracking` is also read without it.
+// (single-threaded); the first disk in get_ready. The disk table is written
+// in .prepare under attach_mu.
 struct State {
+  // Every disk's options; with per_export, container_path is the template.
   cbt::TrackerOptions opts;
+  // cbt-file= holds %e: one container per export (docs/filter.md).
+  bool per_export = false;
   // No cbt-file= over cbt's qcow2 plugin: the bitmaps live in the image.
   bool internal_bitmaps = false;
   cbt::PersistTriggers persist;  // cbt-persist-interval/-threshold/-idle; 0 = off
-  std::unique_ptr<cbt::Tracker> tracker;
-  std::unique_ptr<cbt::PersistScheduler> scheduler;
 
   std::mutex attach_mu;
-  bool have_export = false;  // export_name is the tracked export
-  std::string export_name;   // canonical name, as the plugin sees it
-  bool attached_ro = false;  // AttachReadOnly done (a read-only client came first)
-  std::string fatal;         // attach failed: the server is shutting down
-  // Attached for writing: flush, finalize and cleanup persist.
-  std::atomic<bool> tracking{false};
+  // Not per_export: the one disk, prepared in get_ready, attached by the
+  // first connection. per_export: every disk a connection attached, by name.
+  std::unique_ptr<Disk> single;
+  std::map<std::string, std::unique_ptr<Disk>> disks;
+  std::string fatal;  // the single disk failed to attach: shutting down
 
   // cbt-control=PATH (absolute; empty: no control socket). The server and
-  // its handler exist from .after_fork to .cleanup.
+  // its router exist from .after_fork to .cleanup.
   std::string control_path;
-  std::unique_ptr<cbt::control::TrackerHandler> control_handler;
   // How long an edit waits for the changes in flight (cbt-drain-timeout).
   unsigned drain_timeout_ms = 5000;
+  std::unique_ptr<cbt::control::Handler> control_router;
   std::unique_ptr<cbt::control::ControlServer> control;
 
-  // The backup export (docs/backup.md): its name, cbt-fleece-* options and
-  // the sessions (from get_ready to cleanup).
+  // The backup export (docs/backup.md): its name and cbt-fleece-* options.
   std::string backup_export = "backup";
   cbt::BackupOptions backup_opts;
-  std::unique_ptr<cbt::BackupManager> backup;
 };
 extern State* state;  // cbt-durability defaults to power: see docs/crash-safety.md
 

@@ -34,7 +34,9 @@ BitmapArgs ParseBitmapArgs(const std::vector<std::string>& args) {
       "source-format,F", po::value<std::string>()->value_name("qcow2"),
       "format of SRCFILE, as qemu-img -F; only qcow2")(
       "socket", po::value<std::string>()->value_name("PATH"),
-      "change NAME in the filter serving the control socket PATH (cbt-control=PATH); no FILE");
+      "change NAME in the filter serving the control socket PATH (cbt-control=PATH); no FILE")(
+      "export", po::value<std::string>()->value_name("NAME"),
+      "with --socket: the export (disk) addressed, when the filter tracks several");
   CommonOptions& c = out.common;
   AddCommonOptions(mods, c);
   po::options_description visible;
@@ -87,6 +89,8 @@ BitmapArgs ParseBitmapArgs(const std::vector<std::string>& args) {
       out.ops.push_back({OpKind::kTransient, {}});
     else if (k == "socket")
       out.socket = v;
+    else if (k == "export")
+      out.export_name = v;
     else if (k == "disabled")
       out.opts.add_disabled = true;
     else if (k == "source-file")
@@ -109,6 +113,7 @@ BitmapArgs ParseBitmapArgs(const std::vector<std::string>& args) {
   }
   if (!online && out.file.empty())
     throw UsageError("missing FILE and NAME (or --socket PATH NAME)");
+  if (!online && !out.export_name.empty()) throw UsageError("--export applies to --socket only");
   if (out.name.empty()) throw UsageError("missing NAME (the bitmap to work on)");
   if (out.ops.empty())
     throw UsageError(

@@ -11,8 +11,9 @@ namespace cbt::cli {
 
 struct BitmapArgs {
   CommonOptions common;
-  std::string file;    // "" with --socket
-  std::string socket;  // --socket PATH: a running filter's control socket
+  std::string file;         // "" with --socket
+  std::string socket;       // --socket PATH: a running filter's control socket
+  std::string export_name;  // --export NAME: the disk addressed there
   std::string name;
   std::vector<BitmapOp> ops;  // in the order given
   OpOptions opts;             // -g, --disabled, --transient (with --add)

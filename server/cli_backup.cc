@@ -442,6 +442,7 @@ int RunBackup(const std::vector<std::string>& all_args) {
       "begin: serve qemu:dirty-bitmap:OLD with qemu-nbd on unix socket PATH; end: stop the "
       "endpoint on PATH even when no session is open (after a restart of the server)")(
       "id", po::value(&id)->value_name("N"), "end: the session to end (default: the open one)");
+  AddExportOption(desc);
   AddCommonOptions(desc, common);
   std::vector<std::string> files;
   po::options_description hidden;

@@ -49,7 +49,10 @@ int RunBitmap(const std::vector<std::string>& args) {
     return kExitOk;
   }
   ApplyCommonOptions(a.common);
-  if (!a.socket.empty()) return RunBitmapSocket(a);
+  if (!a.socket.empty()) {
+    SetSocketExport(a.export_name);
+    return RunBitmapSocket(a);
+  }
 
   Result<OpenedImage> opened = OpenImage(a.file, /*writable=*/true);
   if (!opened.ok()) return Fail(opened.status());

@@ -34,6 +34,7 @@ int RunCheckpoint(const std::vector<std::string>& args) {
                      "the filter's control socket (cbt-control=PATH; required)")(
       "freeze", po::value(&freeze)->value_name("OLD"), "the bitmap to stop (required)")(
       "new", po::value(&new_name)->value_name("NEW"), "the bitmap to start (required)");
+  AddExportOption(desc);
   AddCommonOptions(desc, common);
   std::vector<std::string> files;  // only to refuse them clearly
   po::options_description hidden;

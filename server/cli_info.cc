@@ -55,6 +55,7 @@ int RunInfo(const std::vector<std::string>& args) {
                      "look at FILE even while another program holds it")(
       "socket", po::value(&socket)->value_name("PATH"),
       "ask the filter serving this control socket (cbt-control=PATH); no FILE");
+  AddExportOption(desc);
   if (ParseFileCommand(args, desc, common, file, kSynopsis, kDescription, &socket)) return kExitOk;
   if (!socket.empty()) {
     if (force_share) throw UsageError("-U applies to FILE, not to --socket");

@@ -43,6 +43,7 @@ int RunMap(const std::vector<std::string>& args) {
   std::string socket;
   desc.add_options()("socket", po::value(&socket)->value_name("PATH"),
                      "map the bitmap of the filter serving this control socket; no FILE");
+  AddExportOption(desc);
   if (ParseFileCommand(args, desc, common, file, kSynopsis, kDescription, &socket)) return kExitOk;
   if (!socket.empty() && force_share) throw UsageError("-U applies to FILE, not to --socket");
   if (bitmap.empty()) throw UsageError("missing --bitmap NAME");

@@ -45,9 +45,28 @@ const LiveBitmap* LiveInfo::Find(const std::string& name) const {
   return nullptr;
 }
 
+namespace {
+std::string socket_export;  // --export NAME (one command line per process)
+}  // namespace
+
+void AddExportOption(po::options_description& desc) {
+  desc.add_options()("export", po::value(&socket_export)->value_name("NAME"),
+                     "with --socket: the export (disk) addressed, when the filter tracks "
+                     "several (cbt-file=...%e...)");
+}
+
+const std::string& SocketExport() {
+  return socket_export;
+}
+void SetSocketExport(std::string name) {
+  socket_export = std::move(name);
+}
+
 Result<json> SocketCall(const std::string& socket, std::string_view command,
                         const json& arguments) {
-  Result<json> r = control::Call(socket, command, arguments);
+  control::ClientOptions opt;
+  opt.export_name = socket_export;
+  Result<json> r = control::Call(socket, command, arguments, opt);
   if (r.ok()) {
     if (!r->is_object())
       return Status::IOError("control socket '" + socket + "': " + std::string(command) +

@@ -38,6 +38,12 @@ struct LiveInfo {
   const LiveBitmap* Find(const std::string& name) const;
 };
 
+// --export NAME: sent with every SocketCall of this process (the disk
+// addressed on a filter tracking several exports).
+void AddExportOption(boost::program_options::options_description& desc);
+const std::string& SocketExport();
+void SetSocketExport(std::string name);
+
 // One command over the socket; the Status's message is ready for Fail():
 // the server's desc, with the socket named where it would not be clear
 // otherwise (NotSupported, an unknown command) and a hint for NotFound.

@@ -217,6 +217,7 @@ Result<json> Call(const std::string& path, std::string_view command, const json&
   json request = {{"execute", std::string(command)}, {"id", kId}};
   if (!arguments.is_null() && !(arguments.is_object() && arguments.empty()))
     request["arguments"] = arguments;
+  if (!options.export_name.empty()) request["export"] = options.export_name;
   CBT_ASSIGN_OR_RETURN(
       std::string line,
       Exchange(path, request.dump(-1, ' ', false, json::error_handler_t::replace), options));

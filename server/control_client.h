@@ -32,6 +32,9 @@ struct ClientOptions {
   // Longest reply line accepted (query-bitmap-extents at its 65536 extents
   // per reply is a few MiB).
   size_t max_reply_bytes = size_t{64} << 20;
+  // The disk addressed, sent as the request's "export" (a server tracking
+  // several exports needs it); empty: none sent.
+  std::string export_name;
 };
 
 // The Status for a reply's "error" object {"class", "desc"}: NotFound,

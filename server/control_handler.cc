@@ -190,6 +190,8 @@ Result<json> TrackerHandler::HandleBackup(const Request& request) {
 
 Result<json> TrackerHandler::Handle(const Request& request) {
   switch (request.command) {
+    case Command::kQueryExports:
+      return Status::NotSupported("query-exports: answered by the server, not by one disk");
     case Command::kQueryBackup:
     case Command::kBackupBegin:
     case Command::kBackupEnd:
@@ -232,6 +234,12 @@ Result<json> TrackerHandler::Handle(const Request& request) {
       return json::object();
     }
   }
+}
+
+Result<json> ExportRouter::Handle(const Request& request) {
+  if (request.command == Command::kQueryExports) return json{{"exports", list_()}};
+  CBT_ASSIGN_OR_RETURN(Handler * h, resolve_(request.export_name));
+  return h->Handle(request);
 }
 
 }  // namespace cbt::control

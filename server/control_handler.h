@@ -24,6 +24,7 @@
 #include <atomic>
 #include <chrono>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -64,6 +65,22 @@ class TrackerHandler : public Handler {
   const std::atomic<bool>& attached_;
   const std::chrono::milliseconds drain_timeout_;
   BackupExport backup_;
+};
+
+// The server's handler when it tracks several exports (or may): query-exports
+// answers from `list`; every other request goes to the handler `resolve`
+// finds for its "export" (nullopt: the request named none), or fails with
+// resolve's error (NotFound, InvalidArgument).
+class ExportRouter : public Handler {
+ public:
+  using Resolve = std::function<Result<Handler*>(const std::optional<std::string>& export_name)>;
+  using List = std::function<nlohmann::json()>;  // the "exports" array
+  ExportRouter(Resolve resolve, List list) : resolve_(std::move(resolve)), list_(std::move(list)) {}
+  Result<nlohmann::json> Handle(const Request& request) override;
+
+ private:
+  Resolve resolve_;
+  List list_;
 };
 
 }  // namespace cbt::control

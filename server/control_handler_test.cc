@@ -6,6 +6,9 @@
 #include <atomic>
 #include <filesystem>
 #include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
 
 #include "engine/storage.h"
 #include "engine/tracker.h"
@@ -203,6 +206,54 @@ TEST_F(ControlHandlerTest, RefusedEditsChangeNothing) {
             "InvalidArgument");  // not recording
   json q = Call(h, R"({"execute":"query-bitmaps"})")["return"]["bitmaps"];
   EXPECT_EQ(Names(q), json::parse(R"([["b0",false,true,65536]])")) << q.dump();
+}
+
+// The router of a server tracking several exports: query-exports from its
+// list, every other command to the handler of the request's "export", the
+// resolver's refusal as the reply.
+TEST_F(ControlHandlerTest, ExportRouterSendsEachRequestToItsDisk) {
+  opts_.container_path = dir_ + "/a.cbt";
+  auto a = Tracker::Open(opts_, 1 * MiB);
+  ASSERT_TRUE(a.ok()) << a.status().message();
+  opts_.container_path = dir_ + "/b.cbt";
+  auto b = Tracker::Open(opts_, 2 * MiB);
+  ASSERT_TRUE(b.ok()) << b.status().message();
+  std::atomic<bool> yes{true};
+  TrackerHandler ha(**a, yes), hb(**b, yes);
+  std::vector<std::optional<std::string>> asked;
+  ExportRouter router(
+      [&](const std::optional<std::string>& name) -> Result<Handler*> {
+        asked.push_back(name);
+        if (!name) return Status::InvalidArgument("name one");
+        if (*name == "a") return static_cast<Handler*>(&ha);
+        if (*name == "b") return static_cast<Handler*>(&hb);
+        return Status::NotFound("export '" + *name + "' is not tracked");
+      },
+      [] {
+        return json::array({{{"name", "a"}}, {{"name", "b"}}});
+      });
+
+  json r = Call(router, R"({"execute":"query-exports"})");
+  EXPECT_EQ(r["return"]["exports"].size(), 2u) << r;
+  EXPECT_TRUE(asked.empty());  // no disk is asked for the list
+  r = Call(router, R"({"execute":"query-bitmaps","export":"b"})");
+  EXPECT_EQ(r["return"]["disk-size"], 2 * MiB) << r;
+  r = Call(router, R"({"execute":"query-bitmaps","export":"a"})");
+  EXPECT_EQ(r["return"]["disk-size"], 1 * MiB) << r;
+  r = Call(router, R"({"execute":"query-bitmaps"})");
+  EXPECT_EQ(r["error"]["class"], "InvalidArgument") << r;
+  r = Call(router, R"({"execute":"bitmap-add","export":"zz","arguments":{"name":"x"}})");
+  EXPECT_EQ(r["error"]["class"], "NotFound") << r;
+  ASSERT_EQ(asked.size(), 4u);
+  EXPECT_EQ(asked[0], "b");
+  EXPECT_EQ(asked[2], std::nullopt);
+  // An edit through the router reaches only its disk.
+  r = Call(router, R"({"execute":"bitmap-add","export":"a","arguments":{"name":"x"}})");
+  EXPECT_TRUE(r.contains("return")) << r;
+  EXPECT_TRUE((*a)->Bitmap("x"));
+  EXPECT_FALSE((*b)->Bitmap("x"));
+  r = Call(router, R"({"execute":"query-bitmaps","export":7})");
+  EXPECT_EQ(r["error"]["class"], "InvalidArgument") << r;  // the parser: a string
 }
 
 }  // namespace

@@ -11,7 +11,7 @@ namespace {
 
 using json = nlohmann::json;
 
-constexpr std::array<std::pair<Command, std::string_view>, 19> kNames{{
+constexpr std::array<std::pair<Command, std::string_view>, 20> kNames{{
     {Command::kQueryBitmaps, "query-bitmaps"},
     {Command::kQueryStats, "query-stats"},
     {Command::kQueryBitmapExtents, "query-bitmap-extents"},
@@ -31,6 +31,7 @@ constexpr std::array<std::pair<Command, std::string_view>, 19> kNames{{
     {Command::kBackupEnd, "backup-end"},
     {Command::kQueryBackup, "query-backup"},
     {Command::kBackupSetEndpoint, "backup-set-endpoint"},
+    {Command::kQueryExports, "query-exports"},
 }};
 
 // A SAX pass before building the DOM: nlohmann's SAX parser is iterative, so
@@ -249,6 +250,7 @@ Result<Arguments> ParseArgs(Command c, const json& a, std::string_view w) {
     case Command::kQueryBitmaps:
     case Command::kQueryStats:
     case Command::kPersist:
+    case Command::kQueryExports:
       CBT_RETURN_IF_ERROR(OnlyKeys(a, w, {}));
       return Arguments{NoArgs{}};
     case Command::kQueryBitmapExtents: {
@@ -375,6 +377,7 @@ bool AllowedInTransaction(Command c) {
     case Command::kBackupEnd:
     case Command::kQueryBackup:
     case Command::kBackupSetEndpoint:
+    case Command::kQueryExports:
       return false;
     default:
       return true;
@@ -405,7 +408,7 @@ ParsedLine ParseRequest(std::string_view line) {
     }
     out.id = *it;
   }
-  if (Status s = OnlyKeys(j, "", {"execute", "arguments", "id"}); !s.ok()) {
+  if (Status s = OnlyKeys(j, "", {"execute", "arguments", "id", "export"}); !s.ok()) {
     out.request = std::move(s);
     return out;
   }
@@ -437,7 +440,21 @@ ParsedLine ParseRequest(std::string_view line) {
     out.request = std::move(parsed).status();
     return out;
   }
-  out.request = Request{*cmd, std::move(*parsed), out.id};
+  std::optional<std::string> exp;
+  if (auto it = j.find("export"); it != j.end()) {
+    if (!it->is_string()) {
+      out.request = Bad("export", "must be a string");
+      return out;
+    }
+    const std::string& e = it->get_ref<const std::string&>();
+    if (e.size() > kMaxExportBytes || e.find('\0') != std::string::npos) {
+      out.request = Bad("export", "must be at most " + std::to_string(kMaxExportBytes) +
+                                      " bytes without NUL (an NBD export name)");
+      return out;
+    }
+    exp = e;
+  }
+  out.request = Request{*cmd, std::move(*parsed), out.id, std::move(exp)};
   return out;
 }
 

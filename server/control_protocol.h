@@ -58,6 +58,7 @@ enum class Command {
   kBackupEnd,
   kQueryBackup,
   kBackupSetEndpoint,
+  kQueryExports,
 };
 
 // "bitmap-add" etc.; the wire name is also the transaction action "type".
@@ -67,7 +68,7 @@ std::optional<Command> CommandFromName(std::string_view name);
 // (not queries, persist, backup sessions or a nested transaction).
 bool AllowedInTransaction(Command c);
 
-// query-bitmaps, query-stats, persist.
+// query-bitmaps, query-stats, persist, query-exports.
 struct NoArgs {};
 // query-bitmap-extents: the extents of bitmap `name` from memory, from
 // `offset` for `length` bytes (absent: to the disk's end). The reply holds at
@@ -155,11 +156,17 @@ using Arguments = std::variant<NoArgs, ExtentsArgs, BitmapAddArgs, NameArgs, Mer
                                RenameArgs, SetPersistentArgs, CheckpointArgs, TransactionArgs,
                                BackupBeginArgs, BackupEndArgs, EndpointArgs>;
 
+// Export names (the request's "export"): at most NBD's 4096 bytes, no NUL.
+inline constexpr size_t kMaxExportBytes = 4096;
+
 struct Request {
   Command command;
   Arguments args;
   // Echoed in the reply; any JSON scalar. nullopt: the request had no "id".
   std::optional<nlohmann::json> id;
+  // The disk addressed ("export" beside "execute"): a server tracking
+  // several exports needs it; nullopt: the one it tracks.
+  std::optional<std::string> export_name;
 };
 
 // Parsing one line gives a request, or the error to reply with. `id` is the

@@ -21,7 +21,8 @@ std::string Refusal(const std::string& line) {
 Request Parse(const std::string& line) {
   ParsedLine p = ParseRequest(line);
   EXPECT_TRUE(p.request.ok()) << line << ": " << p.request.status().ToString();
-  return p.request.ok() ? *p.request : Request{Command::kPersist, NoArgs{}, std::nullopt};
+  return p.request.ok() ? *p.request
+                        : Request{Command::kPersist, NoArgs{}, std::nullopt, std::nullopt};
 }
 
 TEST(ControlParse, BitmapAddWithEverything) {

@@ -24,7 +24,8 @@ if [[ "$(ldd "$FILTER" "$QCOW2_PLUGIN" 2>/dev/null || true)" == *libasan* ]]; th
 fi
 
 # start_nbdkit SOCK ARGS... : starts nbdkit in the foreground (background job),
-# waits for its pid file; the pid is in $NBDKIT_PID.
+# waits for its pid file; the pid is in $NBDKIT_PID. START_EXPORT=NAME: the
+# export the readiness probe connects to (default: the default export).
 start_nbdkit() {
   local sock=$1; shift
   rm -f "$sock" "$sock.pid"
@@ -38,7 +39,8 @@ start_nbdkit() {
   # build on a loaded machine starts slowly.
   while [ "$SECONDS" -lt "$end" ]; do
     [ -s "$sock.pid" ] && [ -S "$sock" ] &&
-      timeout 10 nbdinfo --size "nbd+unix:///?socket=$sock" >/dev/null 2>&1 && return 0
+      timeout 10 nbdinfo --size "nbd+unix:///${START_EXPORT:-}?socket=$sock" >/dev/null 2>&1 &&
+      return 0
     kill -0 "$NBDKIT_PID" 2>/dev/null || { cat "$T/nbdkit.log" >&2; fail "nbdkit exited at start"; }
     sleep 0.05
   done
