@@ -243,8 +243,9 @@ Status Tracker::CheckBitmaps() const {
       if (found_record_)
         return Status::Corruption(
             RecoveryHint(path, info.name, opts_.durability) +
-            "; its crash-safety record was written in process mode and the machine has "
-            "restarted since, so it may have lost records" +
+            "; its crash-safety record was written in process mode under another boot id (the "
+            "machine has restarted since, or the files were moved from another machine), so it "
+            "may have lost records" +
             (opts_.durability == Durability::kPower ? ""
                                                     : " (cbt-durability=power survives that)"));
       return Status::Corruption(RecoveryHint(path, info.name, opts_.durability));

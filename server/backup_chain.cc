@@ -169,13 +169,6 @@ Result<RunPlan> PlanRun(ChainState& st, const std::vector<ChainBitmap>& bitmaps,
     fs::path c = fs::weakly_canonical(container_path, cec);
     if (!cec) container = c.string();
   }
-  if (!st.container.empty() && !container.empty() && st.container != container)
-    return Status::InvalidArgument(dir.string() +
-                                   " holds the backups of the disk whose bitmaps are in " +
-                                   st.container + ", not " + container +
-                                   ": use another directory for this disk (if the container was "
-                                   "moved, put its new path in \"container\" in " +
-                                   (dir / kStateFile).string() + ")");
   auto find = [&](const std::string& n) -> const ChainBitmap* {
     for (const ChainBitmap& b : bitmaps)
       if (b.name == n) return &b;
@@ -183,6 +176,22 @@ Result<RunPlan> PlanRun(ChainState& st, const std::vector<ChainBitmap>& bitmaps,
   };
   auto usable = [](const ChainBitmap* b) { return b && b->consistent; };
   RunPlan p;
+  if (!st.container.empty() && !container.empty() && st.container != container) {
+    // Another path: the same container moved (another host, another
+    // directory) if it holds the chain's recording bitmap, whose name
+    // carries the chain's random id; otherwise another disk's.
+    const ChainBitmap* rec = st.recording.empty() ? nullptr : find(st.recording);
+    if (!usable(rec) || !rec->recording)
+      return Status::InvalidArgument(
+          dir.string() + " holds the backups of the disk whose bitmaps are in " + st.container +
+          ", not " + container +
+          (st.recording.empty() ? std::string()
+                                : " (which has no recording bitmap '" + st.recording + "')") +
+          ": use another directory for this disk (if the container was moved and lost that "
+          "bitmap, put its new path in \"container\" in " +
+          (dir / kStateFile).string() + " to start the chain again with a full backup)");
+    p.moved_from = st.container;
+  }
   // A checkpoint made by a run killed before it could say so: its new
   // bitmap records, the one it froze is pending.
   if (!st.starting.empty()) {

@@ -93,6 +93,9 @@ struct RunPlan {
   std::vector<std::string> mergeable;  // the consistent ones of `pending`
   std::string new_name;                // the bitmap this run starts
   std::string file;                    // the layer this run writes
+  // The container's path in the chain before this run, when it moved (the
+  // chain's recording bitmap is in the container at the new path).
+  std::string moved_from;
 };
 
 // Reads the chain's bitmaps among `bitmaps` and decides, updating st: a

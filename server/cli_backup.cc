@@ -116,6 +116,11 @@ int BackupRun(const RunOptions& o) {
   Result<RunPlan> planned = PlanRun(st, bitmaps, o.full, dir, live->container.value_or(""));
   if (!planned.ok()) return Fail(planned.status());
   const RunPlan plan = std::move(*planned);
+  if (!plan.moved_from.empty())
+    std::fprintf(
+        stderr,
+        "cbt backup: the container moved from %s; the chain goes on (its bitmap '%s' is there)\n",
+        plan.moved_from.c_str(), plan.current.c_str());
   const bool full = plan.full;
   const std::string& current = plan.current;
   const std::string& new_name = plan.new_name;

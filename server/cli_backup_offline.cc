@@ -110,6 +110,11 @@ int BackupOffline(const std::string& disk_path, const std::string& container, co
   Result<RunPlan> planned = PlanRun(st, bitmaps, force_full, dir, fs::absolute(container).string());
   if (!planned.ok()) return Fail(planned.status());
   const RunPlan plan = std::move(*planned);
+  if (!plan.moved_from.empty())
+    std::fprintf(
+        stderr,
+        "cbt backup: the container moved from %s; the chain goes on (its bitmap '%s' is there)\n",
+        plan.moved_from.c_str(), plan.current.c_str());
 
   // The checkpoint: (merge what unfinished runs froze,) freeze the chain's
   // bitmap, start the next; one commit, announced first.

@@ -84,8 +84,9 @@ int FromRecord(const std::string& file, const std::string& name, const CommonOpt
   const IntentMap& record = **m;
   if (record.mode() != IntentMode::kPower && record.boot_id() != CurrentBootId())
     return Fail(where +
-                ": the crash-safety record was written in process mode and the machine has "
-                "restarted since, so it may have lost records; use --mark-all");
+                ": the crash-safety record was written in process mode under another boot id (the "
+                "machine has restarted since, or the files were moved from another machine), so "
+                "it may have lost records; use --mark-all");
   const uint64_t disk = record.disk_size();
   if (img.virtual_size() != ((disk + 511) & ~uint64_t{511}))
     return Fail(where + ": the crash-safety record describes a disk of " + std::to_string(disk) +
