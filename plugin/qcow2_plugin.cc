@@ -205,7 +205,7 @@ int qcow2_get_ready() {
 Status Upgrade() {
   std::lock_guard lk(upgrade_mu);
   if (Current()->writable()) return Status::OK();
-  if (!rw_refusal.ok()) return rw_refusal.WithContext("");
+  if (!rw_refusal.ok()) return rw_refusal;
   auto refuse = [&](const Status& s) {
     rw_refusal = s.WithContext(config.file + " cannot be written");
     return rw_refusal;

@@ -73,6 +73,14 @@ Status VolatileBlockIO::pwrite(std::span<const std::byte> in, uint64_t offset) {
   return Status::OK();
 }
 
+Status VolatileBlockIO::punch_hole(uint64_t offset, uint64_t len) {
+  // The data layer punches freed clusters (at most 2 MiB each): bounded.
+  if (len > (uint64_t{64} << 20))
+    return Status::NotSupported("volatile cache: punch of more than 64 MiB");
+  std::vector<std::byte> zeros(len);
+  return pwrite(zeros, offset);
+}
+
 Status VolatileBlockIO::ApplyLocked() {
   for (const Pending& p : pending_) CBT_RETURN_IF_ERROR(inner_->pwrite(p.data, p.offset));
   pending_.clear();

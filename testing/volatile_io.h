@@ -36,6 +36,9 @@ class VolatileBlockIO final : public BlockIO {
   Status flush() override;
   Result<uint64_t> size() override;
   Status resize(uint64_t new_size) override;
+  // Kept like a write of zeros (lost in a power cut unless flushed): what
+  // a punched range may read as after the cut is its old content or zeros.
+  Status punch_hole(uint64_t offset, uint64_t len) override;
   const char* name() const override { return inner_->name(); }
 
  private:
