@@ -23,6 +23,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <bit>
 #include <cerrno>
 
@@ -175,8 +176,7 @@ Status Tracker::OpenContainer() {
   }
   if (!file.ok() && file.status().IsNotFound()) {
     if (!opts_.create || opts_.readonly)
-      return Status::NotFound(Where() +
-                              ": no such file; add cbt-create=true to create it");
+      return Status::NotFound(Where() + ": no such file; add cbt-create=true to create it");
     // Attach creates it after nbdkit forks: find what would stop it now.
     return st.CheckCreatable(path).WithContext(Where());
   }
@@ -257,6 +257,34 @@ Status Tracker::CheckBitmaps() const {
   return Status::OK();
 }
 
+// cbt-autoload=false: the enabled bitmaps not named stop recording. They
+// could not know the changes this server forwards, so they must not look
+// exact: disabled (never adopted by a crash-safety record, which covers
+// enabled bitmaps only) and in use (inconsistent: QEMU and cbt refuse them)
+// in one crash-safe directory switch, before the first change. Their bits
+// stay; `cbt recover` and `cbt bitmap --enable` bring one back.
+Status Tracker::SetAsideUnnamed() {
+  std::vector<qcow2::BitmapSpec> specs = image_->CurrentSpecs();
+  std::string names;
+  for (qcow2::BitmapSpec& spec : specs) {
+    auto info = image_->Find(spec.name);
+    if (!info.ok() || !info->enabled || !info->consistent) continue;
+    if (std::find(opts_.bitmaps.begin(), opts_.bitmaps.end(), spec.name) != opts_.bitmaps.end())
+      continue;
+    spec.enabled = false;
+    spec.in_use = true;
+    names += (names.empty() ? "'" : ", '") + spec.name + "'";
+  }
+  if (names.empty()) return Status::OK();
+  CBT_RETURN_IF_ERROR(image_->Commit(specs).WithContext(Where() + ": cbt-autoload=false"));
+  spdlog::warn(
+      "{}: cbt-autoload=false: bitmap(s) {} do not record here, so they are now disabled and "
+      "marked in use (inconsistent: they miss the changes made from now on); 'cbt recover' "
+      "and 'cbt bitmap --enable' bring one back",
+      opts_.container_path, names);
+  return Status::OK();
+}
+
 Status Tracker::AttachReadOnly(uint64_t disk_size) {
   disk_size_ = disk_size;
   const std::string& path = opts_.container_path;
@@ -324,8 +352,7 @@ Status Tracker::Attach(uint64_t disk_size) {
   for (const qcow2::BitmapInfo& info : image_->Bitmaps()) {
     if (!info.enabled || info.consistent) continue;
     if (found_record_->disk_size() != disk_size_)
-      return Status::Corruption(Where() +
-                                ": the crash-safety record describes another disk size");
+      return Status::Corruption(Where() + ": the crash-safety record describes another disk size");
     CBT_RETURN_IF_ERROR(image_->AdoptInconsistent(info.name));
     recovering = true;
   }
@@ -348,6 +375,8 @@ Status Tracker::Attach(uint64_t disk_size) {
       return s.WithContext(Where() + ": add bitmaps");
     }
   }
+
+  if (!opts_.autoload) CBT_RETURN_IF_ERROR(SetAsideUnnamed());
 
   // Every consistent bitmap is loaded (disabled ones too: edits and queries
   // need them); recording persistent ones get their durable shadow.

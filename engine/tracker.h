@@ -76,6 +76,12 @@ struct TrackerOptions {
   // The container is the served image (internal bitmaps): only changes how
   // messages name it.
   bool internal = false;
+  // false (cbt-autoload=false): only `bitmaps` record. Every other enabled
+  // bitmap is, at the writable Attach (before any change), disabled and
+  // marked in use in one commit: it keeps its bits, but nobody (QEMU, cbt,
+  // a crash-safety record) may take it for a record of the changes made
+  // from now on. true: every enabled bitmap records (QEMU's auto flag).
+  bool autoload = true;
 };
 
 // What query-bitmaps reports about one bitmap.
@@ -219,6 +225,7 @@ class Tracker {
   Storage& storage() const { return opts_.storage ? *opts_.storage : PosixStorage(); }
   Status OpenContainer();
   Status LoadContainerState();
+  Status SetAsideUnnamed();
   Status CheckBitmaps() const;
   Status EnsureInUse(const BitmapSet& set);
   Status WaitStored(std::unique_lock<std::mutex>& lock, const BitmapSet& set);

@@ -153,6 +153,13 @@ int cbt_config(nbdkit_next_config* next, nbdkit_backend* nxdata, const char* key
         return -1;
       }
       o.create = b;
+    } else if (strcmp(key, "cbt-autoload") == 0) {
+      int b = ParseBool(value);
+      if (b == -1) {
+        nbdkit_error("cbt-autoload=%s: must be true or false (also yes/no, on/off, 1/0)", value);
+        return -1;
+      }
+      o.autoload = b;
     } else if (strcmp(key, "cbt-granularity") == 0) {
       int64_t g = ParseSize(key, value, "a power of two from 512 to 2G, e.g. 64K");
       if (g == -1) return -1;
@@ -440,6 +447,8 @@ nbdkit_filter filter = [] {
           "                         with %e (the export name): one per export\n"
           "cbt-bitmap=NAME          (required, repeatable) bitmap that records changes\n"
           "cbt-create=BOOL          create a missing container or bitmap (default false)\n"
+          "cbt-autoload=BOOL        false: only the cbt-bitmap= bitmaps record; the\n"
+          "                         other enabled ones are set aside as inconsistent\n"
           "cbt-granularity=SIZE     granularity of created bitmaps (default 64K)\n"
           "cbt-cluster-size=SIZE    cluster size of a created container (default 64K)\n"
           "cbt-persist-interval=SEC persist every SEC seconds while changes are pending\n"
