@@ -17,7 +17,8 @@
 #   read     4k randread, fully written 1 GiB qcow2
 #   seq      1M sequential write, empty 64 GiB sparse qcow2
 # Before fio, the export's size must equal the image's virtual size.
-# Each round runs every row on qemu, plugin, plugin+cbt in turn. The table
+# Each round runs every row on qemu, plugin, plugin+cbt in turn (the order
+# turning by one each round). The table
 # gives median IOPS and MiB/s per server and the medians of the per-round
 # ratios plugin/qemu and (plugin+cbt)/plugin; for the empty row also the host
 # disk usage per newly allocated cluster (du of the image after the server
@@ -29,6 +30,8 @@
 #   TMPDIR=DIR                 where the images go (default /var/tmp; a real
 #                              disk; the run needs about 72 GiB free worst case)
 #   BENCH_JSON=FILE            also write the results as JSON
+#   BENCH_CBT_ARGS="cbt-durability=process"  more filter parameters for the
+#                              plugin+cbt rows
 #   BENCH_PLUGIN_STANDIN=qemu-nbd  prove the script without the plugin: the
 #                              plugin rows run qemu-nbd, the plugin+cbt rows
 #                              the cbt filter over nbdkit's nbd plugin over a
@@ -124,6 +127,8 @@ start() {
     pluginf:*)
       local cbt=(cbt-bitmap=b0 cbt-create=true)
       [ -n "${BENCH_CBT_INTERNAL:-}" ] || cbt+=(cbt-file="$img.bitmaps.qcow2")
+      # shellcheck disable=SC2206  # words on purpose: "cbt-durability=process ..."
+      [ -z "${BENCH_CBT_ARGS:-}" ] || cbt+=($BENCH_CBT_ARGS)
       if [ -n "$standin" ]; then
         bg "$log" qemu-nbd -f qcow2 --cache=writeback -t -k "$sock.inner" "$img"
         wait_sock "$sock.inner" "$log" || return 1
@@ -246,9 +251,17 @@ measure() {
   echo "[$(date -u +%T)] $tag: ok=$ok IOPS=${iops%.*} check=$ce/$co/$le verified=$vf" >&2
 }
 
+# The servers' order turns by one each round (qemu plugin pluginf, then
+# plugin pluginf qemu, ...), so that no server always runs first or last
+# (page cache, the disk's own write-back, the machine's other load).
+read -r -a order_base <<<"$servers"
 for r in $(seq "$rounds"); do
+  turned=()
+  for i in "${!order_base[@]}"; do
+    turned+=("${order_base[(i + r - 1) % ${#order_base[@]}]}")
+  done
   for row in $rows; do
-    for s in $servers; do measure "$row" "$s" "$r"; done
+    for s in "${turned[@]}"; do measure "$row" "$s" "$r"; done
   done
 done
 
