@@ -349,7 +349,7 @@ TEST_P(VolumeTinyCache, ThreadsSharingNewClustersAcrossTables) {
       std::mt19937_64 r(t);
       std::vector<uint64_t> order(tables);
       for (uint64_t k = 0; k < tables; ++k) order[k] = k;
-      for (int round = 0; round < 12; ++round) {
+      for (int round = 0; round < 16; ++round) {
         std::shuffle(order.begin(), order.end(), r);
         for (uint64_t k : order) {
           uint64_t off = k * per_table + t * part;
@@ -360,7 +360,7 @@ TEST_P(VolumeTinyCache, ThreadsSharingNewClustersAcrossTables) {
           if (!v->Read(got, off).ok() || got != d) ++errors;
         }
         sync.arrive_and_wait();
-        if (t == 0 && round < 11) {
+        if (t == 0 && round < 15) {
           for (uint64_t k = 0; k < tables; ++k) {
             if (!v->Trim(k * per_table, cs).ok()) ++errors;
             std::memset(mirror.data() + k * per_table, 0, cs);
@@ -370,7 +370,23 @@ TEST_P(VolumeTinyCache, ThreadsSharingNewClustersAcrossTables) {
         sync.arrive_and_wait();
       }
     });
+  // A flusher cleans tables, a reader loads others: tables get evicted
+  // while writers wait.
+  std::atomic<bool> stop{false};
+  std::thread flusher([&] {
+    while (!stop)
+      if (!v->Flush().ok()) ++errors;
+  });
+  std::thread reader([&] {
+    std::mt19937_64 r(cs);
+    Bytes got(cs);
+    while (!stop)
+      if (!v->Read(got, r() % tables * per_table + cs).ok()) ++errors;
+  });
   for (auto& t : ts) t.join();
+  stop = true;
+  flusher.join();
+  reader.join();
   ASSERT_EQ(errors, 0);
   ASSERT_TRUE(v->Flush().ok());
   ASSERT_TRUE(ReadAll(*v) == mirror) << "a write was lost";
