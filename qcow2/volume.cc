@@ -315,91 +315,6 @@ Status Volume::OpenBacking(uint32_t depth) {
   return Status::OK();
 }
 
-// --- L2 cache and lookup (mu_ held) ---
-
-void Volume::EvictIfNeeded() {
-  while (l2_.size() >= cache_tables_) {
-    auto victim = l2_.end();
-    for (auto it = l2_.begin(); it != l2_.end(); ++it)
-      if (!it->second->dirty() && (victim == l2_.end() || it->second->used < victim->second->used))
-        victim = it;
-    if (victim == l2_.end()) return;  // all dirty: the next writeback frees them
-    l2_.erase(victim);
-  }
-}
-
-Result<Volume::L2Table*> Volume::GetL2(uint64_t l1_index, bool create) {
-  if (l1_index >= l1_.size()) return Status::Corruption(path_ + ": guest offset beyond L1 table");
-  auto it = l2_.find(l1_index);
-  if (it != l2_.end()) {
-    it->second->used = ++l2_clock_;
-    return it->second.get();
-  }
-  uint64_t off = l1_[l1_index] & kL1OffsetMask;
-  auto t = std::make_unique<L2Table>();
-  if (off == 0) {
-    if (!create) return nullptr;
-    bool fresh = false;
-    CBT_ASSIGN_OR_RETURN(t->host, AllocateCluster(&fresh));
-    t->e.assign(l2_entries_, 0);
-    t->gen = 1;  // dirty: written by the next flush, before the L1 entry
-    ++l2_dirty_count_;
-    AddMetadata(t->host, cs_);
-    l1_[l1_index] = t->host | kOflagCopied;
-    l1_dirty_.insert(l1_index);
-  } else {
-    std::vector<std::byte> buf(cs_);
-    Status s = io_->pread(buf, off);
-    if (s.IsOutOfRange())
-      return Status::Corruption(path_ + ": L2 table at " + Hex(off) + " truncated");
-    CBT_RETURN_IF_ERROR(s);
-    t->host = off;
-    t->e.resize(l2_entries_);
-    for (uint64_t i = 0; i < l2_entries_; ++i) t->e[i] = LoadBE64(buf.data() + i * 8);
-  }
-  EvictIfNeeded();
-  t->used = ++l2_clock_;
-  return l2_.emplace(l1_index, std::move(t)).first->second.get();
-}
-
-Volume::Mapping Volume::Classify(uint64_t entry) const {
-  Mapping m;
-  m.entry = entry;
-  if (entry & kOflagCompressed) {
-    // Host byte offset in bits 0..x-1, extra 512-byte sectors above it.
-    const uint32_t x = 62 - (cluster_bits_ - 8);
-    m.kind = Kind::kCompressed;
-    m.host = entry & ((uint64_t{1} << x) - 1);
-    const uint64_t nsect = ((entry >> x) & ((uint64_t{1} << (cluster_bits_ - 8)) - 1)) + 1;
-    m.csize = nsect * 512 - (m.host & 511);
-    return m;
-  }
-  m.host = entry & kL2OffsetMask;
-  m.copied = entry & kOflagCopied;
-  if (header_.version >= 3 && (entry & kOflagZero))
-    m.kind = m.host ? Kind::kZeroAlloc : Kind::kZeroPlain;
-  else
-    m.kind = m.host ? Kind::kNormal : Kind::kUnallocated;
-  return m;
-}
-
-Result<Volume::Mapping> Volume::Lookup(uint64_t guest_cluster) {
-  uint64_t l1i = guest_cluster / l2_entries_;
-  if (l1i >= l1_.size()) return Status::Corruption(path_ + ": guest offset beyond L1 table");
-  if (!(l1_[l1i] & kL1OffsetMask) && !l2_.count(l1i)) return Mapping{};
-  CBT_ASSIGN_OR_RETURN(L2Table * t, GetL2(l1i, false));
-  uint64_t e = t->e[guest_cluster % l2_entries_];
-  if (!(e & kOflagCompressed)) {
-    if ((e & kL2OffsetMask) % cs_ != 0)
-      return Status::Corruption(path_ + ": L2 entry for guest offset " + Hex(guest_cluster * cs_) +
-                                " has unaligned host offset " + Hex(e & kL2OffsetMask));
-    if (header_.version < 3 && (e & kOflagZero))
-      return Status::Corruption(path_ + ": zero flag in a version 2 image at guest offset " +
-                                Hex(guest_cluster * cs_));
-  }
-  return Classify(e);
-}
-
 // --- reads (no lock held) ---
 
 Status Volume::ReadHost(std::span<std::byte> out, uint64_t host) {
@@ -438,15 +353,11 @@ Status Volume::Read(std::span<std::byte> out, uint64_t offset) {
     uint64_t n = std::min(cs_ - in, have - done);
     Pin pin;
     std::unique_lock lk(mu_);
+    CBT_ASSIGN_OR_RETURN(bool dropped, LoadL2(gc / l2_entries_, lk));
+    (void)dropped;  // nothing looked up before: no state to re-validate
     CBT_ASSIGN_OR_RETURN(Mapping m, Lookup(gc));
-    if (m.kind == Kind::kNormal) {
-      // Extend over host-contiguous clusters: one read for a whole run.
-      while (done + n < have && n < (8u << 20)) {
-        auto next = Lookup(gc + (in + n) / cs_);
-        if (!next.ok() || next->kind != Kind::kNormal || next->host != m.host + in + n) break;
-        n += std::min(cs_, have - done - n);
-      }
-    }
+    // Extend over host-contiguous clusters: one read for a whole run.
+    n = ExtendRun(m, gc, in, n, have - done, 8u << 20);
     if (m.kind == Kind::kNormal || m.kind == Kind::kCompressed) pin = TakePin();
     lk.unlock();
     auto part = out.subspan(done, n);
@@ -506,12 +417,15 @@ Result<bool> Volume::LooksMetadataPreallocated() {
 }
 
 Status Volume::Extents(uint64_t offset, uint64_t len, std::vector<Extent>* out) {
+  int host_holes;
   {
-    std::lock_guard lk(mu_);
+    // Its own lock: the probe reads the file (and, read-only, refcounts).
+    std::lock_guard hl(holes_mu_);
     if (host_holes_ < 0) {
       CBT_ASSIGN_OR_RETURN(bool p, LooksMetadataPreallocated());
       host_holes_ = p ? 1 : 0;
     }
+    host_holes = host_holes_;
   }
   const uint64_t end = offset + len;
   const uint64_t vend = std::min(end, size_);
@@ -523,22 +437,20 @@ Status Volume::Extents(uint64_t offset, uint64_t len, std::vector<Extent>* out) 
     {
       std::unique_lock lk(mu_);
       uint64_t l1i = gc / l2_entries_;
-      if (l1i < l1_.size() && !(l1_[l1i] & kL1OffsetMask) && !l2_.count(l1i)) {
+      CBT_ASSIGN_OR_RETURN(bool dropped, LoadL2(l1i, lk));
+      (void)dropped;  // nothing looked up before: no state to re-validate
+      if (!(l1_[l1i] & kL1OffsetMask) && !l2_.count(l1i)) {
         // No L2 table: the whole range it would cover is unallocated.
         n = std::min((l1i + 1) * l2_entries_ * cs_, vend) - off;
       } else {
         CBT_ASSIGN_OR_RETURN(m, Lookup(gc));
         // A run of host-contiguous normal clusters is probed at once.
-        while (m.kind == Kind::kNormal && off + n < vend) {
-          auto next = Lookup(gc + (in + n) / cs_);
-          if (!next.ok() || next->kind != Kind::kNormal || next->host != m.host + in + n) break;
-          n += std::min(cs_, vend - off - n);
-        }
+        n = ExtendRun(m, gc, in, n, vend - off, UINT64_MAX);
       }
     }
     switch (m.kind) {
       case Kind::kNormal: {
-        if (!host_holes_) {
+        if (!host_holes) {
           AppendExtent(out, {off, n, 0});
           break;
         }

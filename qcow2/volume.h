@@ -24,10 +24,30 @@
 //  a cluster whose data was not written (stricter than QEMU, at the cost of
 //  one fdatasync per flush).
 //
-// Threading: every method may be called from many threads at once. One
-// mutex guards the metadata (L1, L2 cache, refcounts, the in-flight table);
-// data I/O runs outside it. Two writes that need to allocate or copy the
-// same guest cluster are serialised (the second waits for the first).
+// Threading: every method may be called from many threads at once.
+//  - mu_ guards the metadata in memory: L1, the L2 cache (tables, their
+//    loading state and hold counts), the metadata map, busy_ (guest clusters
+//    being allocated or copied), pending frees, pins, high_water_, stats.
+//    No disk I/O runs under mu_ except in rare cases: allocating a new L2
+//    table (GetL2 create=true on an absent table: refcount write-through
+//    and fstat) and MarkCorrupt (one header write).
+//  - L2 tables load outside mu_: the loader marks the table in loading_,
+//    unlocks, reads and parses, relocks and inserts it; others needing it
+//    wait on l2_cv_. Whoever drops mu_ re-validates (LoadL2 / Ready loop
+//    until one pass dropped nothing), then looks up with mu_ held; a lookup
+//    of a table that is not cached is then impossible by construction
+//    (GetL2 reports it as an internal error rather than reading).
+//  - A write needing a new cluster marks the guest cluster busy (others
+//    wait for it), holds its L2 table (EvictIfNeeded skips held tables),
+//    unlocks, allocates under rc_->mu only (refcount write-through, fstat),
+//    relocks, checks the cluster against the metadata map, raises
+//    high_water_, all before any data goes to it; then it unlocks for the
+//    data write and relocks to set the entry. Any failure frees the cluster.
+//  - rc_->mu (the allocator, shared with internal bitmaps) is taken inside
+//    mu_ or alone, never around mu_. Flush releases freed clusters (and
+//    punches them) under rc_->mu alone; holes_mu_ guards the one-time
+//    metadata-preallocation probe of Extents. Guest data I/O runs with no
+//    lock held, protected by busy_, pins and holds.
 #pragma once
 
 #include <atomic>
@@ -172,6 +192,7 @@ class Volume final : public Layer {
     uint64_t gen = 0;          // changes made
     uint64_t written_gen = 0;  // changes on disk
     uint64_t used = 0;         // LRU clock
+    uint32_t holds = 0;        // users across an unlock: not evicted
     bool dirty() const { return gen != written_gen; }
   };
 
@@ -182,8 +203,22 @@ class Volume final : public Layer {
   Status BuildMetadataMap();
 
   // --- under mu_ ---
+  // Makes table l1_index cached (or known absent), loading it with mu_
+  // released if needed. Returns whether mu_ was released on the way.
+  Result<bool> LoadL2(uint64_t l1_index, std::unique_lock<std::mutex>& lk);
+  // LoadL2 and (wait_idle) WaitIdle for guest_cluster until one pass
+  // released nothing: then the table is cached and the cluster not busy.
+  Status Ready(uint64_t guest_cluster, bool wait_idle, std::unique_lock<std::mutex>& lk);
+  bool Cached(uint64_t l1_index) const;  // cached, or no table at all
+  // A cache operation only: a table on disk but not cached is an internal
+  // error (callers LoadL2 first). create: an absent table is allocated.
   Result<L2Table*> GetL2(uint64_t l1_index, bool create);
-  Result<Mapping> Lookup(uint64_t guest_cluster);
+  Result<Mapping> Lookup(uint64_t guest_cluster);  // REQUIRES Cached()
+  // n bytes from guest offset gc*cs+in map to m (normal): grows n over the
+  // next host-contiguous normal clusters, up to `left` bytes, while n < cap;
+  // stops at a cluster whose table is not cached.
+  uint64_t ExtendRun(const Mapping& m, uint64_t gc, uint64_t in, uint64_t n, uint64_t left,
+                     uint64_t cap);
   Mapping Classify(uint64_t entry) const;
   Status SetEntry(uint64_t guest_cluster, uint64_t entry);
   void ReleaseOld(const Mapping& m);
@@ -191,8 +226,8 @@ class Volume final : public Layer {
   void AddMetadata(uint64_t host, uint64_t len);
   void NoteRefcountStructure();  // REQUIRES rc_->mu held
   Status MarkCorrupt(const std::string& why);
-  void WaitIdle(uint64_t guest_cluster, std::unique_lock<std::mutex>& lk);
-  Result<uint64_t> AllocateCluster(bool* fresh);
+  bool WaitIdle(uint64_t guest_cluster, std::unique_lock<std::mutex>& lk);  // true: waited
+  Result<uint64_t> AllocateCluster(bool* fresh);  // with mu_ held: L2 tables only
   void EvictIfNeeded();
   Pin TakePin();
 
@@ -204,7 +239,10 @@ class Volume final : public Layer {
   Status WritePiece(uint64_t guest_cluster, uint64_t in_off, std::span<const std::byte> data);
   Status ZeroWhole(uint64_t guest_cluster, bool may_trim, bool fast, bool trim);
   Status ReadsAsZero(uint64_t guest_cluster, bool* zero);
-  Result<bool> LooksMetadataPreallocated();  // REQUIRES mu_ held
+  // New data cluster, lk unlocked: allocates under rc_->mu, relocks lk
+  // (also on failure) and checks it. *fresh: past everything ever written (reads zeros).
+  Result<uint64_t> AllocateDataCluster(std::unique_lock<std::mutex>& lk, bool* fresh);
+  Result<bool> LooksMetadataPreallocated();  // REQUIRES holes_mu_ held
   Status BeforeChange();
   Status MaybeWriteback();
 
@@ -224,14 +262,15 @@ class Volume final : public Layer {
   std::vector<uint64_t> l1_;
   std::set<uint64_t> l1_dirty_;                                // indices
   std::unordered_map<uint64_t, std::unique_ptr<L2Table>> l2_;  // by L1 index
+  std::unordered_set<uint64_t> loading_;                       // L1 indices being read
+  std::condition_variable l2_cv_;                              // a load finished
   uint64_t l2_clock_ = 0;
   uint64_t l2_dirty_count_ = 0;
   uint64_t cache_tables_ = 0;                   // budget in tables
-  std::shared_ptr<SharedRefcounts> rc_;         // its mu is taken inside mu_, never around it
+  std::shared_ptr<SharedRefcounts> rc_;         // its mu: inside mu_ or alone, never around it
   std::map<uint64_t, uint64_t> metadata_;       // host start -> end: header, L1, L2, bitmaps
   std::map<uint64_t, uint64_t> refcount_meta_;  // the refcount table and blocks
   uint64_t refblocks_seen_ = 0;
-  int host_holes_ = -1;                // report host holes in data clusters: -1 not decided yet
   std::unordered_set<uint64_t> busy_;  // guest clusters being allocated
   std::condition_variable busy_cv_;
   uint64_t high_water_ = 0;  // no cluster at or past this was ever written
@@ -243,7 +282,9 @@ class Volume final : public Layer {
   bool corrupt_ = false;
   VolumeStats stats_;
 
-  std::mutex hook_mu_;  // the first-write hook runs once
+  std::mutex holes_mu_;  // the first Extents decides host_holes_
+  int host_holes_ = -1;  // report host holes in data clusters: -1 not decided yet
+  std::mutex hook_mu_;   // the first-write hook runs once
   std::function<Status()> before_first_write_;
   std::atomic<bool> first_write_done_{false};
   std::mutex flush_mu_;  // one Flush() at a time

@@ -6,8 +6,11 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
+#include <barrier>
 #include <cstring>
+#include <mutex>
 #include <random>
 #include <thread>
 
@@ -68,6 +71,22 @@ Bytes ReadAll(Volume& v) {
   return out;
 }
 
+// qemu-img check passes on the image and qemu-img convert reads `shadow`.
+void ExpectQemuReads(const Bytes& image, const Bytes& shadow) {
+  TempDir dir;
+  std::string out;
+  ASSERT_EQ(testing::QemuCheckBytes(image, dir, &out), 0) << out;
+  auto r = testing::Sh("qemu-img convert -f qcow2 -O raw " + (dir / "check.qcow2") + " " +
+                       (dir / "out.raw"));
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  FILE* f = std::fopen((dir / "out.raw").c_str(), "rb");
+  ASSERT_TRUE(f);
+  Bytes q(shadow.size());
+  ASSERT_EQ(std::fread(q.data(), 1, q.size(), f), q.size());
+  std::fclose(f);
+  EXPECT_TRUE(q == shadow) << "QEMU reads something else";
+}
+
 class VolumeRoundTrip : public ::testing::TestWithParam<uint32_t> {};
 
 // Random writes, zeroes (both kinds) and trims of random sizes, mirrored on
@@ -124,18 +143,7 @@ TEST_P(VolumeRoundTrip, RandomOpsMatchShadow) {
   if (!testing::HaveTool("qemu-img")) {
     GTEST_SKIP() << "qemu-img not installed";
   }
-  TempDir dir;
-  std::string out;
-  ASSERT_EQ(testing::QemuCheckBytes(io->contents(), dir, &out), 0) << out;
-  auto r = testing::Sh("qemu-img convert -f qcow2 -O raw " + (dir / "check.qcow2") + " " +
-                       (dir / "out.raw"));
-  ASSERT_EQ(r.exit_code, 0) << r.out;
-  FILE* f = std::fopen((dir / "out.raw").c_str(), "rb");
-  ASSERT_TRUE(f);
-  Bytes q(size);
-  ASSERT_EQ(std::fread(q.data(), 1, size, f), size);
-  std::fclose(f);
-  EXPECT_TRUE(q == shadow) << "QEMU reads something else";
+  ExpectQemuReads(io->contents(), shadow);
 }
 
 INSTANTIATE_TEST_SUITE_P(ClusterSizes, VolumeRoundTrip, ::testing::Values(512u, 65536u, 2u << 20));
@@ -205,6 +213,192 @@ TEST(VolumeConcurrency, PartialWritesIntoOneNewClusterAndTrimsRacingWrites) {
   v.reset();
   ExpectClean(io->contents());
 }
+
+class VolumeTinyCache : public ::testing::TestWithParam<uint32_t> {};
+
+// An L2 cache of two tables over an image of many: every request may load a
+// table (mu_ released) and evict another. Threads own chunks of 3.5
+// clusters (neighbours share a cluster, each its own bytes) and read,
+// write, zero and trim in them, mirrored; others probe extents and flush.
+TEST_P(VolumeTinyCache, ThreadsAcrossManyTablesMatchMirror) {
+  const uint32_t cs = GetParam();
+  const uint64_t tables = 24;
+  const uint64_t size = tables * (cs / 8) * cs;  // 24 L2 tables
+  auto io = NewImage(size, cs);
+  VolumeOptions o = Writable();
+  o.cache_bytes = 2 * cs;
+  auto opened = Volume::Open(io, "test.qcow2", o);
+  ASSERT_TRUE(opened.ok()) << opened.status().ToString();
+  auto v = std::move(*opened);
+  constexpr int kThreads = 4;
+  const uint64_t chunk = 3 * cs + cs / 2;
+  const uint64_t chunks = size / chunk;
+  Bytes mirror(size);  // each byte written by its chunk's owner only
+  std::atomic<int> errors{0};
+  std::atomic<bool> stop{false};
+  std::mutex msg_mu;
+  std::string first_error;
+  auto fail = [&](const std::string& what, const Status& s) {
+    std::lock_guard l(msg_mu);
+    if (errors++ == 0) first_error = what + ": " + s.ToString();
+  };
+  std::vector<std::thread> ts;
+  for (int t = 0; t < kThreads; ++t)
+    ts.emplace_back([&, t] {
+      std::mt19937_64 r(cs * 100 + t);
+      for (int i = 0; i < 600 && !errors; ++i) {
+        // A chunk of ours, far apart from the last: another table.
+        uint64_t c = (r() % (chunks / kThreads)) * kThreads + t;
+        uint64_t base = c * chunk;
+        uint64_t a = r() % chunk, b = r() % chunk;
+        if (a > b) std::swap(a, b);
+        uint64_t off = base + a, len = b - a + 1;
+        Status s;
+        switch (r() % 7) {
+          case 0:
+          case 1:
+          case 2: {
+            Bytes d = Pattern(len, static_cast<uint32_t>(r()));
+            s = v->Write(d, off);
+            std::memcpy(mirror.data() + off, d.data(), len);
+            break;
+          }
+          case 3:
+            s = v->Zero(off, len, r() % 2, false);
+            std::memset(mirror.data() + off, 0, len);
+            break;
+          case 4: {
+            s = v->Trim(off, len);
+            uint64_t x = (off + cs - 1) / cs * cs, y = (off + len) / cs * cs;
+            if (x < y) std::memset(mirror.data() + x, 0, y - x);
+            break;
+          }
+          default: {
+            Bytes got(chunk);
+            s = v->Read(got, base);
+            if (s.ok() && std::memcmp(got.data() + a, mirror.data() + off, len) != 0)
+              fail("thread " + std::to_string(t) + " read at " + std::to_string(off),
+                   Status::Corruption("differs from the mirror"));
+            break;
+          }
+        }
+        if (!s.ok()) fail("thread " + std::to_string(t) + " op " + std::to_string(i), s);
+      }
+    });
+  std::thread prober([&] {
+    std::mt19937_64 r(cs);
+    while (!stop && !errors) {
+      uint64_t off = r() % size, len = 1 + r() % std::min<uint64_t>(size - off, 8 * chunk);
+      std::vector<Extent> ex;
+      Status s = v->Extents(off, len, &ex);
+      uint64_t at = off;
+      for (const Extent& e : ex) {
+        if (e.offset != at) s = Status::Corruption("extents not contiguous");
+        at = e.offset + e.length;
+      }
+      if (s.ok() && at != off + len) s = Status::Corruption("extents do not cover the range");
+      if (!s.ok()) fail("extents", s);
+    }
+  });
+  std::thread flusher([&] {
+    while (!stop && !errors) {
+      Status s = v->Flush();
+      if (!s.ok()) fail("flush", s);
+    }
+  });
+  for (auto& t : ts) t.join();
+  stop = true;
+  prober.join();
+  flusher.join();
+  ASSERT_EQ(errors, 0) << first_error;
+  ASSERT_TRUE(v->Flush().ok());
+  ASSERT_TRUE(ReadAll(*v) == mirror) << "content differs from the mirror";
+  v.reset();
+  ExpectClean(io->contents());
+  auto again = Volume::Open(io, "test.qcow2", o);
+  ASSERT_TRUE(again.ok());
+  EXPECT_TRUE(ReadAll(**again) == mirror) << "reopened content differs";
+  again->reset();
+  if (!testing::HaveTool("qemu-img")) {
+    GTEST_SKIP() << "qemu-img not installed";
+  }
+  ExpectQemuReads(io->contents(), mirror);
+}
+
+// The same cache: in rounds, every thread writes its quarter of the first
+// cluster of each table (freshly trimmed between rounds), in its own
+// order: writers wait for each other's allocation while tables come and go.
+TEST_P(VolumeTinyCache, ThreadsSharingNewClustersAcrossTables) {
+  const uint32_t cs = GetParam();
+  const uint64_t tables = 24, per_table = (cs / 8) * cs;
+  const uint64_t size = tables * per_table;
+  auto io = NewImage(size, cs);
+  VolumeOptions o = Writable();
+  o.cache_bytes = 2 * cs;
+  auto opened = Volume::Open(io, "test.qcow2", o);
+  ASSERT_TRUE(opened.ok()) << opened.status().ToString();
+  auto v = std::move(*opened);
+  constexpr int kThreads = 4;
+  const uint64_t part = cs / kThreads;
+  Bytes mirror(size);
+  std::atomic<int> errors{0};
+  std::barrier sync(kThreads);
+  std::vector<std::thread> ts;
+  for (int t = 0; t < kThreads; ++t)
+    ts.emplace_back([&, t] {
+      std::mt19937_64 r(t);
+      std::vector<uint64_t> order(tables);
+      for (uint64_t k = 0; k < tables; ++k) order[k] = k;
+      for (int round = 0; round < 16; ++round) {
+        std::shuffle(order.begin(), order.end(), r);
+        for (uint64_t k : order) {
+          uint64_t off = k * per_table + t * part;
+          Bytes d(part, std::byte(1 + t + 16 * round));
+          if (!v->Write(d, off).ok()) ++errors;
+          std::memcpy(mirror.data() + off, d.data(), part);
+          Bytes got(part);
+          if (!v->Read(got, off).ok() || got != d) ++errors;
+        }
+        sync.arrive_and_wait();
+        if (t == 0 && round < 15) {
+          for (uint64_t k = 0; k < tables; ++k) {
+            if (!v->Trim(k * per_table, cs).ok()) ++errors;
+            std::memset(mirror.data() + k * per_table, 0, cs);
+          }
+          if (!v->Flush().ok()) ++errors;
+        }
+        sync.arrive_and_wait();
+      }
+    });
+  // A flusher cleans tables, a reader loads others: tables get evicted
+  // while writers wait.
+  std::atomic<bool> stop{false};
+  std::thread flusher([&] {
+    while (!stop)
+      if (!v->Flush().ok()) ++errors;
+  });
+  std::thread reader([&] {
+    std::mt19937_64 r(cs);
+    Bytes got(cs);
+    while (!stop)
+      if (!v->Read(got, r() % tables * per_table + cs).ok()) ++errors;
+  });
+  for (auto& t : ts) t.join();
+  stop = true;
+  flusher.join();
+  reader.join();
+  ASSERT_EQ(errors, 0);
+  ASSERT_TRUE(v->Flush().ok());
+  ASSERT_TRUE(ReadAll(*v) == mirror) << "a write was lost";
+  v.reset();
+  ExpectClean(io->contents());
+  if (!testing::HaveTool("qemu-img")) {
+    GTEST_SKIP() << "qemu-img not installed";
+  }
+  ExpectQemuReads(io->contents(), mirror);
+}
+
+INSTANTIATE_TEST_SUITE_P(ClusterSizes, VolumeTinyCache, ::testing::Values(512u, 4096u));
 
 TEST(Volume, ReadOnlyRefusesChangesWithEROFS) {
   auto io = NewImage(1 << 20, 65536);

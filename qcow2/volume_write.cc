@@ -27,8 +27,10 @@ Status Volume::BeforeChange() {
   return Status::OK();
 }
 
-void Volume::WaitIdle(uint64_t guest_cluster, std::unique_lock<std::mutex>& lk) {
+bool Volume::WaitIdle(uint64_t guest_cluster, std::unique_lock<std::mutex>& lk) {
+  if (!busy_.count(guest_cluster)) return false;
   busy_cv_.wait(lk, [&] { return !busy_.count(guest_cluster); });
+  return true;
 }
 
 Status Volume::MarkCorrupt(const std::string& why) {
@@ -54,6 +56,42 @@ Result<uint64_t> Volume::AllocateCluster(bool* fresh) {
     return MarkCorrupt("refcount of metadata cluster " + Hex(off) + " is 0");
   }
   CBT_ASSIGN_OR_RETURN(uint64_t fsize, io_->size());
+  *fresh = off >= std::max(high_water_, fsize);
+  high_water_ = std::max(high_water_, off + cs_);
+  return off;
+}
+
+Result<uint64_t> Volume::AllocateDataCluster(std::unique_lock<std::mutex>& lk, bool* fresh) {
+  uint64_t off = 0, fsize = 0;
+  Status s;
+  {
+    std::lock_guard rl(rc_->mu);
+    auto a = rc_->rc->Allocate(1);
+    if (a.ok()) {
+      off = *a;
+      auto fs = io_->size();
+      if (fs.ok()) {
+        fsize = *fs;
+      } else {
+        (void)rc_->rc->Free(off, 1);
+        s = std::move(fs).status();
+      }
+    } else {
+      s = std::move(a).status();
+    }
+  }
+  lk.lock();
+  CBT_RETURN_IF_ERROR(s);
+  {
+    std::lock_guard rl(rc_->mu);  // order: mu_, then rc_->mu
+    NoteRefcountStructure();
+  }
+  if (IsMetadata(off, cs_)) {
+    // The refcounts say free what the image uses as metadata: refuse, as
+    // QEMU's overlap check does (the cluster stays allocated: leaked).
+    return MarkCorrupt("refcount of metadata cluster " + Hex(off) + " is 0");
+  }
+  // high_water_ only grows: reading it after the allocation is safe.
   *fresh = off >= std::max(high_water_, fsize);
   high_water_ = std::max(high_water_, off + cs_);
   return off;
@@ -101,8 +139,8 @@ Status Volume::FillOld(const Mapping& m, uint64_t guest_cluster, std::span<std::
 
 Status Volume::WritePiece(uint64_t gc, uint64_t in_off, std::span<const std::byte> data) {
   std::unique_lock lk(mu_);
+  CBT_RETURN_IF_ERROR(Ready(gc, true, lk));
   if (corrupt_) return Status::IOError(path_ + ": image is marked corrupt");
-  WaitIdle(gc, lk);
   CBT_ASSIGN_OR_RETURN(Mapping m, Lookup(gc));
   if (m.kind == Kind::kNormal && m.copied) {
     // The common case: the cluster is ours alone; no metadata changes.
@@ -113,27 +151,29 @@ Status Volume::WritePiece(uint64_t gc, uint64_t in_off, std::span<const std::byt
     return io_->pwrite(data, m.host + in_off);
   }
   // A new cluster (or the zeroed one already allocated) gets the whole
-  // cluster: the old content around the write, then the write.
+  // cluster: the old content around the write, then the write. busy_ keeps
+  // others off this guest cluster, the hold keeps its table cached.
+  auto table = GetL2(gc / l2_entries_, true);  // linking must not need to allocate
+  if (!table.ok()) return std::move(table).status();
+  L2Table* t = *table;
   busy_.insert(gc);
-  auto done = [&] {
+  ++t->holds;
+  auto done = [&] {  // mu_ held
+    --t->holds;
     busy_.erase(gc);
     busy_cv_.notify_all();
   };
   const bool reuse = m.kind == Kind::kZeroAlloc && m.copied;
   uint64_t target = m.host;
   bool fresh = false;
-  auto table = GetL2(gc / l2_entries_, true);  // linking must not need to allocate
-  if (!table.ok()) {
-    done();
-    return std::move(table).status();
-  }
   if (reuse) {
     if (IsMetadata(target, cs_)) {
       done();
       return MarkCorrupt("guest offset " + Hex(gc * cs_) + " maps onto metadata");
     }
   } else {
-    auto a = AllocateCluster(&fresh);
+    lk.unlock();
+    auto a = AllocateDataCluster(lk, &fresh);  // relocks lk
     if (!a.ok()) {
       done();
       return std::move(a).status();
@@ -162,8 +202,12 @@ Status Volume::WritePiece(uint64_t gc, uint64_t in_off, std::span<const std::byt
   pin.Release();
 
   lk.lock();
-  if (s.ok()) s = SetEntry(gc, target | kOflagCopied);
-  if (!s.ok()) {
+  if (s.ok()) {
+    // Held since before the unlock: still cached, no lookup needed.
+    if (!t->dirty()) ++l2_dirty_count_;
+    ++t->gen;
+    t->e[gc % l2_entries_] = target | kOflagCopied;
+  } else {
     // Nothing references the new cluster: give it back now (R6).
     if (!reuse) {
       std::lock_guard rl(rc_->mu);
@@ -194,6 +238,7 @@ Status Volume::Write(std::span<const std::byte> in, uint64_t offset) {
 
 Status Volume::ReadsAsZero(uint64_t gc, bool* zero) {
   std::unique_lock lk(mu_);
+  CBT_RETURN_IF_ERROR(Ready(gc, false, lk));
   CBT_ASSIGN_OR_RETURN(Mapping m, Lookup(gc));
   *zero = m.kind == Kind::kZeroPlain || m.kind == Kind::kZeroAlloc ||
           (m.kind == Kind::kUnallocated && !backing_);
@@ -209,8 +254,9 @@ Status Volume::ZeroWhole(uint64_t gc, bool may_trim, bool fast, bool trim) {
     return WritePiece(gc, 0, zeros);
   }
   std::unique_lock lk(mu_);
+  CBT_RETURN_IF_ERROR(Ready(gc, true, lk));
   if (corrupt_) return Status::IOError(path_ + ": image is marked corrupt");
-  WaitIdle(gc, lk);
+  // From here on mu_ stays held: SetEntry finds the table cached.
   CBT_ASSIGN_OR_RETURN(Mapping m, Lookup(gc));
   uint64_t next;
   if (!v3 || (trim && !backing_)) {
@@ -351,6 +397,9 @@ Status Volume::Flush() {
   // 4. The references are gone on disk; wait until no I/O that started
   // before the change can still use the old clusters, then release them.
   pin_cv_.wait(lk, [&] { return pins_.empty() || pins_.begin()->first >= boundary; });
+  // The frees (refcount write-through, punching) need only the allocator:
+  // nothing in memory references these clusters any more.
+  lk.unlock();
   std::lock_guard rl(rc_->mu);
   for (size_t i = 0; i < frees.size(); ++i) {
     auto [host, n] = frees[i];
