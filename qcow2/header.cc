@@ -110,6 +110,16 @@ Result<uint32_t> PeekClusterBits(std::span<const std::byte> buf, std::string_vie
   return cluster_bits;
 }
 
+Result<std::vector<std::byte>> ReadHeaderCluster(BlockIO& io, std::string_view ctx) {
+  CBT_ASSIGN_OR_RETURN(uint64_t fsize, io.size());
+  std::vector<std::byte> first(std::min<uint64_t>(fsize, 24));
+  CBT_RETURN_IF_ERROR(io.pread(first, 0));
+  CBT_ASSIGN_OR_RETURN(uint32_t cbits, PeekClusterBits(first, ctx));
+  std::vector<std::byte> buf(std::min<uint64_t>(fsize, uint64_t{1} << cbits));
+  CBT_RETURN_IF_ERROR(io.pread(buf, 0));
+  return buf;
+}
+
 Result<Header> ParseHeader(std::span<const std::byte> buf, std::string_view ctx) {
   CBT_ASSIGN_OR_RETURN(uint32_t cluster_bits, PeekClusterBits(buf, ctx));
   const std::byte* p = buf.data();

@@ -21,6 +21,7 @@
 #include <string_view>
 #include <vector>
 
+#include "common/block_io.h"
 #include "common/status.h"
 
 namespace cbt::qcow2 {
@@ -100,6 +101,11 @@ Result<Header> ParseHeader(std::span<const std::byte> buf, std::string_view ctx)
 // Reads the fixed fields only to learn the cluster size; REQUIRES nothing.
 // Failure as ParseHeader for the first 24 bytes.
 Result<uint32_t> PeekClusterBits(std::span<const std::byte> buf, std::string_view ctx);
+
+// The header cluster of the file `io` (at most one cluster, of the size its
+// header gives: 24 bytes are peeked first), for ParseHeader. Failure as
+// PeekClusterBits, or the read's.
+Result<std::vector<std::byte>> ReadHeaderCluster(BlockIO& io, std::string_view ctx);
 
 // Refuses what we must not touch. Always: unknown incompatible bits
 // (NotSupported, naming the feature from the feature table). When writable:

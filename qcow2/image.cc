@@ -84,12 +84,7 @@ Result<std::unique_ptr<Image>> Image::Open(std::shared_ptr<BlockIO> io, const Op
 }
 
 Status Image::Load() {
-  CBT_ASSIGN_OR_RETURN(uint64_t fsize, io_->size());
-  std::vector<std::byte> first(std::min<uint64_t>(fsize, 24));
-  CBT_RETURN_IF_ERROR(io_->pread(first, 0));
-  CBT_ASSIGN_OR_RETURN(uint32_t cbits, PeekClusterBits(first, ctx_));
-  std::vector<std::byte> buf(std::min<uint64_t>(fsize, uint64_t{1} << cbits));
-  CBT_RETURN_IF_ERROR(io_->pread(buf, 0));
+  CBT_ASSIGN_OR_RETURN(std::vector<std::byte> buf, ReadHeaderCluster(*io_, ctx_));
   CBT_ASSIGN_OR_RETURN(header_, ParseHeader(buf, ctx_));
   CBT_RETURN_IF_ERROR(CheckFeatures(header_, writable_, ctx_));
   header_on_disk_ = std::move(buf);

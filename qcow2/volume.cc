@@ -121,8 +121,7 @@ Result<std::unique_ptr<Volume>> Volume::Open(std::shared_ptr<BlockIO> io, const 
 
 Status Volume::Load(uint32_t depth) {
   CBT_ASSIGN_OR_RETURN(uint64_t fsize, io_->size());
-  std::vector<std::byte> first(std::min<uint64_t>(fsize, uint64_t{1} << kMaxClusterBits));
-  if (!first.empty()) CBT_RETURN_IF_ERROR(io_->pread(first, 0));
+  CBT_ASSIGN_OR_RETURN(std::vector<std::byte> first, ReadHeaderCluster(*io_, path_));
   CBT_ASSIGN_OR_RETURN(header_, ParseHeader(first, path_));
   const Header& h = header_;
   const bool rw = opts_.writable;
