@@ -11,6 +11,7 @@
 #include <mutex>
 #include <new>
 #include <string>
+#include <vector>
 
 #include "engine/backup.h"
 #include "engine/scheduler.h"
@@ -27,6 +28,10 @@ struct State {
   cbt::TrackerOptions opts;
   // No cbt-file= over cbt's qcow2 plugin: the bitmaps live in the image.
   bool internal_bitmaps = false;
+  // The plugin's file= parameters (absolute) and whether it has dir=: what
+  // names the disk for its identity (SetDiskIdentitySource).
+  std::vector<std::string> disk_files;
+  bool disk_dir = false;
   cbt::PersistTriggers persist;  // cbt-persist-interval/-threshold/-idle; 0 = off
   std::unique_ptr<cbt::Tracker> tracker;
   std::unique_ptr<cbt::PersistScheduler> scheduler;
