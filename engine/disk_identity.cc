@@ -42,7 +42,7 @@ bool AllZero(std::span<const std::byte> s) {
 }  // namespace
 
 Result<DiskIdentity> FileIdentity(const std::string& path) {
-  struct stat st{};
+  struct stat st {};
   if (::stat(path.c_str(), &st) != 0)
     return Status::NotSupported(path + ": " + std::strerror(errno));
   if (!S_ISREG(st.st_mode))
@@ -79,7 +79,8 @@ std::string DescribeIdentityChange(const DiskIdentity& was, const DiskIdentity& 
 }
 
 Result<IdentityRecord> IdentityRecord::Parse(std::span<const std::byte> rec) {
-  if (rec.size() < kHeader) return Bad("truncated header (" + std::to_string(rec.size()) + " bytes)", 0);
+  if (rec.size() < kHeader)
+    return Bad("truncated header (" + std::to_string(rec.size()) + " bytes)", 0);
   if (std::memcmp(rec.data(), "CBTD", 4) != 0) return Bad("bad magic", 0);
   const uint32_t version = LoadBE32(rec.data() + 4);
   if (version != kVersion)
@@ -87,7 +88,8 @@ Result<IdentityRecord> IdentityRecord::Parse(std::span<const std::byte> rec) {
                               " (this build reads version " + std::to_string(kVersion) + ")");
   const uint32_t nd = LoadBE32(rec.data() + 8);
   const uint32_t ne = LoadBE32(rec.data() + 12);
-  if (nd == 0 || nd > kMaxDisks) return Bad("disk count " + std::to_string(nd) + " out of range", 8);
+  if (nd == 0 || nd > kMaxDisks)
+    return Bad("disk count " + std::to_string(nd) + " out of range", 8);
   if (ne == 0 || ne > kMaxEntries)
     return Bad("entry count " + std::to_string(ne) + " out of range", 12);
   size_t at = kHeader;
@@ -191,8 +193,8 @@ Status IdentityRecord::Set(std::string_view name, const DiskIdentity& id) {
   if (id.path.empty() || id.path.size() > kMaxPath || id.path[0] != '/' ||
       id.path.find('\0') != std::string::npos)
     return Status::InvalidArgument("disk identity: path '" + id.path +
-                                   "' is not absolute or longer than " +
-                                   std::to_string(kMaxPath) + " bytes");
+                                   "' is not absolute or longer than " + std::to_string(kMaxPath) +
+                                   " bytes");
   if (id.mtime_nsec >= 1000000000u)
     return Status::InvalidArgument("disk identity: mtime nanoseconds out of range");
   for (Entry& e : entries_) {

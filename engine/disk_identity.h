@@ -113,7 +113,8 @@ Status UpdateBitmapIdentity(qcow2::Image& img, std::string_view bitmap, const Di
 // The path of the disk bitmap `bitmap` was recorded for (its entry), else
 // the container's data-file link resolved against container_path's
 // directory; nullopt if neither is known.
-std::optional<std::string> RecordedDiskPath(const qcow2::Image& img, const std::string& container_path,
+std::optional<std::string> RecordedDiskPath(const qcow2::Image& img,
+                                            const std::string& container_path,
                                             std::string_view bitmap);
 
 }  // namespace cbt

@@ -57,7 +57,9 @@ TEST(IdentityRecord, EveryTruncationRefused) {
   for (size_t n = 0; n < b.size(); ++n) {
     auto p = IdentityRecord::Parse(std::span(b).first(n));
     EXPECT_FALSE(p.ok()) << n;
-    if (!p.ok()) EXPECT_TRUE(p.status().IsCorruption()) << n;
+    if (!p.ok()) {
+      EXPECT_TRUE(p.status().IsCorruption()) << n;
+    }
   }
 }
 
@@ -208,6 +210,7 @@ TEST_F(TrackerIdentityTest, OutsideChangeRefusedWithTheFix) {
   auto p = Tracker::Prepare(ro);
   ASSERT_TRUE(p.ok());
   EXPECT_FALSE((*p)->AttachReadOnly(kSize).ok());
+  p->reset();  // drops its lock
   // Trusted: accepted and recorded anew.
   opts_.trust_disk = true;
   ASSERT_TRUE(Session(0).ok());
@@ -269,8 +272,7 @@ TEST_F(TrackerIdentityTest, UpdateBitmapIdentityMakesOneUsable) {
   }
   auto t = Tracker::Open(opts_, kSize);
   ASSERT_FALSE(t.ok());
-  EXPECT_NE(t.status().message().find("bitmap(s) 'b1'"), std::string::npos)
-      << t.status().message();
+  EXPECT_NE(t.status().message().find("bitmap(s) 'b1'"), std::string::npos) << t.status().message();
   EXPECT_EQ(t.status().message().find("'b0'"), std::string::npos) << t.status().message();
 }
 

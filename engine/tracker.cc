@@ -132,9 +132,8 @@ Status Tracker::LoadContainerState() {
   if (!opts_.internal) {
     auto idr = LoadIdentityRecord(*image_);
     if (!idr.ok())
-      return Status::Corruption(Where() + ": " + idr.status().message() +
-                                "; 'cbt recover " + opts_.container_path +
-                                " --bitmap NAME --mark-all' rewrites it");
+      return Status::Corruption(Where() + ": " + idr.status().message() + "; 'cbt recover " +
+                                opts_.container_path + " --bitmap NAME --mark-all' rewrites it");
     found_identity_ = std::move(idr).value();
   }
   return CheckBitmaps();
@@ -184,8 +183,7 @@ Status Tracker::OpenContainer() {
   }
   if (!file.ok() && file.status().IsNotFound()) {
     if (!opts_.create || opts_.readonly)
-      return Status::NotFound(Where() +
-                              ": no such file; add cbt-create=true to create it");
+      return Status::NotFound(Where() + ": no such file; add cbt-create=true to create it");
     // Attach creates it after nbdkit forks: find what would stop it now.
     return st.CheckCreatable(path).WithContext(Where());
   }
@@ -325,7 +323,7 @@ Status Tracker::Attach(uint64_t disk_size) {
   }
 
   CBT_RETURN_IF_ERROR(CheckSize(*image_, Where(), disk_size_));
-  if (!created) CBT_RETURN_IF_ERROR(CheckDiskIdentity());
+  CBT_RETURN_IF_ERROR(CheckDiskIdentity());
   cluster_size_.store(image_->cluster_size());
 
   // Bitmaps our own crash left in_use: take them back (CheckBitmaps made
@@ -334,8 +332,7 @@ Status Tracker::Attach(uint64_t disk_size) {
   for (const qcow2::BitmapInfo& info : image_->Bitmaps()) {
     if (!info.enabled || info.consistent) continue;
     if (found_record_->disk_size() != disk_size_)
-      return Status::Corruption(Where() +
-                                ": the crash-safety record describes another disk size");
+      return Status::Corruption(Where() + ": the crash-safety record describes another disk size");
     CBT_RETURN_IF_ERROR(image_->AdoptInconsistent(info.name));
     recovering = true;
   }

@@ -280,7 +280,7 @@ class Tracker {
   std::atomic<uint64_t> cluster_size_{0};
   // May be set on disk (not yet cleared). Written under store_mu_.
   std::atomic<bool> in_use_on_disk_{false};
-  bool armed_ = false;           // this session's record written (ArmLocked)
+  bool armed_ = false;  // this session's record written (ArmLocked)
   // ArmLocked done (the identity record removed): read by BeginChange
   // without the lock; set under store_mu_.
   std::atomic<bool> armed_once_{false};

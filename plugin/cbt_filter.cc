@@ -235,8 +235,7 @@ int cbt_config(nbdkit_next_config* next, nbdkit_backend* nxdata, const char* key
     } else if (strcmp(key, "cbt-trust-disk") == 0) {
       int b = ParseBool(value);
       if (b == -1) {
-        nbdkit_error("cbt-trust-disk=%s: must be true or false (also yes/no, on/off, 1/0)",
-                     value);
+        nbdkit_error("cbt-trust-disk=%s: must be true or false (also yes/no, on/off, 1/0)", value);
         return -1;
       }
       o.trust_disk = b;

@@ -236,8 +236,9 @@ Status Image::UpdatePrivateRecords(std::span<const PrivateRecordUpdate> updates)
     else
       next.RemoveExtension(u.type);
   }
-  const bool any = std::any_of(next.extensions.begin(), next.extensions.end(),
-                               [](const HeaderExtension& e) { return IsPrivateRecordType(e.type); });
+  const bool any =
+      std::any_of(next.extensions.begin(), next.extensions.end(),
+                  [](const HeaderExtension& e) { return IsPrivateRecordType(e.type); });
   if (any)
     next.autoclear |= kAutoclearCbtIntent;
   else

@@ -87,8 +87,8 @@ int RunInfo(const std::vector<std::string>& args) {
   auto IdJson = [&](const std::string& name) -> Json {
     const DiskIdentity* id = idr.For(name);
     if (!id) return Json();
-    return {{"path", id->path},   {"dev", id->dev},
-            {"inode", id->ino},   {"size", id->size},
+    return {{"path", id->path},           {"dev", id->dev},
+            {"inode", id->ino},           {"size", id->size},
             {"mtime-sec", id->mtime_sec}, {"mtime-nsec", id->mtime_nsec}};
   };
 
