@@ -129,6 +129,14 @@ Status Tracker::LoadContainerState() {
     if (!m.ok()) return m.status().WithContext(Where());
     found_record_ = std::move(m).value();
   }
+  found_identity_ = IdentityRecord{};
+  if (!opts_.internal) {
+    auto idr = LoadIdentityRecord(*image_);
+    if (!idr.ok())
+      return Status::Corruption(Where() + ": " + idr.status().message() + "; 'cbt recover " +
+                                opts_.container_path + " --bitmap NAME --mark-all' rewrites it");
+    found_identity_ = std::move(idr).value();
+  }
   return CheckBitmaps();
 }
 
@@ -293,6 +301,7 @@ Status Tracker::AttachReadOnly(uint64_t disk_size) {
     return Status::OK();
   }
   CBT_RETURN_IF_ERROR(CheckSize(*image_, Where(), disk_size_));
+  CBT_RETURN_IF_ERROR(CheckDiskIdentity());
   for (const qcow2::BitmapInfo& info : image_->Bitmaps())
     if (info.enabled && !info.consistent)
       spdlog::info(
@@ -344,6 +353,7 @@ Status Tracker::Attach(uint64_t disk_size) {
   }
 
   CBT_RETURN_IF_ERROR(CheckSize(*image_, Where(), disk_size_));
+  CBT_RETURN_IF_ERROR(CheckDiskIdentity());
   cluster_size_.store(image_->cluster_size());
 
   // Bitmaps our own crash left in_use: take them back (CheckBitmaps made
@@ -448,24 +458,154 @@ Status Tracker::ArmRecord() {
 // boot id and mode) vouched by the autoclear bit, in one flushed header
 // switch. none: remove any record left by an earlier session, so that a
 // crash is refused rather than "recovered" from a stale record.
+//
+// Either way the disk identity record goes in the same header switch: from
+// now on the disk changes under our own writes, and after a crash the next
+// start cannot tell those from another program's (docs/crash-safety.md).
+// Close records it again after a clean stop.
 Status Tracker::ArmLocked() {
   if (armed_) return Status::OK();
-  if (!intents_) {
-    CBT_RETURN_IF_ERROR(image_->RemovePrivateRecord(kIntentExtensionType).WithContext(Label()));
-  } else {
-    Status s =
-        image_->SetPrivateRecord(kIntentExtensionType, intents_->Serialize(intents_->Snapshot()));
-    if (!s.ok()) return s.WithContext(Where() + ": crash-safety record");
+  qcow2::Image::PrivateRecordUpdate u[2];
+  u[0].type = kIntentExtensionType;
+  if (intents_) u[0].data = intents_->Serialize(intents_->Snapshot());
+  u[1].type = kIdentityExtensionType;
+  Status s = image_->UpdatePrivateRecords(u);
+  if (!s.ok()) return s.WithContext(intents_ ? Where() + ": crash-safety record" : Label());
+  if (intents_)
     spdlog::debug("crash-safety record armed: {} regions of {} bytes", intents_->region_count(),
                   uint64_t{1} << intents_->region_bits());
-  }
   armed_ = true;
+  armed_once_.store(true);
+  return Status::OK();
+}
+
+// The first change of a session that needs no mark (every granule it
+// touches is dirty on disk already) still changes the disk: the identity
+// record must go first.
+Status Tracker::DisarmIdentity() {
+  std::lock_guard lock(store_mu_);
+  if (!image_) return Status::IOError("cbt: container already closed", ESHUTDOWN);
+  return ArmLocked();
+}
+
+// Where the disk's identity comes from: the caller's source, else the
+// container's data-file link. Null: unknown.
+std::function<Result<DiskIdentity>()> Tracker::IdentitySource() const {
+  if (opts_.internal) return nullptr;
+  if (opts_.disk_identity) return opts_.disk_identity;
+  if (!image_) return nullptr;
+  std::string df = image_->data_file();
+  if (df.empty()) return nullptr;
+  std::optional<std::string> path = RecordedDiskPath(*image_, opts_.container_path, "");
+  if (!path) return nullptr;
+  return [p = *path] { return FileIdentity(p); };
+}
+
+// At attach, before the first change: every enabled bitmap recorded for
+// the disk as it was at the last clean stop must find it unchanged, or it
+// would miss what another program wrote meanwhile (P4).
+Status Tracker::CheckDiskIdentity() {
+  if (identity_checked_ || opts_.internal) return Status::OK();
+  identity_checked_ = true;
+  auto source = IdentitySource();
+  if (!source) {
+    spdlog::info(
+        "{}: the disk's identity cannot be known ({}): changes made to it while no tracker "
+        "runs cannot be detected",
+        Where(),
+        opts_.no_identity_reason.empty() ? "no file= and no data-file link"
+                                         : opts_.no_identity_reason);
+    return Status::OK();
+  }
+  Result<DiskIdentity> now = source();
+  if (!now.ok()) {
+    spdlog::info(
+        "{}: the disk's identity cannot be known ({}): changes made to it while no tracker "
+        "runs cannot be detected",
+        Where(), now.status().message());
+    return Status::OK();
+  }
+  std::vector<std::string> missing, changed;
+  std::string what;
+  for (const qcow2::BitmapInfo& info : image_->Bitmaps()) {
+    if (!info.enabled) continue;
+    if (!info.consistent) {  // crash recovery: the record went with the first change
+      missing.push_back(info.name);
+      continue;
+    }
+    const DiskIdentity* was = found_identity_.For(info.name);
+    if (!was) {
+      missing.push_back(info.name);
+      continue;
+    }
+    std::string d = DescribeIdentityChange(*was, *now);
+    if (d.empty()) continue;
+    changed.push_back(info.name);
+    if (what.empty()) what = d;
+  }
+  auto list = [](const std::vector<std::string>& v) {
+    std::string s;
+    for (const std::string& n : v) s += (s.empty() ? "'" : ", '") + n + "'";
+    return s;
+  };
+  if (!missing.empty())
+    spdlog::info(
+        "{}: no disk identity recorded for bitmap(s) {} (a container from before this check, "
+        "an unclean stop, or another program wrote the container): changes made to {} while "
+        "no tracker ran cannot be detected this time",
+        Where(), list(missing), now->path);
+  if (changed.empty()) return Status::OK();
+  if (opts_.trust_disk) {
+    spdlog::warn(
+        "{}: {} changed while no tracker ran ({}); accepted for bitmap(s) {} "
+        "(cbt-trust-disk=true), recorded anew at the next clean stop",
+        Where(), now->path, what, list(changed));
+    return Status::OK();
+  }
+  const std::string& c = opts_.container_path;
+  const std::string name = changed.size() == 1 ? changed[0] : "NAME";
+  return Status::InvalidArgument(
+      "disk " + now->path + " changed while no tracker ran (" + what + "): bitmap(s) " +
+          list(changed) + " in " + c +
+          " would miss those changes; make them match the disk with 'cbt recover " + c +
+          " --bitmap " + name + " --compare BACKUP' (or --mark-all: everything dirty)" +
+          (changed.size() > 1 ? " for each of them" : "") +
+          ", or add cbt-trust-disk=true if the change was tracked elsewhere",
+      ESTALE);
+}
+
+// A clean stop: everything stored, in_use clear. Every enabled bitmap is
+// now valid for the disk as it is: record that (only if it differs from
+// what the container holds).
+Status Tracker::RecordIdentityLocked() {
+  auto source = IdentitySource();
+  if (!source) return Status::OK();
+  Result<DiskIdentity> now = source();
+  if (!now.ok()) {
+    spdlog::info("{}: the disk's identity cannot be recorded ({})", Where(),
+                 now.status().message());
+    return Status::OK();
+  }
+  IdentityRecord r;
+  for (const qcow2::BitmapInfo& info : image_->Bitmaps())
+    if (info.enabled && info.consistent) CBT_RETURN_IF_ERROR(r.Set(info.name, *now));
+  const std::vector<std::byte>* cur = image_->GetExtension(kIdentityExtensionType);
+  if (r.empty()) {
+    if (!cur) return Status::OK();
+    return image_->RemovePrivateRecord(kIdentityExtensionType).WithContext(Where());
+  }
+  std::vector<std::byte> bytes = r.Serialize();
+  if (cur && *cur == bytes && image_->private_record_vouched()) return Status::OK();
+  Status s = image_->SetPrivateRecord(kIdentityExtensionType, std::move(bytes));
+  if (!s.ok()) return s.WithContext(Where() + ": disk identity record");
+  spdlog::debug("disk identity recorded: {}", DescribeIdentity(*now));
   return Status::OK();
 }
 
 Result<Tracker::Change> Tracker::BeginChange(uint64_t offset, uint64_t length) {
   gate_changes_.Enter();
   Change change(&gate_changes_);  // leaves the gate on every return path
+  if (!armed_once_.load(std::memory_order_acquire)) CBT_RETURN_IF_ERROR(DisarmIdentity());
   const BitmapSet* set = live_.load(std::memory_order_acquire);
   if (!set || set->recording.empty()) return change;  // nothing records
   // Already dirty in every recording bitmap, on disk and flushed (or, for a

@@ -50,6 +50,7 @@
 #include "engine/bitmap_edit.h"
 #include "engine/bitmap_set.h"
 #include "engine/change_gate.h"
+#include "engine/disk_identity.h"
 #include "engine/intent_map.h"
 #include "engine/storage.h"
 #include "qcow2/image.h"
@@ -74,7 +75,8 @@ struct TrackerOptions {
   // Null: the container is ours alone.
   std::shared_ptr<qcow2::SharedRefcounts> shared_refcounts = nullptr;
   // The container is the served image (internal bitmaps): only changes how
-  // messages name it.
+  // messages name it, and no disk identity is kept (QEMU's autoclear rule
+  // covers a qcow2 image written by others).
   bool internal = false;
   // false (cbt-autoload=false): only `bitmaps` record. Every other enabled
   // bitmap is, at the writable Attach (before any change), disabled and
@@ -82,6 +84,18 @@ struct TrackerOptions {
   // a crash-safety record) may take it for a record of the changes made
   // from now on. true: every enabled bitmap records (QEMU's auto flag).
   bool autoload = true;
+  // The disk's identity now (engine/disk_identity.h): checked against the
+  // container's record for every enabled bitmap at attach, before the
+  // first change, and recorded at a clean stop (Close). Null: the
+  // container's data-file link names the disk, if it has one. NotSupported
+  // (or no source at all): it cannot be known; said once in the log, and
+  // outside changes go undetected as before.
+  std::function<Result<DiskIdentity>()> disk_identity;
+  // Why disk_identity is null, for that log line ("the memory plugin ...").
+  std::string no_identity_reason;
+  // cbt-trust-disk=true: a disk whose identity changed is accepted (the
+  // change was tracked elsewhere) and re-recorded at the next clean stop.
+  bool trust_disk = false;
 };
 
 // What query-bitmaps reports about one bitmap.
@@ -242,6 +256,12 @@ class Tracker {
   Status PrepareEdit(const EditOps& ops, PreparedEdit& out);
   void Publish(std::shared_ptr<const BitmapSet> set);
   bool RecordRecoverable() const;
+  // Disk identity (disk_identity.h): the check at attach, and the record
+  // written at a clean stop (under store_mu_).
+  std::function<Result<DiskIdentity>()> IdentitySource() const;
+  Status CheckDiskIdentity();
+  Status RecordIdentityLocked();
+  Status DisarmIdentity();
   Status Recover();
   Status ArmRecord();
   Status ArmLocked();
@@ -267,7 +287,15 @@ class Tracker {
   std::atomic<uint64_t> cluster_size_{0};
   // May be set on disk (not yet cleared). Written under store_mu_.
   std::atomic<bool> in_use_on_disk_{false};
-  bool armed_ = false;           // this session's record written (ArmLocked)
+  bool armed_ = false;  // this session's record written (ArmLocked)
+  // ArmLocked done (the identity record removed): read by BeginChange
+  // without the lock; set under store_mu_.
+  std::atomic<bool> armed_once_{false};
+  // The identity record found at open (empty if none or not vouched), and
+  // whether the attach check ran (once: a read-only attach, then a
+  // writable one).
+  IdentityRecord found_identity_;
+  bool identity_checked_ = false;
   mutable std::mutex stats_mu_;  // guards stats_ (never held across I/O)
   TrackerStats stats_;
 

@@ -184,6 +184,11 @@ Status Tracker::ClearInUseLocked() {
 Status Tracker::Close() {
   Status s = Persist();
   std::lock_guard lock(store_mu_);
+  // A clean stop: the disk's identity, taken now that every change is
+  // written, for the next start to compare (disk_identity.h).
+  if (s.ok() && image_ && attached_rw_.load() && !opts_.readonly && !in_use_on_disk_.load() &&
+      !HasPendingChanges())
+    s = RecordIdentityLocked();
   image_.reset();
   return s;
 }

@@ -225,13 +225,54 @@ int cbt_config(nbdkit_next_config* next, nbdkit_backend* nxdata, const char* key
         nbdkit_error("cbt-durability=%s: must be none, process or power", value);
         return -1;
       }
+    } else if (strcmp(key, "cbt-trust-disk") == 0) {
+      int b = ParseBool(value);
+      if (b == -1) {
+        nbdkit_error("cbt-trust-disk=%s: must be true or false (also yes/no, on/off, 1/0)", value);
+        return -1;
+      }
+      o.trust_disk = b;
     } else if (int b = cbt::plugin::BackupConfig(key, value); b != 0) {
       return b == 1 ? 0 : -1;
     } else {
+      // The plugin's parameters pass on unchanged; file= and dir= also tell
+      // which disk this is (its identity: engine/disk_identity.h).
+      if (strcmp(key, "file") == 0 && *value) {
+        char* p = nbdkit_absolute_path(value);  // nbdkit changes to / when it forks
+        if (!p) return -1;
+        state->disk_files.emplace_back(p);
+        free(p);
+      } else if (strcmp(key, "dir") == 0 && *value) {
+        char* p = nbdkit_absolute_path(value);
+        if (!p) return -1;
+        state->disk_dir = p;
+        free(p);
+      }
       return next(nxdata, key, value);
     }
     return 0;
   });
+}
+
+// The disk this filter tracks, as far as the plugin's parameters name it:
+// one file= is a file whose identity the tracker checks at attach and
+// records at a clean stop. dir= with a per-export template: each export's
+// file DIR/EXPORT (filter_disks.cc); with one container the export is known
+// only after the container was opened, so it is not kept.
+void SetDiskIdentitySource() {
+  cbt::TrackerOptions& o = state->opts;
+  if (!state->disk_dir.empty()) {
+    o.no_identity_reason = state->per_export
+                               ? "set per export"
+                               : "dir= with one container (a per-export cbt-file=...%e... "
+                                 "template keeps one identity per export)";
+  } else if (state->disk_files.size() == 1) {
+    o.disk_identity = [path = state->disk_files[0]] { return cbt::FileIdentity(path); };
+  } else if (state->disk_files.size() > 1) {
+    o.no_identity_reason = "the plugin has several file= parameters";
+  } else {
+    o.no_identity_reason = "the plugin names no file= (memory, nbd, ...)";
+  }
 }
 
 int cbt_config_complete(nbdkit_next_config_complete* next, nbdkit_backend* nxdata) noexcept {
@@ -248,6 +289,7 @@ int cbt_config_complete(nbdkit_next_config_complete* next, nbdkit_backend* nxdat
     nbdkit_error("cbt-bitmap=NAME is required (repeat it for several bitmaps)");
     return -1;
   }
+  SetDiskIdentitySource();
   return next(nxdata);
 }
 
@@ -463,7 +505,9 @@ nbdkit_filter filter = [] {
           "cbt-control=PATH         serve the control protocol on unix socket PATH\n"
           "                         (mode 0600; see docs/control.md)\n"
           "cbt-drain-timeout=MS     how long an online edit waits for writes in flight\n"
-          "                         (default 5000; then the edit fails, Busy)\n") +
+          "                         (default 5000; then the edit fails, Busy)\n"
+          "cbt-trust-disk=BOOL      accept a disk changed while no tracker ran (the\n"
+          "                         change was tracked elsewhere; default false)\n") +
       cbt::plugin::kBackupHelp;
   f.config_help = help.c_str();
   f.get_ready = cbt_get_ready;

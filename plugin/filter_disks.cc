@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "common/export_template.h"
+#include "engine/disk_identity.h"
 #include "plugin/backup_export.h"
 #include "server/control_handler.h"
 #include "server/control_socket.h"
@@ -183,6 +184,11 @@ Disk* AttachExport(nbdkit_next* next, const char* name, bool readonly_export) {
     fresh = std::make_unique<Disk>();
     fresh->opts = state->opts;
     fresh->opts.container_path = *path;
+    if (!state->disk_dir.empty() && state->disk_files.empty()) {
+      // file dir= serves the file DIR/EXPORT: that names the disk.
+      fresh->opts.disk_identity = [f = state->disk_dir + "/" + name] { return FileIdentity(f); };
+      fresh->opts.no_identity_reason.clear();
+    }
     auto t = Tracker::Prepare(fresh->opts);
     if (!t.ok()) return Refuse(name, t.status());
     fresh->tracker = std::move(t).value();

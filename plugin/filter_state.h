@@ -12,6 +12,7 @@
 #include <mutex>
 #include <new>
 #include <string>
+#include <vector>
 
 #include "engine/backup.h"
 #include "engine/scheduler.h"
@@ -54,6 +55,10 @@ struct State {
   bool per_export = false;
   // No cbt-file= over cbt's qcow2 plugin: the bitmaps live in the image.
   bool internal_bitmaps = false;
+  // The plugin's file= parameters and its dir= (absolute): what names the
+  // disk for its identity (SetDiskIdentitySource; per export: dir/EXPORT).
+  std::vector<std::string> disk_files;
+  std::string disk_dir;
   cbt::PersistTriggers persist;  // cbt-persist-interval/-threshold/-idle; 0 = off
 
   std::mutex attach_mu;

@@ -79,6 +79,8 @@ struct Scenario {
   // Bitmaps left in use by the operation on purpose (SetInUse): their bits
   // are not readable and are judged by the engine's tests instead.
   std::set<std::string> may_be_in_use = {};
+  // More to judge in every crash image (private records), if given.
+  std::function<void(Image&, const std::string&)> extra = nullptr;
 };
 
 // Judges one crash image against the views before and after the operation.
@@ -94,6 +96,7 @@ void Judge(const Bytes& img, const View& before, const View& after, const Scenar
     auto rep = Check(**w, false);
     ASSERT_TRUE(rep.ok()) << where;
     ASSERT_EQ(rep->corruptions, 0u) << where << ": " << rep->messages.front();
+    if (sc.extra) sc.extra(**w, where);
   }
   // qemu-img check once per distinct image (many crash points coincide).
   std::string key(reinterpret_cast<const char*>(img.data()), img.size());
@@ -271,6 +274,50 @@ TEST(CrashPoints, PrivateRecordSetRewriteRemove) {
                                                    specs.push_back(Spec("c", 16, true, "", &c));
                                                    return img.Commit(specs);
                                                  }});
+}
+
+// The filter's first change: the crash-safety record armed and the disk
+// identity record dropped in one header switch (engine ArmLocked). Every
+// crash image holds each vouched record whole, old or new: the identity as
+// recorded, the intent record as armed, or neither.
+TEST(CrashPoints, PrivateRecordsArmDropsIdentity) {
+  constexpr uint32_t kIntent = 0x43425449, kIdentity = 0x43425444;
+  const Bytes old_id(1200, std::byte{7}), armed(600, std::byte{9});
+  auto with_identity = [&] {
+    return With(TwoBitmaps(),
+                [&](Image& img) { EXPECT_OK(img.SetPrivateRecord(kIdentity, old_id)); });
+  };
+  auto judge = [&](Image& img, const std::string& where) {
+    if (!img.private_record_vouched()) return;
+    const Bytes* id = img.GetExtension(kIdentity);
+    const Bytes* in = img.GetExtension(kIntent);
+    ASSERT_TRUE(id || in) << where << ": the bit set without a record";
+    if (id) {
+      EXPECT_EQ(*id, old_id) << where << ": identity record torn";
+    }
+    if (in) {
+      EXPECT_EQ(*in, armed) << where << ": intent record torn";
+    }
+  };
+  Scenario arm{with_identity, [&](Image& img) {
+                 Image::PrivateRecordUpdate u[2];
+                 u[0].type = kIntent;
+                 u[0].data = armed;
+                 u[1].type = kIdentity;
+                 Status st = img.UpdatePrivateRecords(u);
+                 if (st.ok() && (img.GetExtension(kIdentity) || !img.GetExtension(kIntent)))
+                   return Status::Corruption("not armed");
+                 return st;
+               }};
+  arm.extra = judge;
+  Enumerate("private records: arm intent, drop identity", arm);
+  // A clean stop: the identity recorded beside the (emptied) intent record.
+  auto with_intent = [&] {
+    return With(TwoBitmaps(), [&](Image& img) { EXPECT_OK(img.SetPrivateRecord(kIntent, armed)); });
+  };
+  Scenario stop{with_intent, [&](Image& img) { return img.SetPrivateRecord(kIdentity, old_id); }};
+  stop.extra = judge;
+  Enumerate("private records: identity set beside intent", stop);
 }
 
 TEST(CrashPoints, InPlaceSlotWritesAndInUse) {

@@ -45,6 +45,12 @@ inline constexpr uint64_t kAutoclearDataFileRaw = 1ull << 1;
 // record exactly when it stops being true. Bit 62: far from QEMU's bits.
 inline constexpr uint64_t kAutoclearCbtIntent = 1ull << 62;
 inline constexpr uint64_t kAutoclearKnown = 0x3 | kAutoclearCbtIntent;
+// cbt's private header extensions (vouched for by kAutoclearCbtIntent):
+// types "CBT" followed by one letter ("CBTI" crash-safety, "CBTD" disk
+// identity; docs/format.md).
+inline constexpr bool IsPrivateRecordType(uint32_t type) {
+  return (type & 0xffffff00u) == 0x43425400u;
+}
 
 // --- header extensions ---
 inline constexpr uint32_t kExtEnd = 0x00000000;

@@ -197,9 +197,18 @@ class Image {
   // kAutoclearCbtIntent, set or removed together in one header switch
   // (flushed). Programs that do not know the bit clear it when they write
   // the file, so a record whose bit is clear must not be trusted.
+  // Private record types are "CBT" plus one letter (IsPrivateRecordType);
+  // the bit vouches for all of them at once, so a record found unvouched is
+  // dropped when another one is set, and the bit is cleared with the last.
   Status SetPrivateRecord(uint32_t type, std::vector<std::byte> data);
   Status RemovePrivateRecord(uint32_t type);
   bool private_record_vouched() const;
+  // Several records set (data) or removed (no data) in one header switch.
+  struct PrivateRecordUpdate {
+    uint32_t type = 0;
+    std::optional<std::vector<std::byte>> data;
+  };
+  Status UpdatePrivateRecords(std::span<const PrivateRecordUpdate> updates);
 
   // Rewrites the data of existing private extension `type` in place, at its
   // current position in cluster 0, when the new data has the same length:

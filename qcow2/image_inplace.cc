@@ -204,21 +204,52 @@ Status Image::AdoptInconsistent(std::string_view name) {
 }
 
 Status Image::SetPrivateRecord(uint32_t type, std::vector<std::byte> data) {
-  CBT_RETURN_IF_ERROR(RequireWritable("set private record"));
-  if (IsReservedExtension(type))
-    return Status::InvalidArgument(ctx_ + ": header extension " + Hex(type) + " is reserved");
-  Header next = header_;
-  next.SetExtension(type, std::move(data));
-  next.autoclear |= kAutoclearCbtIntent;
-  return SwitchHeader(std::move(next));
+  std::vector<PrivateRecordUpdate> u(1);
+  u[0].type = type;
+  u[0].data = std::move(data);
+  return UpdatePrivateRecords(u);
 }
 
 Status Image::RemovePrivateRecord(uint32_t type) {
-  CBT_RETURN_IF_ERROR(RequireWritable("remove private record"));
+  std::vector<PrivateRecordUpdate> u(1);
+  u[0].type = type;
+  return UpdatePrivateRecords(u);
+}
+
+// One header switch. The bit vouches for every private record at once, so:
+// records found unvouched (a program that does not know the bit wrote the
+// file) are dropped before the bit is set again, never vouched by accident;
+// the bit is cleared once no private record remains.
+Status Image::UpdatePrivateRecords(std::span<const PrivateRecordUpdate> updates) {
+  CBT_RETURN_IF_ERROR(RequireWritable("update private records"));
+  for (const PrivateRecordUpdate& u : updates)
+    if (IsReservedExtension(u.type) || !IsPrivateRecordType(u.type))
+      return Status::InvalidArgument(ctx_ + ": header extension " + Hex(u.type) +
+                                     " is not a private record type");
   Header next = header_;
-  bool had = next.RemoveExtension(type);
-  if (!had && !(next.autoclear & kAutoclearCbtIntent)) return Status::OK();
-  next.autoclear &= ~kAutoclearCbtIntent;
+  if (!(next.autoclear & kAutoclearCbtIntent))
+    std::erase_if(next.extensions,
+                  [](const HeaderExtension& e) { return IsPrivateRecordType(e.type); });
+  for (const PrivateRecordUpdate& u : updates) {
+    if (u.data)
+      next.SetExtension(u.type, *u.data);
+    else
+      next.RemoveExtension(u.type);
+  }
+  const bool any =
+      std::any_of(next.extensions.begin(), next.extensions.end(),
+                  [](const HeaderExtension& e) { return IsPrivateRecordType(e.type); });
+  if (any)
+    next.autoclear |= kAutoclearCbtIntent;
+  else
+    next.autoclear &= ~kAutoclearCbtIntent;
+  if (next.autoclear == header_.autoclear && next.extensions.size() == header_.extensions.size()) {
+    bool same = true;
+    for (size_t i = 0; same && i < next.extensions.size(); ++i)
+      same = next.extensions[i].type == header_.extensions[i].type &&
+             next.extensions[i].data == header_.extensions[i].data;
+    if (same) return Status::OK();
+  }
   return SwitchHeader(std::move(next));
 }
 

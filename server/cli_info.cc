@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <iostream>
 
+#include "engine/disk_identity.h"
 #include "server/bitmap_io.h"
 #include "server/cli.h"
 #include "server/cli_socket.h"
@@ -29,7 +30,10 @@ constexpr char kDescription[] =
     "show as in use, their stored bits behind its memory.\n"
     "--socket PATH asks the running filter serving the control socket PATH\n"
     "(cbt-control=PATH) instead, from its memory: the same fields, each bitmap's\n"
-    "live dirty bytes, and whether it is persistent or transient.";
+    "live dirty bytes, and whether it is persistent or transient.\n"
+    "The disk identity of a bitmap (file, inode, size, modification time) is the\n"
+    "one recorded at the filter's last clean stop: a start that finds the disk\n"
+    "changed since is refused (docs/crash-safety.md).";
 
 struct Row {
   qcow2::BitmapInfo info;
@@ -76,6 +80,18 @@ int RunInfo(const std::vector<std::string>& args) {
     rows.push_back(std::move(r));
   }
   const std::string data_file = img.data_file();
+  // The disk identity record (absent, not vouched, or unreadable: none).
+  Result<IdentityRecord> ids = LoadIdentityRecord(img);
+  const std::string ids_error = ids.ok() ? "" : ids.status().message();
+  IdentityRecord none;
+  const IdentityRecord& idr = ids.ok() ? *ids : none;
+  auto IdJson = [&](const std::string& name) -> Json {
+    const DiskIdentity* id = idr.For(name);
+    if (!id) return Json();
+    return {{"path", id->path},           {"dev", id->dev},
+            {"inode", id->ino},           {"size", id->size},
+            {"mtime-sec", id->mtime_sec}, {"mtime-nsec", id->mtime_nsec}};
+  };
 
   if (common.format() == OutputFormat::kJson) {
     Json bitmaps = Json::array();
@@ -87,14 +103,16 @@ int RunInfo(const std::vector<std::string>& args) {
                          {"enabled", r.info.enabled},
                          {"consistent", r.info.consistent},
                          {"dirty-bytes", r.dirty ? Json(*r.dirty) : Json()},
-                         {"persistent", true}});
+                         {"persistent", true},
+                         {"disk-identity", IdJson(r.info.name)}});
     }
     PrintJson({{"filename", file},
                {"format", "qcow2"},
                {"virtual-size", img.virtual_size()},
                {"cluster-size", img.cluster_size()},
                {"data-file", data_file.empty() ? Json() : Json(data_file)},
-               {"bitmaps", bitmaps}});
+               {"bitmaps", bitmaps},
+               {"disk-identity-error", ids_error.empty() ? Json() : Json(ids_error)}});
     return kExitOk;
   }
 
@@ -123,6 +141,16 @@ int RunInfo(const std::vector<std::string>& args) {
     std::printf("  %-*s  %12llu  %-12s  %14s  %s\n", static_cast<int>(w), r.info.name.c_str(),
                 static_cast<unsigned long long>(r.info.granularity()), flags.c_str(), dirty.c_str(),
                 state.c_str());
+  }
+  if (!ids_error.empty()) {
+    std::cout << "disk identity: unreadable (" << ids_error << ")\n";
+  } else if (idr.empty()) {
+    std::cout << "disk identity: none recorded\n";
+  } else {
+    std::cout << "disk identity (at the last clean stop):\n";
+    for (const Row& r : rows)
+      if (const DiskIdentity* id = idr.For(r.info.name))
+        std::cout << "  " << r.info.name << ": " << DescribeIdentity(*id) << "\n";
   }
   return kExitOk;
 }

@@ -13,6 +13,7 @@
 
 #include "bitmap/dirty_bitmap.h"
 #include "engine/bitmap_store.h"
+#include "engine/disk_identity.h"
 #include "engine/intent_map.h"
 #include "server/cli.h"
 #include "server/image_open.h"
@@ -27,7 +28,33 @@ constexpr char kDescription[] =
     "(inconsistent). Without --mark-all it uses cbt's crash-safety record\n"
     "(written by the filter in cbt-durability=process or power): the result\n"
     "covers every change. With --mark-all it marks the whole disk dirty.\n"
-    "A bitmap that is not in use is left alone.";
+    "A bitmap that is not in use is left alone, unless --mark-all is given and\n"
+    "the disk it was recorded for changed since the filter's last clean stop\n"
+    "(the filter refuses such a bitmap): then it is marked all dirty too. Either\n"
+    "way the disk's identity is recorded anew, so the filter's next start accepts it.";
+
+// The identity of the disk bitmap `name` tracks (its recorded path, or
+// the data-file link), recorded as the one it is now valid for, so the
+// filter's next start accepts it. Nothing to do when the disk is unknown.
+Status RecordCurrentIdentity(qcow2::Image& img, const std::string& file, const std::string& name) {
+  std::optional<std::string> path = RecordedDiskPath(img, file, name);
+  if (!path) return Status::OK();
+  Result<DiskIdentity> now = FileIdentity(*path);
+  if (!now.ok()) return Status::OK();
+  return UpdateBitmapIdentity(img, name, *now).WithContext(file + ": disk identity");
+}
+
+// Was `name` recorded for a disk that has changed since (the filter would
+// refuse it)? The description of the change, else empty.
+std::string IdentityChanged(const qcow2::Image& img, const std::string& name) {
+  auto rec = LoadIdentityRecord(img);
+  if (!rec.ok()) return rec.status().message();
+  const DiskIdentity* was = rec->For(name);
+  if (!was) return "";
+  Result<DiskIdentity> now = FileIdentity(was->path);
+  if (!now.ok()) return now.status().message();
+  return DescribeIdentityChange(*was, *now);
+}
 
 int MarkAll(const std::string& file, const std::string& name, const CommonOptions& common) {
   Result<OpenedImage> opened = OpenImage(file, Access::kRecover);
@@ -50,6 +77,8 @@ int MarkAll(const std::string& file, const std::string& name, const CommonOption
   }
   const bool stale = img.stale_bitmaps_extension();
   if (Status s = CommitChange(img, [&] { return img.Commit(specs); }); !s.ok()) return Fail(s);
+  // Every granule dirty: the bitmap is right for the disk as it is now.
+  if (Status s = RecordCurrentIdentity(img, file, name); !s.ok()) return Fail(s);
   // After a stale extension (adopted above: its other bitmaps stay in use),
   // no crash-safety record may vouch for those: only --mark-all can.
   if (stale) {
@@ -133,6 +162,7 @@ int RunRecover(const std::vector<std::string>& args) {
   if (bitmap.empty()) throw UsageError("missing --bitmap NAME");
   // Look first (read-only; the lock is dropped before any writable open).
   bool stale = false, consistent = false;
+  std::string changed;
   {
     Result<OpenedImage> opened = OpenImage(file, /*writable=*/false);
     if (!opened.ok()) return Fail(opened.status());
@@ -143,6 +173,9 @@ int RunRecover(const std::vector<std::string>& args) {
         return Fail("bitmap '" + bitmap + "' not found in " + file +
                     "; list bitmaps with 'cbt info " + file + "'");
       consistent = info->consistent;
+      // Consistent but recorded for a disk that changed since: the filter
+      // refuses it; --mark-all makes it right (and records the disk now).
+      if (consistent && mark_all) changed = IdentityChanged(*opened->image, bitmap);
     }
   }
   if (stale && !mark_all) {
@@ -153,6 +186,7 @@ int RunRecover(const std::vector<std::string>& args) {
                 "does not know bitmaps wrote the file): only 'cbt recover " +
                 file + " --bitmap " + bitmap + " --mark-all' can recover its bitmaps");
   }
+  if (consistent && !changed.empty()) return MarkAll(file, bitmap, common);
   if (consistent) {
     if (common.format() == OutputFormat::kJson)
       PrintJson({{"bitmap", bitmap}, {"method", "none"}});
