@@ -520,7 +520,17 @@ def iteration_two(a, i, work, figures):
     steplog = os.path.join(d, "recovery-steps.log")
     renv = dict(env, LD_PRELOAD=a.crash_preload, CBT_CRASH_FILE=conts[rec_target],
                 CBT_CRASH_AT_STEP=str(rec_step), CBT_CRASH_LOG=steplog)
-    rsrv = Server(args, sock, nlog, renv, may_die=True, exports=orders[0])
+    def start(env, **kw):
+        try:
+            return Server(args, sock, nlog, env, **kw)
+        except RuntimeError as e:
+            nlog.flush()
+            with open(nlog.name) as f:
+                last = (f.read().strip().splitlines() or ["(empty)"])[-1]
+            raise RuntimeError(f"iteration {i}: {e}; nbdkit's last words: {last}; kept in {d}"
+                               f"\nreplay: {replay_command(a, i)}") from None
+
+    rsrv = start(renv, may_die=True, exports=orders[0])
     if rsrv.alive():
         rsrv.p.kill()
         rsrv.p.wait(30)
@@ -537,7 +547,7 @@ def iteration_two(a, i, work, figures):
         with open(steplog) as f:
             nsteps = sum(1 for _ in f)
     # Both must recover again (a client on each), then a clean stop.
-    srv = Server(args, sock, nlog, env, exports=orders[1])
+    srv = start(env, exports=orders[1])
     rc = srv.stop()
     nlog.close()
     ok, texts, tot_dirty, tot_truth = rc == 0, [], 0, 0
