@@ -61,7 +61,7 @@ struct Options {
   uint64_t granularity = 65536;
   unsigned flush_every = 0;    // flush after every N ops per connection; 0 = never
   unsigned flush_conns = ~0u;  // only connections below this flush
-  uint64_t max_len = 256 * 1024;
+  uint64_t max_len = uint64_t{256} * 1024;
   uint64_t region_offset = 0;  // confine requests to [offset, offset+length)
   uint64_t region_length = 0;  // 0 = whole disk
   std::string expected, log;
