@@ -24,6 +24,8 @@
 //                    and submit nothing more. Unlike a kill at a wall-clock
 //                    instant, this crash point is a count a test can print
 //                    and replay with the same --seed.
+//   --export NAME    the export to connect to (nbd_set_export_name; default
+//                    "", the server's default export)
 //   --flush-conns N  only the first N connections flush (--flush-every)
 //   --kill-on-flush  with --kill-after N: kill at the first successful flush
 //                    acknowledged at or after the Nth ack instead (right
@@ -51,6 +53,7 @@ namespace {
 
 struct Options {
   std::string socket;
+  std::string export_name;  // --export: "" = the server's default export
   uint64_t seed = 1;
   uint64_t ops = 1000;
   unsigned qd = 8;
@@ -58,7 +61,7 @@ struct Options {
   uint64_t granularity = 65536;
   unsigned flush_every = 0;    // flush after every N ops per connection; 0 = never
   unsigned flush_conns = ~0u;  // only connections below this flush
-  uint64_t max_len = 256 * 1024;
+  uint64_t max_len = uint64_t{256} * 1024;
   uint64_t region_offset = 0;  // confine requests to [offset, offset+length)
   uint64_t region_length = 0;  // 0 = whole disk
   std::string expected, log;
@@ -135,12 +138,22 @@ int Done(void* user, int* error) {
   return 1;  // retire the command
 }
 
-int RunConnection(const Options& o, unsigned conn, uint64_t size) {
+// A handle connected to o.socket, export o.export_name; nullptr (reason
+// printed) on failure.
+nbd_handle* Connect(const Options& o) {
   nbd_handle* h = nbd_create();
-  if (!h || nbd_connect_unix(h, o.socket.c_str()) == -1) {
-    fprintf(stderr, "nbd_load: connect %s: %s\n", o.socket.c_str(), nbd_get_error());
-    return 1;
-  }
+  if (h && nbd_set_export_name(h, o.export_name.c_str()) != -1 &&
+      nbd_connect_unix(h, o.socket.c_str()) != -1)
+    return h;
+  fprintf(stderr, "nbd_load: connect %s export \"%s\": %s\n", o.socket.c_str(),
+          o.export_name.c_str(), nbd_get_error());
+  if (h) nbd_close(h);
+  return nullptr;
+}
+
+int RunConnection(const Options& o, unsigned conn, uint64_t size) {
+  nbd_handle* h = Connect(o);
+  if (!h) return 1;
   const bool can_trim = nbd_can_trim(h) == 1, can_zero = nbd_can_zero(h) == 1;
   const bool can_flush = nbd_can_flush(h) == 1;
   std::mt19937_64 rng(o.seed * 1000003 + conn);
@@ -233,8 +246,9 @@ void WriteExpected(const Options& o, uint64_t size) {
 
 [[noreturn]] void Usage() {
   fprintf(stderr,
-          "usage: nbd_load --socket PATH [--seed N] [--ops N] [--qd N] [--connections N]\n"
-          "                [--granularity N] [--flush-every N] [--flush-conns N] [--max-len N]\n"
+          "usage: nbd_load --socket PATH [--export NAME] [--seed N] [--ops N] [--qd N]\n"
+          "                [--connections N] [--granularity N] [--flush-every N]\n"
+          "                [--flush-conns N] [--max-len N]\n"
           "                [--region OFFSET:LENGTH] [--expected FILE] [--log FILE]\n"
           "                [--allow-errors] [--no-final-flush] [--stamp] [--hold-file FILE]\n"
           "                [--kill-after N --kill-pid PID [--kill-on-flush]]\n");
@@ -253,6 +267,8 @@ int main(int argc, char** argv) {
     };
     if (a == "--socket")
       o.socket = val();
+    else if (a == "--export")
+      o.export_name = val();
     else if (a == "--seed")
       o.seed = std::stoull(val());
     else if (a == "--ops")
@@ -300,11 +316,8 @@ int main(int argc, char** argv) {
   if (o.stamp && o.ops / o.connections + 1 >= (uint64_t{1} << 24)) Usage();
   if ((o.kill_after == 0) != (o.kill_pid <= 0)) Usage();  // both or neither
 
-  nbd_handle* h = nbd_create();
-  if (!h || nbd_connect_unix(h, o.socket.c_str()) == -1) {
-    fprintf(stderr, "nbd_load: connect %s: %s\n", o.socket.c_str(), nbd_get_error());
-    return 1;
-  }
+  nbd_handle* h = Connect(o);
+  if (!h) return 1;
   int64_t size = nbd_get_size(h);
   nbd_shutdown(h, 0);
   nbd_close(h);
