@@ -6,11 +6,15 @@
 // prints the URI. Without --fork it stays nbdkit's parent (signals
 // forwarded, nbdkit's exit code is ours); with --fork nbdkit daemonizes
 // itself and we return once it serves. Processes: serve_process.cc.
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <cctype>
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -138,7 +142,8 @@ std::vector<std::string> NbdkitArgv(const ServeOptions& o, bool verbose) {
     a.insert(a.end(), {"-i", o.bind, "-p", std::to_string(o.port)});
   }
   if (o.read_only) a.emplace_back("-r");
-  if (!o.tls_creds.empty()) a.insert(a.end(), {"--tls=require", "--tls-certificates=" + o.tls_creds});
+  if (!o.tls_creds.empty())
+    a.insert(a.end(), {"--tls=require", "--tls-certificates=" + o.tls_creds});
   if (!o.tls_psk.empty()) a.insert(a.end(), {"--tls=require", "--tls-psk=" + o.tls_psk});
   if (verbose) a.emplace_back("-v");
   a.push_back("--filter=" + FindModule("CBT_FILTER", "nbdkit-cbt-filter.so", "cbt"));
@@ -176,10 +181,34 @@ void Validate(ServeOptions& o, bool port_given) {
                      "(docs/filter.md)");
   o.disk = Absolute(o.disk, "DISK");
   if (o.container.empty() && o.format == "raw") o.container = o.disk + ".cbt";
-  for (auto [path, what] : {std::pair{&o.container, "--container"}, {&o.socket, "--socket"},
-                            {&o.control, "--control"}, {&o.pid_file, "--pid-file"},
-                            {&o.tls_creds, "--tls-creds"}, {&o.tls_psk, "--tls-psk"}})
+  for (auto [path, what] : {std::pair{&o.container, "--container"},
+                            {&o.socket, "--socket"},
+                            {&o.control, "--control"},
+                            {&o.pid_file, "--pid-file"},
+                            {&o.tls_creds, "--tls-creds"},
+                            {&o.tls_psk, "--tls-psk"}})
     if (!path->empty()) *path = Absolute(*path, what);
+}
+
+// A socket file left by a server that is gone (nbdkit does not remove it)
+// is removed; anything else at PATH is refused.
+void ClearStaleSocket(const std::string& path) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) return;
+  if (!S_ISSOCK(st.st_mode))
+    throw UsageError("--socket '" + path + "' exists and is not a socket; name a new path");
+  sockaddr_un addr{};
+  if (path.size() >= sizeof addr.sun_path)
+    throw UsageError("--socket '" + path + "': too long for a unix socket path");
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return;  // nbdkit reports what is wrong
+  const bool live = ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+  const int err = errno;
+  ::close(fd);
+  if (live) throw UsageError("--socket '" + path + "': a server is listening there already");
+  if (err == ECONNREFUSED) ::unlink(path.c_str());
 }
 
 void PrintServing(const ServeOptions& o, pid_t pid, OutputFormat fmt) {
@@ -206,7 +235,8 @@ struct TempPidFile {
   std::string dir, path;
   TempPidFile() {
     const char* tmp = std::getenv("TMPDIR");
-    std::string tmpl = std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") + "/cbt-serve.XXXXXX";
+    std::string tmpl =
+        std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") + "/cbt-serve.XXXXXX";
     if (::mkdtemp(tmpl.data()) == nullptr)
       throw std::runtime_error("cannot make a temporary directory for nbdkit's pid file");
     dir = tmpl;
@@ -238,8 +268,8 @@ int RunServe(const std::vector<std::string>& args) {
       "port,p", po::value(&o.port)->value_name("N"), "listen on TCP port N")(
       "bind,b", po::value(&o.bind)->value_name("ADDR"), "TCP address (default 127.0.0.1)")(
       "export,x", po::value(&o.export_name)->value_name("NAME"),
-      "the export name clients use (default \"\")")(
-      "read-only,r", po::bool_switch(&o.read_only), "refuse writes; the container is not written")(
+      "the export name clients use (default \"\")")("read-only,r", po::bool_switch(&o.read_only),
+                                                    "refuse writes; the container is not written")(
       "control", po::value(&o.control)->value_name("PATH"),
       "serve the control socket at PATH (cbt --socket PATH)")(
       "durability", po::value(&o.durability)->value_name("MODE"),
@@ -249,8 +279,8 @@ int RunServe(const std::vector<std::string>& args) {
       "tls-creds", po::value(&o.tls_creds)->value_name("DIR"),
       "require TLS with the x509 certificates in DIR")(
       "tls-psk", po::value(&o.tls_psk)->value_name("FILE"),
-      "require TLS with the pre-shared keys in FILE")(
-      "help,h", po::bool_switch(&help), "show this help and exit")(
+      "require TLS with the pre-shared keys in FILE")("help,h", po::bool_switch(&help),
+                                                      "show this help and exit")(
       "verbose,v", po::bool_switch(&verbose), "nbdkit -v (debug log on stderr)")(
       "output", po::value(&output)->value_name("FMT"), "output format: human (default) or json");
   po::options_description hidden;
@@ -269,6 +299,7 @@ int RunServe(const std::vector<std::string>& args) {
   ApplyCommonOptions(common);
   Validate(o, vm.count("port") > 0);
 
+  if (!o.socket.empty()) ClearStaleSocket(o.socket);
   std::unique_ptr<TempPidFile> temp;
   if (o.pid_file.empty()) {
     temp = std::make_unique<TempPidFile>();
@@ -297,8 +328,10 @@ int RunServe(const std::vector<std::string>& args) {
   if (!probe.ok()) {
     StopDaemon(*pid, kStartTimeout);
     return Fail("nbdkit (pid " + std::to_string(*pid) + ") does not serve " + MakeUri(o, false) +
-                ": " + probe.message() + "; stopped it (its log says why: stderr" +
-                (o.fork ? " before the fork, then syslog" : "") + ")");
+                ": " + probe.message() + "; stopped it" +
+                (o.fork ? " (the reason is in nbdkit's log, syslog after the fork; without "
+                          "--fork it is on stderr)"
+                        : " (the reason is nbdkit's message above)"));
   }
   PrintServing(o, *pid, common.format());
   if (o.fork) return kExitOk;

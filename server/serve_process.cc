@@ -82,7 +82,9 @@ bool ChildRunning(pid_t pid) {
   return info.si_pid == 0;
 }
 
-bool ProcessAlive(pid_t pid) { return pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM); }
+bool ProcessAlive(pid_t pid) {
+  return pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM);
+}
 
 Result<pid_t> WaitPidFile(const std::string& path, std::chrono::milliseconds timeout,
                           bool (*alive)(pid_t), pid_t watch) {
@@ -117,9 +119,8 @@ Status ProbeUri(const std::string& uri, std::chrono::milliseconds timeout) {
   while (nbd_aio_is_connecting(h.get()) == 1) {
     auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
     if (left.count() <= 0)
-      return Status::IOError("no NBD handshake within " + std::to_string(timeout.count() / 1000) +
-                                 " s",
-                             ETIMEDOUT);
+      return Status::IOError(
+          "no NBD handshake within " + std::to_string(timeout.count() / 1000) + " s", ETIMEDOUT);
     if (nbd_poll(h.get(), static_cast<int>(left.count())) == -1)
       return Status::IOError(LibnbdError(), nbd_get_errno());
   }
