@@ -53,10 +53,11 @@ void ForwardSignalsTo(pid_t pid) {
 }
 
 Result<pid_t> StartProgram(const std::vector<std::string>& argv) {
+  if (argv.empty()) return Status::InvalidArgument("no program to run");
   std::vector<char*> a;
+  a.reserve(argv.size() + 1);
   for (const std::string& s : argv) a.push_back(const_cast<char*>(s.c_str()));
   a.push_back(nullptr);
-  if (argv.empty()) return Status::InvalidArgument("no program to run");
   pid_t pid = 0;
   const int err = posix_spawnp(&pid, a[0], nullptr, nullptr, a.data(), environ);
   if (err == ENOENT)
