@@ -188,6 +188,7 @@ void Validate(ServeOptions& o, bool port_given) {
                             {&o.tls_creds, "--tls-creds"},
                             {&o.tls_psk, "--tls-psk"}})
     if (!path->empty()) *path = Absolute(*path, what);
+  if (!o.tls_psk.empty()) (void)PskUser(o.tls_psk);  // refused now, not after the start
 }
 
 // A socket file left by a server that is gone (nbdkit does not remove it)

@@ -89,7 +89,8 @@ PIDS+=("$FG")
 wait_for 60 test -s "$T/fg.out" || fail "foreground cbt serve printed nothing: $(cat "$T/fg.err")"
 NPID=$(jq -r .pid "$T/fg.out")
 PIDS+=("$NPID")
-[ "$NPID" != "$FG" ] || fail "foreground: nbdkit is not a child"
+PARENT=$(ps -o ppid= -p "$NPID" | tr -d ' ')
+[ "$(ps -o comm= -p "$PARENT")" = cbt ] || fail "foreground: nbdkit $NPID is not cbt's child"
 write "nbd+unix:///?socket=$T/s3.sock" 20M 64K
 kill -TERM "$FG"
 RC=0
@@ -217,7 +218,9 @@ else
 fi
 
 # --- usage errors: one line, exit 1 ---
-for args in "disk.raw" "disk.raw --socket a --port 1" "disk.raw --socket a --format vmdk" \
+echo "no key here" >bad.psk
+for args in "disk.raw" "disk.raw --socket a --port 1" "disk.raw --socket a --tls-psk bad.psk" \
+            "disk.raw --socket a --format vmdk" \
             "disk.raw --socket a --durability fast" "disk.raw --socket a --tls-psk x --tls-creds y"; do
   # shellcheck disable=SC2086
   serve $args
