@@ -70,5 +70,6 @@ int RunRecover(const std::vector<std::string>& args);
 int RunCheckpoint(const std::vector<std::string>& args);
 int RunBackup(const std::vector<std::string>& args);
 int RunRestore(const std::vector<std::string>& args);
+int RunServe(const std::vector<std::string>& args);
 
 }  // namespace cbt::cli

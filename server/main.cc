@@ -36,6 +36,7 @@ constexpr Command kCommands[] = {
     {"backup", cbt::cli::RunBackup,
      "back up a running filter's disk: full, then incremental qcow2 layers"},
     {"restore", cbt::cli::RunRestore, "write the disk as it was at a backup of a chain"},
+    {"serve", cbt::cli::RunServe, "serve a disk over NBD with change tracking (runs nbdkit)"},
 };
 
 void PrintUsage(FILE* out) {

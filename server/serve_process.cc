@@ -1,0 +1,145 @@
+// StartProgram / WaitChild / signal forwarding / WaitPidFile / ProbeUri /
+// StopDaemon for `cbt serve` (serve_process.h).
+#include "server/serve_process.h"
+
+#include <libnbd.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <csignal>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <thread>
+
+extern char** environ;
+
+namespace cbt::cli {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+volatile sig_atomic_t g_forward_pid = 0;
+
+void Forward(int sig) {
+  const pid_t pid = g_forward_pid;
+  if (pid > 0) ::kill(pid, sig);
+}
+
+constexpr int kForwarded[] = {SIGTERM, SIGINT, SIGHUP};
+
+struct HandleCloser {
+  void operator()(nbd_handle* h) const { nbd_close(h); }
+};
+
+std::string LibnbdError() {
+  const char* e = nbd_get_error();
+  return e != nullptr ? e : "unknown libnbd error";
+}
+
+}  // namespace
+
+void ForwardSignalsTo(pid_t pid) {
+  g_forward_pid = pid;
+  struct sigaction sa {};
+  sa.sa_handler = pid > 0 ? Forward : SIG_DFL;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  for (int sig : kForwarded) ::sigaction(sig, &sa, nullptr);
+}
+
+Result<pid_t> StartProgram(const std::vector<std::string>& argv) {
+  if (argv.empty()) return Status::InvalidArgument("no program to run");
+  std::vector<char*> a;
+  a.reserve(argv.size() + 1);
+  for (const std::string& s : argv) a.push_back(const_cast<char*>(s.c_str()));
+  a.push_back(nullptr);
+  pid_t pid = 0;
+  const int err = posix_spawnp(&pid, a[0], nullptr, nullptr, a.data(), environ);
+  if (err == ENOENT)
+    return Status::NotFound(argv[0] + " not found in PATH; install it (Debian: apt install " +
+                            argv[0] + ")");
+  if (err != 0) return Status::IOError("cannot run " + argv[0] + ": " + std::strerror(err), err);
+  return pid;
+}
+
+int WaitChild(pid_t pid) {
+  int status = 0;
+  while (::waitpid(pid, &status, 0) == -1)
+    if (errno != EINTR) return 1;
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : 1;
+}
+
+bool ChildRunning(pid_t pid) {
+  siginfo_t info{};
+  // WNOWAIT: looks without reaping, so WaitChild still gets the exit code.
+  if (::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOHANG | WNOWAIT) != 0)
+    return errno == EINTR;
+  return info.si_pid == 0;
+}
+
+bool ProcessAlive(pid_t pid) {
+  return pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM);
+}
+
+Result<pid_t> WaitPidFile(const std::string& path, std::chrono::milliseconds timeout,
+                          bool (*alive)(pid_t), pid_t watch) {
+  const auto deadline = Clock::now() + timeout;
+  for (;;) {
+    std::ifstream in(path);
+    std::string line;
+    // nbdkit writes "PID\n": a line without its newline is still being written.
+    if (in && std::getline(in, line) && !in.eof() && !line.empty() && line.size() < 12) {
+      char* end = nullptr;
+      const long pid = std::strtol(line.c_str(), &end, 10);
+      if (*end == '\0' && pid > 1) return static_cast<pid_t>(pid);
+      return Status::IOError("pid file '" + path + "' holds '" + line + "', not a pid");
+    }
+    if (alive != nullptr && !alive(watch))
+      return Status::IOError("nbdkit exited before writing its pid file '" + path + "'");
+    if (Clock::now() >= deadline)
+      return Status::IOError("nbdkit wrote no pid to '" + path + "' within " +
+                                 std::to_string(timeout.count() / 1000) + " s",
+                             ETIMEDOUT);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+Status ProbeUri(const std::string& uri, std::chrono::milliseconds timeout) {
+  const auto deadline = Clock::now() + timeout;
+  std::unique_ptr<nbd_handle, HandleCloser> h(nbd_create());
+  if (!h) return Status::IOError("nbd_create: " + LibnbdError());
+  if (nbd_set_uri_allow_local_file(h.get(), true) == -1 ||
+      nbd_aio_connect_uri(h.get(), uri.c_str()) == -1)
+    return Status::IOError(LibnbdError(), nbd_get_errno());
+  while (nbd_aio_is_connecting(h.get()) == 1) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    if (left.count() <= 0)
+      return Status::IOError(
+          "no NBD handshake within " + std::to_string(timeout.count() / 1000) + " s", ETIMEDOUT);
+    if (nbd_poll(h.get(), static_cast<int>(left.count())) == -1)
+      return Status::IOError(LibnbdError(), nbd_get_errno());
+  }
+  if (nbd_aio_is_ready(h.get()) != 1) return Status::IOError(LibnbdError(), nbd_get_errno());
+  (void)nbd_shutdown(h.get(), 0);
+  return Status::OK();
+}
+
+bool StopDaemon(pid_t pid, std::chrono::milliseconds timeout) {
+  if (!ProcessAlive(pid)) return true;
+  ::kill(pid, SIGTERM);
+  const auto deadline = Clock::now() + timeout;
+  while (Clock::now() < deadline) {
+    (void)::waitpid(pid, nullptr, WNOHANG);  // reaps it if it is our child
+    if (!ProcessAlive(pid)) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return false;
+}
+
+}  // namespace cbt::cli
