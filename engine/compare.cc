@@ -45,6 +45,8 @@ class LayerInput final : public CompareInput {
 
 // What the workers share.
 struct Job {
+  Job(CompareInput& d, CompareInput& b, DirtyBitmap& o, const CompareOptions& op)
+      : disk(d), backup(b), out(o), opts(op) {}
   CompareInput& disk;
   CompareInput& backup;
   DirtyBitmap& out;
@@ -123,7 +125,7 @@ Result<CompareStats> CompareInto(CompareInput& disk, CompareInput& backup, Dirty
     return Status::InvalidArgument("the disk (" + std::to_string(disk.size()) +
                                    " bytes) is larger than the bitmap's disk (" +
                                    std::to_string(out.disk_size()) + " bytes)");
-  Job job{.disk = disk, .backup = backup, .out = out, .opts = opts};
+  Job job(disk, backup, out, opts);
   job.length = disk.size();
   job.chunks = (job.length + opts.chunk_bytes - 1) / opts.chunk_bytes;
   const unsigned n = static_cast<unsigned>(std::min<uint64_t>(opts.workers, job.chunks));

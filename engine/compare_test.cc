@@ -60,8 +60,8 @@ std::vector<uint64_t> Dirty(const DirtyBitmap& bm) {
 }
 
 // Compares a and b (raw, in memory) and returns the dirty granules.
-std::vector<uint64_t> Run(const std::vector<std::byte>& a, const std::vector<std::byte>& b,
-                          uint64_t g, CompareOptions o = {}) {
+std::vector<uint64_t> Diff(const std::vector<std::byte>& a, const std::vector<std::byte>& b,
+                           uint64_t g, CompareOptions o = {}) {
   auto disk = RawCompareInput(Mem(a), a.size());
   auto backup = RawCompareInput(Mem(b), b.size());
   auto bm = DirtyBitmap::Create(a.size(), g);
@@ -83,8 +83,8 @@ CompareOptions Small(unsigned workers = 3) {
 
 TEST(CompareTest, IdenticalIsClean) {
   auto a = Random(3 * MiB + 12345, 1);
-  EXPECT_TRUE(Run(a, a, 64 * KiB).empty());
-  EXPECT_TRUE(Run(a, a, 512, Small()).empty());
+  EXPECT_TRUE(Diff(a, a, 64 * KiB).empty());
+  EXPECT_TRUE(Diff(a, a, 512, Small()).empty());
 }
 
 TEST(CompareTest, FirstAndLastByteOfAPartialLastGranule) {
@@ -95,8 +95,8 @@ TEST(CompareTest, FirstAndLastByteOfAPartialLastGranule) {
   b[0] ^= std::byte{1};
   b[size - 1] ^= std::byte{0x80};
   const uint64_t last = (size - 1) / (4 * KiB);
-  EXPECT_EQ(Run(a, b, 4 * KiB, Small()), (std::vector<uint64_t>{0, last}));
-  EXPECT_EQ(Run(a, b, 4 * KiB, Small()), Reference(a, b, 4 * KiB));
+  EXPECT_EQ(Diff(a, b, 4 * KiB, Small()), (std::vector<uint64_t>{0, last}));
+  EXPECT_EQ(Diff(a, b, 4 * KiB, Small()), Reference(a, b, 4 * KiB));
 }
 
 TEST(CompareTest, BothSidesOfAChunkBoundary) {
@@ -104,7 +104,7 @@ TEST(CompareTest, BothSidesOfAChunkBoundary) {
   auto b = a;
   b[64 * KiB - 1] ^= std::byte{1};  // last byte of chunk 0
   b[2 * 64 * KiB] ^= std::byte{1};  // first byte of chunk 2
-  EXPECT_EQ(Run(a, b, 512, Small()),
+  EXPECT_EQ(Diff(a, b, 512, Small()),
             (std::vector<uint64_t>{64 * KiB / 512 - 1, 2 * 64 * KiB / 512}));
 }
 
@@ -119,21 +119,21 @@ TEST(CompareTest, RandomChangesMatchTheReferenceForEveryShape) {
       SCOPED_TRACE("granularity " + std::to_string(g) + " workers " + std::to_string(w));
       // Granules larger than a chunk (256 KiB .. 4 MiB over 64 KiB chunks)
       // are compared piece by piece.
-      EXPECT_EQ(Run(a, b, g, Small(w)), Reference(a, b, g));
-      EXPECT_EQ(Run(a, b, g), Reference(a, b, g));
+      EXPECT_EQ(Diff(a, b, g, Small(w)), Reference(a, b, g));
+      EXPECT_EQ(Diff(a, b, g), Reference(a, b, g));
     }
 }
 
 TEST(CompareTest, ShorterBackupReadsAsZeros) {
   const uint64_t g = 64 * KiB;
   std::vector<std::byte> a(8 * g), b(3 * g + 100);
-  a[5 * g + 7] = std::byte{9};       // past the backup, not zero: differs
-  a[3 * g + 200] = std::byte{1};     // in the granule the backup ends in
+  a[5 * g + 7] = std::byte{9};    // past the backup, not zero: differs
+  a[3 * g + 200] = std::byte{1};  // in the granule the backup ends in
   // granules 4, 6, 7: zeros on the disk, past the backup: clean
-  EXPECT_EQ(Run(a, b, g, Small()), (std::vector<uint64_t>{3, 5}));
-  EXPECT_EQ(Run(a, b, g, Small()), Reference(a, b, g));
+  EXPECT_EQ(Diff(a, b, g, Small()), (std::vector<uint64_t>{3, 5}));
+  EXPECT_EQ(Diff(a, b, g, Small()), Reference(a, b, g));
   // An empty backup: every non-zero granule differs.
-  EXPECT_EQ(Run(a, {}, g, Small()), (std::vector<uint64_t>{3, 5}));
+  EXPECT_EQ(Diff(a, {}, g, Small()), (std::vector<uint64_t>{3, 5}));
 }
 
 TEST(CompareTest, HolesEqualZerosInASparseFile) {
@@ -162,8 +162,13 @@ TEST(CompareTest, HolesEqualZerosInASparseFile) {
 std::shared_ptr<MemBlockIO> Qcow2(uint64_t size, const std::string& backing,
                                   const std::function<void(qcow2::LayerWriter&)>& fill) {
   auto io = std::make_shared<MemBlockIO>();
-  qcow2::LayerOptions lo{.virtual_size = size, .cluster_size = 65536};
-  if (!backing.empty()) lo.backing_file = backing, lo.backing_format = "qcow2";
+  qcow2::LayerOptions lo;
+  lo.virtual_size = size;
+  lo.cluster_size = 65536;
+  if (!backing.empty()) {
+    lo.backing_file = backing;
+    lo.backing_format = "qcow2";
+  }
   auto w = qcow2::LayerWriter::Create(io, lo);
   EXPECT_TRUE(w.ok());
   fill(**w);
@@ -187,7 +192,9 @@ TEST(CompareTest, Qcow2ChainUnallocatedZeroAndDataClusters) {
     ASSERT_TRUE(w.WriteData(9 * c, z).ok());
   });
   qcow2::VolumeOptions vo;
-  vo.open_file = [&](const std::string&) -> Result<std::shared_ptr<BlockIO>> { return base; };
+  vo.open_file = [&](const std::string&) -> Result<std::shared_ptr<BlockIO>> {
+    return std::shared_ptr<BlockIO>(base);
+  };
   auto vol = qcow2::Volume::Open(top, "top.qcow2", vo);
   ASSERT_TRUE(vol.ok()) << vol.status().ToString();
   auto backup = LayerCompareInput(std::shared_ptr<qcow2::Layer>(std::move(*vol)));
@@ -263,10 +270,10 @@ TEST(CompareTest, ProgressEndsAtTheTotalAndEmptyDiskWorks) {
     last = d;
     ++calls;
   };
-  Run(a, a, 64 * KiB, o);
+  Diff(a, a, 64 * KiB, o);
   EXPECT_EQ(last, size);
   EXPECT_EQ(calls, 11u);
-  EXPECT_TRUE(Run({}, {}, 64 * KiB).empty());
+  EXPECT_TRUE(Diff({}, {}, 64 * KiB).empty());
 }
 
 }  // namespace

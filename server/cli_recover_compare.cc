@@ -117,14 +117,10 @@ Result<Side> OpenDisk(const OpenedImage& opened, const std::string& given) {
     ReadAhead(*side.file);
     return side;
   }
+  // Any other disk is raw, whatever its first bytes are (a raw disk's data
+  // may start with the qcow2 magic): its size check catches a qcow2 file
+  // given by mistake.
   CBT_ASSIGN_OR_RETURN(Side side, OpenRaw(path, "disk"));
-  CBT_ASSIGN_OR_RETURN(bool magic, StartsWithQcow2Magic(*side.file));
-  if (magic)
-    return Status::InvalidArgument(
-        "the disk " + path +
-        " starts with the qcow2 magic 'QFI\\xfb': a raw disk tracked by a container cannot "
-        "(cbt create --data-file refuses it); for a qcow2 image with internal bitmaps, give "
-        "the image as FILE without --disk");
   CBT_ASSIGN_OR_RETURN(uint64_t size, side.file->size());
   side.input = RawCompareInput(side.file, size);
   return side;

@@ -198,14 +198,16 @@ restart_and_verify
 echo "ok: raw backup compare is exact; next incremental restores"
 
 # --- 3. the disk through a data-file link; a bitmap not in use ---------------
-cbt_ok create "$T/linked.cbt" --data-file "$T/disk.raw"
+cp "$T/disk.raw" "$T/d3.raw"
+printf 'ABCD' | dd of="$T/d3.raw" conv=notrunc status=none
+cbt_ok create "$T/linked.cbt" --data-file "$T/d3.raw"
 cbt_ok bitmap "$T/linked.cbt" x --add
-cp "$T/raw-backup.raw" "$T/raw2.raw"
-printf 'ABCD' | dd of="$T/raw2.raw" conv=notrunc bs=1 seek=0 status=none
-dd if=/dev/urandom of="$T/raw2.raw" conv=notrunc bs=4096 seek=5000 count=3 status=none
-cbt_ok recover "$T/linked.cbt" --bitmap x --compare "$T/raw2.raw" --output=json
-jq -e '."was-in-use" == false' "$T/out" >/dev/null || fail "was-in-use: $(cat "$T/out")"
-REF=$(ref_map "$T/disk.raw" "$T/raw2.raw")
+cp "$T/d3.raw" "$T/d3-backup.raw"
+dd if=/dev/urandom of="$T/d3-backup.raw" conv=notrunc bs=4096 seek=5000 count=3 status=none
+printf 'z' | dd of="$T/d3-backup.raw" conv=notrunc bs=1 seek=$((SIZE - 1)) status=none
+cbt_ok recover "$T/linked.cbt" --bitmap x --compare "$T/d3-backup.raw" --output=json
+jq -e '."was-in-use" == false and ."dirty-granules" == 2' "$T/out" >/dev/null || fail "linked: $(cat "$T/out")"
+REF=$(ref_map "$T/d3.raw" "$T/d3-backup.raw")
 [ "$(qemu_map "$T/linked.cbt" x)" = "$REF" ] || fail "data-file link: $(qemu_map "$T/linked.cbt" x) != $REF"
 qemu-img check -q "$T/linked.cbt" || fail "qemu-img check linked.cbt"
 
