@@ -22,6 +22,26 @@
 source "$(dirname "$0")/lib.sh"
 [ -x "$CBT" ] || fail "cbt not built: $CBT"
 need python3 qemu-io
+# cli_lib.sh's checks of the cbt tool (it is not sourced with lib.sh: both
+# set up $T).
+cbt_ok() {
+  local rc=0
+  "$CBT" "$@" >"$T/out" 2>"$T/err" || rc=$?
+  [ "$rc" = 0 ] || { cat "$T/err" >&2; fail "cbt $* exited $rc"; }
+  ! grep -qE 'AddressSanitizer|runtime error:' "$T/err" || fail "sanitizer report: $(cat "$T/err")"
+}
+cbt_err() {  # cbt_err CODE ARGS... : that exit code, one stderr line starting "cbt", in $ERR
+  local want=$1 rc=0; shift
+  "$CBT" "$@" >"$T/out" 2>"$T/err" || rc=$?
+  [ "$rc" = "$want" ] || { cat "$T/err" >&2; fail "cbt $* exited $rc, want $want"; }
+  [ "$(wc -l <"$T/err")" = 1 ] || { cat "$T/err" >&2; fail "cbt $*: want one stderr line"; }
+  ERR=$(cat "$T/err")
+  case "$ERR" in cbt*) ;; *) fail "cbt $*: stderr does not start with 'cbt': $ERR" ;; esac
+}
+expect_in() {
+  local text=$1 n; shift
+  for n in "$@"; do case "$text" in *"$n"*) ;; *) fail "'$n' missing from: $text" ;; esac; done
+}
 
 G=65536
 SIZE=$((64 * 1024 * 1024 + 20 * 1024))  # the last granule is partial
@@ -214,7 +234,7 @@ qemu-img check -q "$T/linked.cbt" || fail "qemu-img check linked.cbt"
 # --- 4. a qcow2 image with internal bitmaps: FILE is the disk ----------------
 qemu-img create -q -f qcow2 "$T/img.qcow2" 8M
 qemu-io -f qcow2 -c 'write -P 0x5a 0 3M' "$T/img.qcow2" >/dev/null
-qemu-img bitmap -q --add "$T/img.qcow2" q0
+qemu-img bitmap --add "$T/img.qcow2" q0
 cp "$T/img.qcow2" "$T/img-backup.qcow2"
 qemu-io -f qcow2 -c 'write -P 0x5b 1M 100k' -c 'write -z 2M 64k' -c 'write -P 0x5a 4M 64k' \
   "$T/img.qcow2" >/dev/null
