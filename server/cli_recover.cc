@@ -9,6 +9,8 @@
 //    every granule becomes dirty, in-use is cleared. The next incremental
 //    backup then copies everything once, but the bitmap keeps its name,
 //    granularity and state, and no full re-setup is needed.
+//  - --compare BACKUP (any bitmap, in use or not): exactly the granules in
+//    which the disk differs from its last backup (cli_recover_compare.cc).
 #include <cstdio>
 
 #include "bitmap/dirty_bitmap.h"
@@ -16,13 +18,16 @@
 #include "engine/disk_identity.h"
 #include "engine/intent_map.h"
 #include "server/cli.h"
+#include "server/cli_recover_compare.h"
 #include "server/image_open.h"
 
 namespace cbt::cli {
 
 namespace {
 
-constexpr char kSynopsis[] = "cbt recover FILE --bitmap NAME [--mark-all] [--output=json]";
+constexpr char kSynopsis[] =
+    "cbt recover FILE --bitmap NAME [--mark-all | --compare BACKUP [--compare-format FMT] "
+    "[--disk PATH]] [--output=json]";
 constexpr char kDescription[] =
     "Makes bitmap NAME usable again after an unclean stop left it in use\n"
     "(inconsistent). Without --mark-all it uses cbt's crash-safety record\n"
@@ -31,7 +36,11 @@ constexpr char kDescription[] =
     "A bitmap that is not in use is left alone, unless --mark-all is given and\n"
     "the disk it was recorded for changed since the filter's last clean stop\n"
     "(the filter refuses such a bitmap): then it is marked all dirty too. Either\n"
-    "way the disk's identity is recorded anew, so the filter's next start accepts it.";
+    "way the disk's identity is recorded anew, so the filter's next start accepts it.\n"
+    "With --compare BACKUP (the last backup: raw, or qcow2 with its chain) the\n"
+    "bitmap, in use or not, becomes exactly the granules in which the disk\n"
+    "differs from BACKUP. The disk: --disk PATH, else the container's data-file\n"
+    "link, else FILE itself (a qcow2 image with internal bitmaps).";
 
 // The identity of the disk bitmap `name` tracks (its recorded path, or
 // the data-file link), recorded as the one it is now valid for, so the
@@ -155,11 +164,24 @@ int RunRecover(const std::vector<std::string>& args) {
   CommonOptions common;
   std::string file, bitmap;
   bool mark_all = false;
+  CompareArgs compare;
   po::options_description desc("Options");
   desc.add_options()("bitmap,B", po::value(&bitmap)->value_name("NAME"), "the bitmap (required)")(
-      "mark-all", po::bool_switch(&mark_all), "mark the whole disk dirty");
+      "mark-all", po::bool_switch(&mark_all), "mark the whole disk dirty")(
+      "compare", po::value(&compare.backup)->value_name("BACKUP"),
+      "recompute: mark the granules where the disk differs from BACKUP")(
+      "compare-format", po::value(&compare.backup_format)->value_name("FMT"),
+      "BACKUP's format: raw or qcow2 (required when it starts with the qcow2 magic)")(
+      "disk", po::value(&compare.disk)->value_name("PATH"),
+      "the disk to compare (default: the data-file link, or FILE itself)");
   if (ParseFileCommand(args, desc, common, file, kSynopsis, kDescription)) return kExitOk;
   if (bitmap.empty()) throw UsageError("missing --bitmap NAME");
+  if (!compare.backup.empty()) {
+    if (mark_all) throw UsageError("--mark-all and --compare together; give one");
+    return RecoverByCompare(file, bitmap, compare, common);
+  }
+  if (!compare.disk.empty() || !compare.backup_format.empty())
+    throw UsageError("--disk and --compare-format go with --compare BACKUP");
   // Look first (read-only; the lock is dropped before any writable open).
   bool stale = false, consistent = false;
   std::string changed;
