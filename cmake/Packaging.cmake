@@ -26,7 +26,8 @@ set(CPACK_DEBIAN_PACKAGE_SECTION admin)
 set(CPACK_DEBIAN_PACKAGE_CONFLICTS "google-cloud-cli-cbt, google-cloud-sdk-cbt")
 # The filter and the plugin are built against this nbdkit and refused by
 # any other version (nbdkit compares the version it was built from): pin it.
-pkg_get_variable(CBT_NBDKIT_VERSION nbdkit version)
+find_package(PkgConfig REQUIRED)
+pkg_check_modules(CBT_NBDKIT REQUIRED nbdkit)  # CBT_NBDKIT_VERSION, e.g. 1.32.5
 # The runtime libraries (libnbd0, libfmt, libspdlog, boost program_options,
 # libstdc++) from dpkg-shlibdeps when it is there; nbdkit itself is not a
 # shared library dependency (the modules resolve its symbols when loaded).

@@ -40,7 +40,7 @@ if [ -z "${CBT_INSTALL_DESTDIR:-}" ] && command -v dpkg-deb >/dev/null && comman
   done
   [ -z "$(field Replaces)" ] || fail "the package Replaces $(field Replaces)"
   deps=$(field Depends)
-  nbdkit_version=$(pkg-config --variable=version nbdkit)
+  nbdkit_version=$(pkg-config --modversion nbdkit)
   for d in "nbdkit (>= $nbdkit_version)" "nbdkit (<< $nbdkit_version.~)" libnbd0 libstdc++6; do
     [[ "$deps" == *"$d"* ]] || fail "Depends lacks '$d': $deps"
   done
