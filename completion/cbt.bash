@@ -9,6 +9,7 @@ _cbt() {
     cur=${COMP_WORDS[COMP_CWORD]}; prev=${COMP_WORDS[COMP_CWORD-1]}
     words=("${COMP_WORDS[@]}"); cword=$COMP_CWORD
   }
+  COMPREPLY=()
   local cbt=${words[0]}
   "$cbt" --version 2>/dev/null | grep -q 'changed block tracking' || return 0
   local i sub=

@@ -87,6 +87,13 @@ v=$("$ICBT" --version)
 "$ICBT" create "$T/c.cbt" --size 1M >/dev/null || fail "installed cbt create"
 "$ICBT" bitmap "$T/c.cbt" b0 --add >/dev/null || fail "installed cbt bitmap --add"
 
+# The installed bash completion: subcommands and a subcommand's options.
+got=$(bash -c 'source "$1"; COMP_WORDS=("$2" ""); COMP_CWORD=1; _cbt; echo "${COMPREPLY[*]}"
+               COMP_WORDS=("$2" bitmap --gr); COMP_CWORD=2; _cbt; echo "${COMPREPLY[*]}"' _ \
+      "$ROOT/usr/share/bash-completion/completions/cbt" "$ICBT")
+[ "$got" = "create info bitmap map check recover checkpoint backup restore
+--granularity" ] || fail "bash completion offers: $got"
+
 # The installed filter, by path, over nbdkit's memory plugin: a write is
 # recorded in the container.
 timeout 60 "${NBDKIT_ENV[@]}" nbdkit -U - --filter="$IFILTER" memory 1M \
