@@ -22,6 +22,8 @@ makes incremental backups. Not Google's Bigtable cbt.")
 set(CPACK_PACKAGE_VERSION ${PROJECT_VERSION})
 set(CPACK_PACKAGING_INSTALL_PREFIX /usr)
 set(CPACK_DEBIAN_FILE_NAME DEB-DEFAULT)
+# Binaries stripped in the package (the build tree keeps its debug info).
+set(CPACK_STRIP_FILES ON)
 set(CPACK_DEBIAN_PACKAGE_SECTION admin)
 set(CPACK_DEBIAN_PACKAGE_CONFLICTS "google-cloud-cli-cbt, google-cloud-sdk-cbt")
 # The filter and the plugin are built against this nbdkit and refused by
