@@ -67,6 +67,10 @@
 #include "server/control_socket.h"
 #include "server/listen_sockets.h"
 
+#ifndef CBT_VERSION
+#define CBT_VERSION "unknown"
+#endif
+
 namespace {
 
 using cbt::Status;
@@ -478,7 +482,10 @@ int cbt_flush(nbdkit_next* next, void* handle, uint32_t flags, int* err) noexcep
 nbdkit_filter filter = [] {
   nbdkit_filter f{};
   f.name = "cbt";
-  f.longname = "nbdkit changed block tracking filter";
+  // nbdkit prints a filter's _version (always nbdkit's own: nbdkit refuses a
+  // filter built against another version) in --version, so the project's
+  // version is in the long name, shown by `nbdkit --filter=cbt PLUGIN --help`.
+  f.longname = "nbdkit changed block tracking filter, cbt " CBT_VERSION;
   f.load = cbt_load;
   f.unload = cbt_unload;
   f.config = cbt_config;

@@ -13,6 +13,10 @@
 
 #include "server/cli.h"
 
+#ifndef CBT_VERSION
+#define CBT_VERSION "unknown"
+#endif
+
 namespace {
 
 using cbt::cli::kExitError;
@@ -78,7 +82,8 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (a == "--version") {
-      std::printf("cbt 0.1.0\n");
+      // Says what this cbt is: Google's Bigtable client has the same name.
+      std::printf("cbt %s (changed block tracking for nbdkit)\n", CBT_VERSION);
       return 0;
     }
     if (a == "-v" || a == "--verbose") {
