@@ -64,6 +64,16 @@ std::string DescribeIdentity(const DiskIdentity& id) {
          std::to_string(id.size) + " bytes, mtime " + Mtime(id) + ")";
 }
 
+std::string DescribeContentChange(const DiskIdentity& was, const DiskIdentity& now) {
+  std::string s;
+  auto add = [&](const std::string& part) { s += (s.empty() ? "" : ", ") + part; };
+  if (was.size != now.size)
+    add("size " + std::to_string(was.size) + " -> " + std::to_string(now.size) + " bytes");
+  if (was.mtime_sec != now.mtime_sec || was.mtime_nsec != now.mtime_nsec)
+    add("mtime " + Mtime(was) + " -> " + Mtime(now));
+  return s;
+}
+
 std::string DescribeIdentityChange(const DiskIdentity& was, const DiskIdentity& now) {
   std::string s;
   auto add = [&](const std::string& part) { s += (s.empty() ? "" : ", ") + part; };

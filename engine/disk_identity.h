@@ -63,6 +63,11 @@ Result<DiskIdentity> FileIdentity(const std::string& path);
 // What differs between a recorded identity and the current one, for
 // messages: "size 1048576 -> 2097152 bytes, mtime ... -> ..., inode ...".
 // Empty when equal.
+// Only what says the content may differ: size and modification time.
+// Empty when both match, even if the file moved (another path, device or
+// inode: a disk moved or copied with its mtime, as `mv`, `cp -p`, `rsync
+// -a` do, is the same disk).
+std::string DescribeContentChange(const DiskIdentity& was, const DiskIdentity& now);
 std::string DescribeIdentityChange(const DiskIdentity& was, const DiskIdentity& now);
 // "path (dev D, inode I, N bytes, mtime S.NNNNNNNNN)".
 std::string DescribeIdentity(const DiskIdentity& id);

@@ -126,6 +126,14 @@ TEST(IdentityRecord, DescribeChange) {
   b = a;
   b.ino = 2;
   EXPECT_NE(DescribeIdentityChange(a, b).find("inode"), std::string::npos);
+  // A move keeps the content: only size and mtime count for a refusal.
+  b.path = "/elsewhere";
+  EXPECT_EQ(DescribeContentChange(a, b), "");
+  b.size = 5;
+  EXPECT_NE(DescribeContentChange(a, b).find("size"), std::string::npos);
+  b = a;
+  b.mtime_sec = 11;
+  EXPECT_NE(DescribeContentChange(a, b).find("mtime"), std::string::npos);
 }
 
 // The tracker over a real raw file and container.

@@ -526,7 +526,7 @@ Status Tracker::CheckDiskIdentity() {
     return Status::OK();
   }
   std::vector<std::string> missing, changed;
-  std::string what;
+  std::string what, moved;
   for (const qcow2::BitmapInfo& info : image_->Bitmaps()) {
     if (!info.enabled) continue;
     if (!info.consistent) {  // crash recovery: the record went with the first change
@@ -538,10 +538,15 @@ Status Tracker::CheckDiskIdentity() {
       missing.push_back(info.name);
       continue;
     }
-    std::string d = DescribeIdentityChange(*was, *now);
-    if (d.empty()) continue;
+    if (DescribeContentChange(*was, *now).empty()) {
+      // Same size and mtime: the same disk, perhaps moved or copied to
+      // another path or host (recorded anew at the next clean stop).
+      if (std::string d = DescribeIdentityChange(*was, *now); !d.empty() && moved.empty())
+        moved = d;
+      continue;
+    }
     changed.push_back(info.name);
-    if (what.empty()) what = d;
+    if (what.empty()) what = DescribeIdentityChange(*was, *now);
   }
   auto list = [](const std::vector<std::string>& v) {
     std::string s;
@@ -554,6 +559,10 @@ Status Tracker::CheckDiskIdentity() {
         "an unclean stop, or another program wrote the container): changes made to {} while "
         "no tracker ran cannot be detected this time",
         Where(), list(missing), now->path);
+  if (!moved.empty())
+    spdlog::info(
+        "{}: the disk moved ({}) with its size and modification time: taken as the same disk",
+        Where(), moved);
   if (changed.empty()) return Status::OK();
   if (opts_.trust_disk) {
     spdlog::warn(

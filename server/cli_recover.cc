@@ -62,7 +62,7 @@ std::string IdentityChanged(const qcow2::Image& img, const std::string& name) {
   if (!was) return "";
   Result<DiskIdentity> now = FileIdentity(was->path);
   if (!now.ok()) return now.status().message();
-  return DescribeIdentityChange(*was, *now);
+  return DescribeContentChange(*was, *now);
 }
 
 int MarkAll(const std::string& file, const std::string& name, const CommonOptions& common) {

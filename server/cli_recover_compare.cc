@@ -215,10 +215,10 @@ int RecoverByCompare(const std::string& file, const std::string& name, const Com
   if (identity) {
     Result<DiskIdentity> after = FileIdentity(disk->file->path());
     if (!after.ok() || !(*after == *identity))
-      return Fail("the " + disk->what + " changed while it was compared (" +
-                  (after.ok() ? DescribeIdentityChange(*identity, *after)
-                              : after.status().message()) +
-                  "): stop what writes it and run again; " + where + " is unchanged");
+      return Fail(
+          "the " + disk->what + " changed while it was compared (" +
+          (after.ok() ? DescribeIdentityChange(*identity, *after) : after.status().message()) +
+          "): stop what writes it and run again; " + where + " is unchanged");
   }
 
   // Stored as --mark-all stores its all-ones bitmap (cli_recover.cc).
