@@ -21,6 +21,7 @@
 
 #include "server/cli.h"
 #include "server/cli_parse.h"
+#include "server/nbd_probe.h"
 #include "server/serve_process.h"
 
 namespace cbt::cli {

@@ -6,6 +6,7 @@
 
 #include <cerrno>
 #include <memory>
+#include <string>
 
 namespace cbt {
 
@@ -61,6 +62,27 @@ Result<NbdExportProbe> ProbeNbdExport(const std::string& socket, const std::stri
   // Polite disconnect; nbd_close() (the deleter) does not wait for a reply.
   (void)nbd_shutdown(h.get(), 0);
   return p;
+}
+
+Status ProbeUri(const std::string& uri, std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  std::unique_ptr<nbd_handle, HandleCloser> h(nbd_create());
+  if (!h) return Status::IOError("nbd_create: " + LibnbdError());
+  if (nbd_set_uri_allow_local_file(h.get(), true) == -1 ||
+      nbd_aio_connect_uri(h.get(), uri.c_str()) == -1)
+    return Status::IOError(LibnbdError(), nbd_get_errno());
+  while (nbd_aio_is_connecting(h.get()) == 1) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0)
+      return Status::IOError(
+          "no NBD handshake within " + std::to_string(timeout.count() / 1000) + " s", ETIMEDOUT);
+    if (nbd_poll(h.get(), static_cast<int>(left.count())) == -1)
+      return Status::IOError(LibnbdError(), nbd_get_errno());
+  }
+  if (nbd_aio_is_ready(h.get()) != 1) return Status::IOError(LibnbdError(), nbd_get_errno());
+  (void)nbd_shutdown(h.get(), 0);
+  return Status::OK();
 }
 
 }  // namespace cbt

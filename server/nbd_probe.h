@@ -27,4 +27,9 @@ Result<NbdExportProbe> ProbeNbdExport(const std::string& socket, const std::stri
                                       const std::string& context,
                                       std::chrono::milliseconds timeout);
 
+// A full NBD handshake with the server named by `uri` (libnbd, local files
+// allowed in the URI: tls-psk-file=, tls-certificates=), then a polite
+// disconnect; bounded by `timeout`. Failure: IOError with libnbd's message.
+Status ProbeUri(const std::string& uri, std::chrono::milliseconds timeout);
+
 }  // namespace cbt

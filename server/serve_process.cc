@@ -1,8 +1,7 @@
-// StartProgram / WaitChild / signal forwarding / WaitPidFile / ProbeUri /
+// StartProgram / WaitChild / signal forwarding / WaitPidFile /
 // StopDaemon for `cbt serve` (serve_process.h).
 #include "server/serve_process.h"
 
-#include <libnbd.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -31,15 +30,6 @@ void Forward(int sig) {
 }
 
 constexpr int kForwarded[] = {SIGTERM, SIGINT, SIGHUP};
-
-struct HandleCloser {
-  void operator()(nbd_handle* h) const { nbd_close(h); }
-};
-
-std::string LibnbdError() {
-  const char* e = nbd_get_error();
-  return e != nullptr ? e : "unknown libnbd error";
-}
 
 }  // namespace
 
@@ -108,26 +98,6 @@ Result<pid_t> WaitPidFile(const std::string& path, std::chrono::milliseconds tim
                              ETIMEDOUT);
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-}
-
-Status ProbeUri(const std::string& uri, std::chrono::milliseconds timeout) {
-  const auto deadline = Clock::now() + timeout;
-  std::unique_ptr<nbd_handle, HandleCloser> h(nbd_create());
-  if (!h) return Status::IOError("nbd_create: " + LibnbdError());
-  if (nbd_set_uri_allow_local_file(h.get(), true) == -1 ||
-      nbd_aio_connect_uri(h.get(), uri.c_str()) == -1)
-    return Status::IOError(LibnbdError(), nbd_get_errno());
-  while (nbd_aio_is_connecting(h.get()) == 1) {
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-    if (left.count() <= 0)
-      return Status::IOError(
-          "no NBD handshake within " + std::to_string(timeout.count() / 1000) + " s", ETIMEDOUT);
-    if (nbd_poll(h.get(), static_cast<int>(left.count())) == -1)
-      return Status::IOError(LibnbdError(), nbd_get_errno());
-  }
-  if (nbd_aio_is_ready(h.get()) != 1) return Status::IOError(LibnbdError(), nbd_get_errno());
-  (void)nbd_shutdown(h.get(), 0);
-  return Status::OK();
 }
 
 bool StopDaemon(pid_t pid, std::chrono::milliseconds timeout) {

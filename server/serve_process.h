@@ -36,11 +36,6 @@ bool ChildRunning(pid_t pid);
 Result<pid_t> WaitPidFile(const std::string& path, std::chrono::milliseconds timeout,
                           bool (*alive)(pid_t), pid_t watch);
 
-// A full NBD handshake with the server named by `uri` (libnbd, local files
-// allowed in the URI: tls-psk-file=, tls-certificates=), then a polite
-// disconnect; bounded by `timeout`. Failure: IOError with libnbd's message.
-Status ProbeUri(const std::string& uri, std::chrono::milliseconds timeout);
-
 // SIGTERM to `pid` (not our child: a daemon), then waits up to `timeout`
 // for it to be gone. True when it is gone.
 bool StopDaemon(pid_t pid, std::chrono::milliseconds timeout);
