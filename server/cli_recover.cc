@@ -12,6 +12,7 @@
 //  - --compare BACKUP (any bitmap, in use or not): exactly the granules in
 //    which the disk differs from its last backup (cli_recover_compare.cc).
 #include <cstdio>
+#include <filesystem>
 
 #include "bitmap/dirty_bitmap.h"
 #include "engine/bitmap_store.h"
@@ -48,7 +49,10 @@ constexpr char kDescription[] =
 Status RecordCurrentIdentity(qcow2::Image& img, const std::string& file, const std::string& name) {
   std::optional<std::string> path = RecordedDiskPath(img, file, name);
   if (!path) return Status::OK();
-  Result<DiskIdentity> now = FileIdentity(*path);
+  // A relative data-file link names a file beside the container.
+  std::filesystem::path p(*path);
+  if (p.is_relative()) p = std::filesystem::absolute(std::filesystem::path(file).parent_path() / p);
+  Result<DiskIdentity> now = FileIdentity(p.lexically_normal().string());
   if (!now.ok()) return Status::OK();
   return UpdateBitmapIdentity(img, name, *now).WithContext(file + ": disk identity");
 }

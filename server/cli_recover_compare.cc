@@ -200,8 +200,9 @@ int RecoverByCompare(const std::string& file, const std::string& name, const Com
   // Taken before the compare and checked after it: a disk written meanwhile
   // (by a program ignoring the lock) makes the result worthless.
   std::optional<DiskIdentity> identity;
-  if (!SameFile(disk->file->path(), file)) {
-    if (auto id = FileIdentity(disk->file->path()); id.ok()) identity = *id;
+  const std::string disk_path = fs::absolute(disk->file->path()).lexically_normal().string();
+  if (!SameFile(disk_path, file)) {
+    if (auto id = FileIdentity(disk_path); id.ok()) identity = *id;
   }
   const auto t0 = std::chrono::steady_clock::now();
   Result<CompareStats> stats = CompareInto(*disk->input, *backup->input, b, co);
@@ -213,7 +214,7 @@ int RecoverByCompare(const std::string& file, const std::string& name, const Com
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   if (identity) {
-    Result<DiskIdentity> after = FileIdentity(disk->file->path());
+    Result<DiskIdentity> after = FileIdentity(disk_path);
     if (!after.ok() || !(*after == *identity))
       return Fail(
           "the " + disk->what + " changed while it was compared (" +
@@ -238,8 +239,11 @@ int RecoverByCompare(const std::string& file, const std::string& name, const Com
     if (Status s = img.RemovePrivateRecord(kIntentExtensionType); !s.ok()) return Fail(s);
   }
   if (identity) {
+    // The bitmap is stored already: say so, so that nobody redoes it.
     if (Status s = UpdateBitmapIdentity(img, name, *identity); !s.ok())
-      return Fail(s.WithContext(file + ": disk identity"));
+      return Fail(where + " was recomputed and stored, but recording the disk's identity failed (" +
+                  s.message() +
+                  "): the filter may refuse it as changed; add cbt-trust-disk=true once");
   }
 
   if (common.format() == OutputFormat::kJson) {

@@ -13,6 +13,7 @@
 
 #include <cctype>
 #include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -32,7 +33,7 @@ constexpr char kSynopsis[] =
     "cbt serve DISK [--format raw|qcow2] [--bitmap NAME]... [--container FILE] [--create]\n"
     "       (--socket PATH | --port N [--bind ADDR]) [--export NAME] [--read-only]\n"
     "       [--control PATH] [--durability MODE] [--fork] [--pid-file FILE]\n"
-    "       [--tls-creds DIR | --tls-psk FILE] [--output=json]";
+    "       [--tls-creds DIR | --tls-psk FILE] [-o KEY=VALUE]... [--output=json]";
 constexpr char kDescription[] =
     "Serves DISK over NBD with change tracking: runs nbdkit (from PATH) with the\n"
     "cbt filter, over nbdkit's file plugin for a raw disk (the default; DISK is\n"
@@ -49,6 +50,7 @@ struct ServeOptions {
   std::string disk, format = "raw", container, socket, bind = "127.0.0.1", export_name;
   std::string control, durability = "power", pid_file, tls_creds, tls_psk;
   std::vector<std::string> bitmaps;
+  std::vector<std::string> params;  // -o KEY=VALUE: more filter/plugin parameters
   int port = 0;
   bool create = false, read_only = false, fork = false;
 };
@@ -159,11 +161,17 @@ std::vector<std::string> NbdkitArgv(const ServeOptions& o, bool verbose) {
   if (o.create) a.emplace_back("cbt-create=true");
   if (!o.control.empty()) a.push_back("cbt-control=" + o.control);
   a.push_back("cbt-durability=" + o.durability);
+  for (const std::string& kv : o.params) a.push_back(kv);
   return a;
 }
 
 void Validate(ServeOptions& o, bool port_given) {
   if (o.disk.empty()) throw UsageError("missing DISK");
+  for (const std::string& kv : o.params)
+    if (kv.find('=') == std::string::npos || kv.front() == '=' || kv.front() == '-')
+      throw UsageError("-o " + kv +
+                       ": give KEY=VALUE, a filter or plugin parameter such as "
+                       "cbt-trust-disk=true (docs/filter.md)");
   if (o.format != "raw" && o.format != "qcow2")
     throw UsageError("--format " + o.format + ": use --format raw (default) or --format qcow2");
   if (o.socket.empty() == !port_given)
@@ -190,6 +198,29 @@ void Validate(ServeOptions& o, bool port_given) {
                             {&o.tls_psk, "--tls-psk"}})
     if (!path->empty()) *path = Absolute(*path, what);
   if (!o.tls_psk.empty()) (void)PskUser(o.tls_psk);  // refused now, not after the start
+}
+
+// --pid-file FILE: its directory must exist (nbdkit would fail after the
+// fork, unseen). A file left by a server that is gone is removed, so that
+// the pid read after the start is the new server's; a file naming a live
+// process is refused (another server's, or not a pid file at all).
+void ClearStalePidFile(const std::string& path) {
+  std::error_code ec;
+  const std::filesystem::path dir = std::filesystem::path(path).parent_path();
+  if (!std::filesystem::is_directory(dir, ec))
+    throw UsageError("--pid-file " + path + ": " + dir.string() + " is not a directory");
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) return;
+  if (!S_ISREG(st.st_mode))
+    throw UsageError("--pid-file " + path + ": not a regular file; remove it or choose another");
+  std::ifstream in(path);
+  long pid = 0;
+  if ((in >> pid) && pid > 0 && pid <= INT32_MAX && ProcessAlive(static_cast<pid_t>(pid)))
+    throw UsageError("--pid-file " + path + " names a running process (pid " + std::to_string(pid) +
+                     "): another server's? stop it, or choose another file");
+  if (::unlink(path.c_str()) != 0)
+    throw UsageError("--pid-file " + path +
+                     ": cannot remove the stale file: " + std::strerror(errno));
 }
 
 // A socket file left by a server that is gone (nbdkit does not remove it)
@@ -284,7 +315,10 @@ int RunServe(const std::vector<std::string>& args) {
       "require TLS with the pre-shared keys in FILE")("help,h", po::bool_switch(&help),
                                                       "show this help and exit")(
       "verbose,v", po::bool_switch(&verbose), "nbdkit -v (debug log on stderr)")(
-      "output", po::value(&output)->value_name("FMT"), "output format: human (default) or json");
+      "output", po::value(&output)->value_name("FMT"), "output format: human (default) or json")(
+      "option,o", po::value(&o.params)->value_name("KEY=VALUE")->composing(),
+      "one more filter or plugin parameter, passed as it is (repeatable), e.g. "
+      "-o cbt-trust-disk=true or -o cbt-autoload=false");
   po::options_description hidden;
   hidden.add_options()("disk", po::value(&o.disk));
   po::positional_options_description pos;
@@ -302,6 +336,7 @@ int RunServe(const std::vector<std::string>& args) {
   Validate(o, vm.count("port") > 0);
 
   if (!o.socket.empty()) ClearStaleSocket(o.socket);
+  if (!o.pid_file.empty()) ClearStalePidFile(o.pid_file);
   std::unique_ptr<TempPidFile> temp;
   if (o.pid_file.empty()) {
     temp = std::make_unique<TempPidFile>();
@@ -324,6 +359,12 @@ int RunServe(const std::vector<std::string>& args) {
     if (!o.fork && !ChildRunning(*child)) return WaitChild(*child);
     if (!o.fork) StopDaemon(*child, kStartTimeout);
     return Fail(pid.status());
+  }
+  if (!o.fork && *pid != *child) {
+    // Not the pid of the nbdkit we run: someone else wrote the file.
+    StopDaemon(*child, kStartTimeout);
+    return Fail("--pid-file " + o.pid_file + " holds pid " + std::to_string(*pid) +
+                ", not the server's (" + std::to_string(*child) + "); stopped it");
   }
   if (temp) o.pid_file.clear();
   Status probe = ProbeUri(MakeUri(o, true), kStartTimeout);

@@ -217,11 +217,33 @@ else
   echo "x509 part skipped: neither certtool (gnutls-bin) nor openssl is installed"
 fi
 
+# --- a pid file left behind: a dead pid is replaced, a live one refused ---
+sleep 600 &
+LIVE=$!; PIDS+=("$LIVE")
+echo "$LIVE" >live.pid
+serve disk.raw --socket p1.sock --pid-file live.pid --fork
+[ "$RC" = 1 ] && grep -q "names a running process (pid $LIVE)" "$T/err" ||
+  fail "a pid file naming a live process: rc $RC $(cat "$T/err")"
+kill -0 "$LIVE" || fail "cbt serve killed the process its --pid-file named"
+[ ! -S p1.sock ] || fail "a server started despite the refusal"
+echo 999999 >dead.pid  # above pid_max: never a live process
+serve_fork "$T/dead.pid" disk.raw --socket p2.sock -o cbt-persist-interval=1
+[ "$SPID" != 999999 ] || fail "the stale pid was kept"
+grep -q -- "cbt-persist-interval=1" "/proc/$SPID/cmdline" 2>/dev/null ||
+  tr '\0' ' ' <"/proc/$SPID/cmdline" | grep -q "cbt-persist-interval=1" ||
+  fail "-o did not reach nbdkit: $(tr '\0' ' ' <"/proc/$SPID/cmdline")"
+stop "$SPID"
+serve disk.raw --socket p3.sock --pid-file "$T/no/such/dir/p" --fork
+[ "$RC" = 1 ] && grep -q "is not a directory" "$T/err" ||
+  fail "--pid-file in a missing directory: rc $RC $(cat "$T/err")"
+echo "ok: stale and foreign pid files, -o passthrough"
+
 # --- usage errors: one line, exit 1 ---
 echo "no key here" >bad.psk
 for args in "disk.raw" "disk.raw --socket a --port 1" "disk.raw --socket a --tls-psk bad.psk" \
             "disk.raw --socket a --format vmdk" \
-            "disk.raw --socket a --durability fast" "disk.raw --socket a --tls-psk x --tls-creds y"; do
+            "disk.raw --socket a --durability fast" "disk.raw --socket a --tls-psk x --tls-creds y" \
+            "disk.raw --socket a -o novalue"; do
   # shellcheck disable=SC2086
   serve $args
   [ "$RC" = 1 ] || fail "cbt serve $args exited $RC, want 1"
