@@ -62,7 +62,7 @@ stop_nbdkit "$NBDKIT_PID"
 timeout 60 qemu-img check -q "$T/disk.cbt" || fail "qemu-img check"
 
 # A bad value is refused at start.
-rc=0; timeout 30 nbdkit -f -U "$T/bad.sock" "${args[@]}" cbt-autoload=maybe --run true \
+rc=0; timeout 30 "${NBDKIT_ENV[@]}" nbdkit -f -U "$T/bad.sock" "${args[@]}" cbt-autoload=maybe --run true \
   >"$T/bad.log" 2>&1 || rc=$?
 [ "$rc" != 0 ] && grep -q "cbt-autoload=maybe: must be true or false" "$T/bad.log" ||
   fail "bad cbt-autoload: $(cat "$T/bad.log")"

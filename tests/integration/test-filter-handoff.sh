@@ -71,7 +71,7 @@ cp -r "$A/backups" "$B/backups"
 # changed disk: refused, naming the fix (docs: copy with cp -p / rsync -a).
 cp "$A/disk.raw" "$B/moved.raw"
 rc=0
-on_b timeout 60 nbdkit -f -U "$B/sock" --filter="$FILTER" file "$B/moved.raw" \
+on_b timeout 60 "${NBDKIT_ENV[@]}" nbdkit -f -U "$B/sock" --filter="$FILTER" file "$B/moved.raw" \
   cbt-file="$B/disk.cbt" cbt-bitmap=b0 --run 'nbdinfo --size "nbd+unix:///?socket=$unixsocket"' \
   >"$T/b.out" 2>&1 || rc=$?
 [ "$rc" != 0 ] && grep -q "changed while no tracker ran (.*mtime" "$T/b.out" ||
@@ -111,7 +111,7 @@ crash_with_writes "$A" disk.raw process 32
 cp -p "$A/disk.cbt" "$A/disk.raw" "$B/"
 truncate -s 0 "$T/nbdkit.log"
 rc=0
-on_b timeout 60 nbdkit -f -U "$B/sock" --filter="$FILTER" file "$B/disk.raw" \
+on_b timeout 60 "${NBDKIT_ENV[@]}" nbdkit -f -U "$B/sock" --filter="$FILTER" file "$B/disk.raw" \
   cbt-file="$B/disk.cbt" cbt-bitmap=b0 cbt-durability=process \
   --run 'nbdinfo --size "nbd+unix:///?socket=$unixsocket"' >"$T/b.out" 2>>"$T/nbdkit.log" || rc=$?
 [ "$rc" != 0 ] || fail "B served a process-mode record written by another boot"
@@ -129,7 +129,7 @@ echo "ok: process mode, kill -9 on A, B refuses, A recovers"
 serve "$A" disk.raw power
 A_PID=$NBDKIT_PID
 rc=0
-on_b timeout 60 nbdkit -f -U "$B/sock" --filter="$FILTER" file "$A/disk.raw" \
+on_b timeout 60 "${NBDKIT_ENV[@]}" nbdkit -f -U "$B/sock" --filter="$FILTER" file "$A/disk.raw" \
   cbt-file="$A/disk.cbt" cbt-bitmap=b0 --run true >"$T/b.out" 2>&1 || rc=$?
 [ "$rc" != 0 ] && grep -q "another process (QEMU or cbt) holds it" "$T/b.out" ||
   fail "B served A's container while A held it: rc $rc $(cat "$T/b.out")"

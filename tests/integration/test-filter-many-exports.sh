@@ -142,7 +142,7 @@ expect_map "$T/bm/c%20d.img.cbt" 16777216 8388608 65536
 
 # --- refusals ----------------------------------------------------------------
 rc=0
-timeout 30 nbdkit -f -U "$T/bad.sock" --filter="$FILTER" file dir="$D" cbt-file="$T/bm/%e-%x.cbt" \
+timeout 30 "${NBDKIT_ENV[@]}" nbdkit -f -U "$T/bad.sock" --filter="$FILTER" file dir="$D" cbt-file="$T/bm/%e-%x.cbt" \
   cbt-bitmap=b0 >"$T/bad.log" 2>&1 || rc=$?
 [ "$rc" != 0 ] && grep -q "must be %e (the export name) or %%" "$T/bad.log" || fail "bad template: $(cat "$T/bad.log")"
 truncate -s 0 "$T/nbdkit.log"
