@@ -231,6 +231,27 @@ def replay_command(a, i):
             f" --max-recovery-step {a.max_recovery_step}")
 
 
+def recovery_outcome(rsrv, label, rec_step, steplog, figures, i, d):
+    """The restart run with crash_after_writes.so: killed at its step, or
+    done first (then killed idle). Returns (note, steps it took)."""
+    if rsrv.alive():
+        rsrv.p.kill()  # recovery needed fewer than K steps: kill it idle
+        rsrv.p.wait(30)
+        note = f"{label}done before step {rec_step}"
+        figures["recovery_completed"] += 1
+    elif rsrv.p.returncode == -signal.SIGKILL:
+        note = f"{label}killed@{rec_step}"
+        figures["recovery_interrupted"] += 1
+    else:
+        raise RuntimeError(f"iteration {i}: nbdkit exited {rsrv.p.returncode} at start "
+                           f"(recovery run); kept in {d}")
+    nsteps = 0
+    if os.path.exists(steplog):
+        with open(steplog) as f:
+            nsteps = sum(1 for _ in f)
+    return note, nsteps
+
+
 def iteration(a, i, work, figures):
     # One random stream per iteration: rerunning iteration i alone (--first i
     # --iterations 1) draws the same disk window, options, seeds, N and K.
@@ -304,22 +325,8 @@ def iteration(a, i, work, figures):
     steplog = os.path.join(d, "recovery-steps.log")
     renv = dict(env, LD_PRELOAD=a.crash_preload, CBT_CRASH_FILE=cont,
                 CBT_CRASH_AT_STEP=str(rec_step), CBT_CRASH_LOG=steplog)
-    rsrv = Server(args, sock, nlog, renv, may_die=True)
-    if rsrv.alive():
-        rsrv.p.kill()  # recovery needed fewer than K steps: kill it idle
-        rsrv.p.wait(30)
-        rec_note = f"done before step {rec_step}"
-        figures["recovery_completed"] += 1
-    elif rsrv.p.returncode == -signal.SIGKILL:
-        rec_note = f"killed@{rec_step}"
-        figures["recovery_interrupted"] += 1
-    else:
-        raise RuntimeError(f"iteration {i}: nbdkit exited {rsrv.p.returncode} at start "
-                           f"(recovery run); kept in {d}")
-    nsteps = 0
-    if os.path.exists(steplog):
-        with open(steplog) as f:
-            nsteps = sum(1 for _ in f)
+    rec_note, nsteps = recovery_outcome(Server(args, sock, nlog, renv, may_die=True), "",
+                                        rec_step, steplog, figures, i, d)
     # Must recover again (a superset), then a clean stop persists.
     srv = Server(args, sock, nlog, env)
     rc = srv.stop()
@@ -530,22 +537,8 @@ def iteration_two(a, i, work, figures):
             raise RuntimeError(f"iteration {i}: {e}; nbdkit's last words: {last}; kept in {d}"
                                f"\nreplay: {replay_command(a, i)}") from None
 
-    rsrv = start(renv, may_die=True, exports=orders[0])
-    if rsrv.alive():
-        rsrv.p.kill()
-        rsrv.p.wait(30)
-        rec_note = f"{names[rec_target]} done before step {rec_step}"
-        figures["recovery_completed"] += 1
-    elif rsrv.p.returncode == -signal.SIGKILL:
-        rec_note = f"{names[rec_target]} killed@{rec_step}"
-        figures["recovery_interrupted"] += 1
-    else:
-        raise RuntimeError(f"iteration {i}: nbdkit exited {rsrv.p.returncode} at start "
-                           f"(recovery run); kept in {d}")
-    nsteps = 0
-    if os.path.exists(steplog):
-        with open(steplog) as f:
-            nsteps = sum(1 for _ in f)
+    rec_note, nsteps = recovery_outcome(start(renv, may_die=True, exports=orders[0]),
+                                        f"{names[rec_target]} ", rec_step, steplog, figures, i, d)
     # Both must recover again (a client on each), then a clean stop.
     srv = start(env, exports=orders[1])
     rc = srv.stop()
