@@ -4,8 +4,11 @@
 // over the file plugin for a raw disk, over cbt's qcow2 plugin for
 // --format qcow2), runs it, waits until it completes an NBD handshake and
 // prints the URI. Without --fork it stays nbdkit's parent (signals
-// forwarded, nbdkit's exit code is ours); with --fork nbdkit daemonizes
-// itself and we return once it serves. Processes: serve_process.cc.
+// forwarded, nbdkit's exit code is ours; READY=1 to systemd under
+// Type=notify); with --fork a supervisor in its own session is nbdkit's
+// parent and we return once it serves. Processes: serve_process.cc,
+// serve_supervisor.cc.
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -24,6 +27,7 @@
 #include "server/cli_parse.h"
 #include "server/nbd_probe.h"
 #include "server/serve_process.h"
+#include "server/serve_supervisor.h"
 
 namespace cbt::cli {
 
@@ -45,6 +49,7 @@ constexpr char kDescription[] =
     "clean stop persists the bitmaps); the exit code is nbdkit's. See docs/serve.md.";
 
 constexpr std::chrono::milliseconds kStartTimeout{60000};
+constexpr std::chrono::milliseconds kDetachTimeout{10000};
 
 struct ServeOptions {
   std::string disk, format = "raw", container, socket, bind = "127.0.0.1", export_name;
@@ -136,8 +141,7 @@ std::string FindModule(const char* env, const char* file, const char* installed)
 }
 
 std::vector<std::string> NbdkitArgv(const ServeOptions& o, bool verbose) {
-  std::vector<std::string> a = {"nbdkit"};
-  if (!o.fork) a.insert(a.end(), {"-f", "--exit-with-parent"});
+  std::vector<std::string> a = {"nbdkit", "-f", "--exit-with-parent"};
   a.insert(a.end(), {"-P", o.pid_file});
   if (!o.socket.empty()) {
     a.insert(a.end(), {"-U", o.socket});
@@ -343,42 +347,62 @@ int RunServe(const std::vector<std::string>& args) {
     o.pid_file = temp->path;
   }
   const std::vector<std::string> argv = NbdkitArgv(o, verbose);
-  Result<pid_t> child = StartProgram(argv);
-  if (!child.ok()) return Fail(child.status());
-  if (!o.fork) ForwardSignalsTo(*child);
-
+  // nbdkit always runs in the foreground: as our child, or with --fork as
+  // the supervisor's (serve_supervisor.h), so its messages reach the user
+  // until it serves.
+  Supervisor sup;
+  pid_t child = -1;
   if (o.fork) {
-    // nbdkit's parent exits once the filter's get_ready passed and the
-    // sockets are bound; errors before that are on our stderr already.
-    const int rc = WaitChild(*child);
-    if (rc != 0) return rc;
+    Result<Supervisor> s = StartSupervised(argv, "cbt-serve");
+    if (!s.ok()) return Fail(s.status());
+    sup = *s;
+    child = sup.pid;
+  } else {
+    Result<pid_t> c = StartProgram(argv);
+    if (!c.ok()) return Fail(c.status());
+    child = *c;
+    ForwardSignalsTo(child);
   }
-  Result<pid_t> pid =
-      WaitPidFile(o.pid_file, kStartTimeout, o.fork ? nullptr : ChildRunning, *child);
+  // Stops the server and waits for the child, so that everything nbdkit
+  // printed is on stderr before our own last line.
+  auto stop = [&](pid_t server) {
+    if (server > 0) StopDaemon(server, kStartTimeout);
+    if (!StopDaemon(child, kStartTimeout)) ::kill(child, SIGKILL);
+    (void)WaitChild(child);
+  };
+
+  Result<pid_t> pid = WaitPidFile(o.pid_file, kStartTimeout, ChildRunning, child);
   if (!pid.ok()) {
-    if (!o.fork && !ChildRunning(*child)) return WaitChild(*child);
-    if (!o.fork) StopDaemon(*child, kStartTimeout);
+    if (!ChildRunning(child)) return WaitChild(child);  // nbdkit's error is above
+    stop(-1);
     return Fail(pid.status());
   }
-  if (!o.fork && *pid != *child) {
-    // Not the pid of the nbdkit we run: someone else wrote the file.
-    StopDaemon(*child, kStartTimeout);
+  // The pid must be the nbdkit we run, not someone else's writing the file.
+  if (o.fork ? ParentOf(*pid) != child : *pid != child) {
+    stop(-1);
     return Fail("--pid-file " + o.pid_file + " holds pid " + std::to_string(*pid) +
-                ", not the server's (" + std::to_string(*child) + "); stopped it");
+                ", not the server's; stopped the server");
   }
   if (temp) o.pid_file.clear();
   Status probe = ProbeUri(MakeUri(o, true), kStartTimeout);
   if (!probe.ok()) {
-    StopDaemon(*pid, kStartTimeout);
+    stop(*pid);
     return Fail("nbdkit (pid " + std::to_string(*pid) + ") does not serve " + MakeUri(o, false) +
-                ": " + probe.message() + "; stopped it" +
-                (o.fork ? " (the reason is in nbdkit's log, syslog after the fork; without "
-                          "--fork it is on stderr)"
-                        : " (the reason is nbdkit's message above)"));
+                ": " + probe.message() + "; stopped it (the reason is nbdkit's message above)");
+  }
+  if (o.fork) {
+    Status d = Detach(sup, kDetachTimeout);
+    if (!d.ok()) {
+      stop(*pid);
+      return Fail(d);
+    }
   }
   PrintServing(o, *pid, common.format());
   if (o.fork) return kExitOk;
-  const int rc = WaitChild(*child);
+  if (Status n = NotifyServiceManager("READY=1"); !n.ok())
+    std::cerr << "cbt serve: warning: cannot tell systemd the server is ready: " << n.message()
+              << '\n';
+  const int rc = WaitChild(child);
   ForwardSignalsTo(0);
   return rc;
 }

@@ -4,11 +4,16 @@
 
 #include <signal.h>
 #include <spawn.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <csignal>
+#include <cstddef>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <memory>
@@ -98,6 +103,42 @@ Result<pid_t> WaitPidFile(const std::string& path, std::chrono::milliseconds tim
                              ETIMEDOUT);
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
+}
+
+pid_t ParentOf(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat;
+  if (!std::getline(in, stat)) return -1;
+  // "PID (COMM) STATE PPID ...": COMM may hold spaces and parentheses.
+  const size_t close = stat.rfind(')');
+  if (close == std::string::npos) return -1;
+  char state = 0;
+  long ppid = -1;
+  if (std::sscanf(stat.c_str() + close + 1, " %c %ld", &state, &ppid) != 2) return -1;
+  return static_cast<pid_t>(ppid);
+}
+
+Status NotifyServiceManager(const std::string& state) {
+  const char* path = std::getenv("NOTIFY_SOCKET");
+  if (path == nullptr || *path == '\0') return Status::OK();
+  sockaddr_un addr{};
+  const size_t len = std::strlen(path);
+  if ((path[0] != '/' && path[0] != '@') || len >= sizeof addr.sun_path)
+    return Status::InvalidArgument(std::string("NOTIFY_SOCKET='") + path +
+                                   "': not a unix socket path");
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path, len);
+  if (path[0] == '@') addr.sun_path[0] = '\0';
+  const int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return Status::FromErrno(errno, "NOTIFY_SOCKET: socket");
+  const auto addr_len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + len);
+  const ssize_t n = ::sendto(fd, state.data(), state.size(), MSG_NOSIGNAL,
+                             reinterpret_cast<const sockaddr*>(&addr), addr_len);
+  const int err = errno;
+  ::close(fd);
+  if (n != static_cast<ssize_t>(state.size()))
+    return Status::FromErrno(err, std::string("NOTIFY_SOCKET '") + path + "'");
+  return Status::OK();
 }
 
 bool StopDaemon(pid_t pid, std::chrono::milliseconds timeout) {

@@ -42,4 +42,13 @@ bool StopDaemon(pid_t pid, std::chrono::milliseconds timeout);
 
 bool ProcessAlive(pid_t pid);
 
+// The parent of process `pid` (from /proc), or -1.
+pid_t ParentOf(pid_t pid);
+
+// Under systemd's Type=notify ($NOTIFY_SOCKET set), sends `state` (e.g.
+// "READY=1") to the service manager; without it does nothing. The
+// protocol is sd_notify(3)'s: one datagram to that unix socket ('@': the
+// abstract namespace). Failure: IOError (the caller logs it).
+Status NotifyServiceManager(const std::string& state);
+
 }  // namespace cbt::cli

@@ -6,12 +6,17 @@
 #    persisted (qemu-img: flags ["auto"], not in-use) with the written
 #    granules (cbt map);
 #  - --output=json: uri, socket, control, pid (= the pid file), container;
-#  - foreground: cbt stays nbdkit's parent; SIGTERM to cbt is passed on, cbt
+#  - --fork: nbdkit's parent is a supervisor in its own session holding
+#    none of our stdio (a $(...) returns); it exits with nbdkit, and
+#    killing it stops nbdkit (no orphan);
+#  - foreground: cbt stays nbdkit's parent; READY=1 reaches systemd's
+#    $NOTIFY_SOCKET once the server serves; SIGTERM to cbt is passed on, cbt
 #    exits 0 and the write is persisted;
 #  - --format qcow2: internal bitmaps, shown by qemu-img info after the stop;
 #  - --read-only: qemu-io's write is refused, the container is unchanged;
 #  - a non-qcow2 container, a container of the wrong size: cbt serve exits
-#    non-zero with the filter's message on stderr, no server left;
+#    non-zero with the filter's message on stderr (also with --fork), no
+#    server left;
 #  - TCP on 127.0.0.1 with TLS PSK: nbdinfo with the printed nbds:// URI
 #    works, without TLS it is refused; the same with x509 certificates made
 #    by certtool or openssl (skipped, with the reason, without either);
@@ -67,6 +72,30 @@ qemu-img check -q disk.raw.cbt || fail "qemu-img check disk.raw.cbt"
 [ ! -e ctl1 ] || fail "control socket left after a clean stop"
 echo "ok: raw --fork, URI, writes persisted at SIGTERM"
 
+# --- --fork: nbdkit runs under a supervisor in its own session that
+# holds none of our stdio once the server serves (so a $(...) returns),
+# passes SIGTERM on and exits with nbdkit ---
+serve_fork "$T/s4.pid" disk.raw --socket s4.sock
+SUP=$(ps -o ppid= -p "$SPID" | tr -d ' ')
+PIDS+=("$SUP")
+[ "$(ps -o comm= -p "$SUP")" = cbt ] || fail "--fork: nbdkit's parent $SUP is not cbt's supervisor"
+[ "$(ps -o sid= -p "$SUP" | tr -d ' ')" = "$SUP" ] || fail "--fork: the supervisor leads no session"
+for fd in 0 1 2; do
+  [ "$(readlink "/proc/$SUP/fd/$fd")" = /dev/null ] ||
+    fail "--fork: the supervisor's fd $fd is $(readlink "/proc/$SUP/fd/$fd"), not /dev/null"
+done
+[[ "$(readlink "/proc/$SPID/fd/2")" == pipe:* ]] || fail "--fork: nbdkit's stderr is not the supervisor's pipe"
+stop "$SPID"
+wait_for 60 eval "! kill -0 $SUP 2>/dev/null" || fail "the supervisor $SUP outlived nbdkit"
+# Killing the supervisor stops nbdkit too (--exit-with-parent): no orphan.
+serve_fork "$T/s5.pid" disk.raw --socket s5.sock
+SUP=$(ps -o ppid= -p "$SPID" | tr -d ' ')
+PIDS+=("$SUP")
+kill -KILL "$SUP"
+wait_for 60 eval "! kill -0 $SPID 2>/dev/null" || fail "nbdkit $SPID outlived its supervisor"
+[ "$(bitmap_flags disk.raw.cbt b0)" = '["auto"]' ] || fail "b0 after the supervisor's death"
+echo "ok: --fork supervisor: detached, signals passed on, no orphan"
+
 # --- --output=json (existing container, no --create) ---
 serve_fork "$T/s2.pid" disk.raw --socket s2.sock --control ctl2 --output=json
 J=$(cat "$T/out")
@@ -81,12 +110,34 @@ J=$(cat "$T/out")
 stop "$SPID"
 echo "ok: --output=json"
 
-# --- foreground: SIGTERM to cbt reaches nbdkit, exit code 0 ---
-timeout 120 "${NBDKIT_ENV[@]}" "$CBT" serve disk.raw --socket s3.sock --output=json \
-  >"$T/fg.out" 2>"$T/fg.err" &
+# --- foreground: READY=1 to systemd's $NOTIFY_SOCKET once it serves
+# (the listener checks at once with nbdinfo); SIGTERM to cbt reaches nbdkit,
+# exit code 0 ---
+timeout 120 python3 - "$T/notify.sock" "nbd+unix:///?socket=$T/s3.sock" "$T/fg.out" \
+  >"$T/notify.out" 2>&1 <<'PY' &
+import os, socket, subprocess, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(sys.argv[1])
+s.settimeout(100)
+msg = s.recv(4096).decode()
+# cbt prints the URI, then tells systemd: the URI is there already.
+printed = os.path.getsize(sys.argv[3]) > 0
+size = subprocess.run(["nbdinfo", "--size", sys.argv[2]], capture_output=True, text=True, timeout=30)
+print(repr(msg), printed, size.stdout.strip() or size.stderr.strip())
+PY
+LISTENER=$!
+PIDS+=("$LISTENER")
+wait_for 30 test -S "$T/notify.sock" || fail "the notify listener did not start: $(cat "$T/notify.out")"
+# No `timeout` around it: the cleanup's kill -9 must reach cbt itself
+# (nbdkit, --exit-with-parent, then stops).
+NOTIFY_SOCKET=$T/notify.sock "${NBDKIT_ENV[@]}" "$CBT" serve disk.raw --socket s3.sock \
+  --output=json >"$T/fg.out" 2>"$T/fg.err" &
 FG=$!
 PIDS+=("$FG")
 wait_for 60 test -s "$T/fg.out" || fail "foreground cbt serve printed nothing: $(cat "$T/fg.err")"
+wait "$LISTENER" || fail "no READY=1 on NOTIFY_SOCKET: $(cat "$T/notify.out")"
+[ "$(cat "$T/notify.out")" = "'READY=1' True 67108864" ] ||
+  fail "NOTIFY_SOCKET: want READY=1 once it serves, got: $(cat "$T/notify.out")"
 NPID=$(jq -r .pid "$T/fg.out")
 PIDS+=("$NPID")
 PARENT=$(ps -o ppid= -p "$NPID" | tr -d ' ')
@@ -152,15 +203,17 @@ head -c 1M /dev/urandom >junk.cbt
 expect_refused "non-qcow2 container" "junk.cbt" disk.raw --container junk.cbt --socket bad.sock --fork
 expect_refused "missing container" "disk.raw.missing" disk.raw --container disk.raw.missing \
   --socket bad.sock --fork
-# Found when the first client (cbt's readiness check) attaches: in the
-# foreground the filter's message is on cbt's stderr; with --fork nbdkit's
-# stderr is gone after the fork, cbt says that it does not serve.
+# Found when the first client (cbt's readiness check) attaches: the
+# filter's message is on cbt's stderr also with --fork (nbdkit's output goes
+# through the supervisor until the server serves), then cbt's own line.
 "$CBT" create small.cbt --size 32M >/dev/null
 "$CBT" bitmap small.cbt --add b0 >/dev/null
 expect_refused "container of the wrong size" "size mismatch" disk.raw --container small.cbt \
   --socket bad.sock
-expect_refused "container of the wrong size, --fork" "does not serve" disk.raw \
-  --container small.cbt --socket bad.sock --fork
+for needle in "size mismatch: the container tracks a disk of 33554432 bytes" "does not serve"; do
+  expect_refused "container of the wrong size, --fork" "$needle" disk.raw \
+    --container small.cbt --socket bad.sock --fork
+done
 echo "ok: bad containers refused with the filter's message, no server left"
 
 # --- TLS (PSK, then x509) over TCP on 127.0.0.1 ---

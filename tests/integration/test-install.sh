@@ -11,9 +11,10 @@
 #    plugin serves an image (nbdinfo) and reports the project's version;
 #  - the man pages render without warnings and name every parameter and
 #    option of the docs tables and of the --help outputs (no silent drift);
-#  - the systemd unit example: its ExecStart, with the example env file,
-#    runs the same way systemd would (forks, pid file), SIGTERM stops it
-#    cleanly: the bitmap holds the write and is not left in use.
+#  - the systemd unit example: its ExecStart (the installed cbt serve), with
+#    the example env file, runs the same way systemd would (Type=notify:
+#    READY=1 once it serves), SIGTERM stops it cleanly: the bitmap holds
+#    the write and is not left in use.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh" || exit 1
 [ -d "${T:-}" ] || exit 1   # the temp dir from common.sh: everything goes under it
@@ -175,11 +176,12 @@ done
 echo "ok: man pages render; filter ${#fparams[@]} params, plugin ${#pparams[@]}, cbt ${#subs[@]} subcommands / $n options all documented"
 
 # The systemd unit example: its ExecStart with the example env file (paths
-# moved into $T), run as systemd runs it (it forks; Type=forking, PIDFile).
+# moved into $T), run as systemd runs it (Type=notify: in the foreground,
+# READY=1 to $NOTIFY_SOCKET once it serves; stop: SIGTERM to cbt).
 UNIT=$ROOT/usr/share/doc/nbdkit-cbt/examples/systemd/cbt@.service
 if command -v systemd-analyze >/dev/null; then
   mkdir -p "$T/units"
-  sed "s|/usr/bin/nbdkit|$(command -v nbdkit)|" "$UNIT" >"$T/units/cbt@.service"
+  sed "s|/usr/bin/cbt|$ICBT|" "$UNIT" >"$T/units/cbt@.service"
   SYSTEMD_LOG_LEVEL=err systemd-analyze verify --man=no "$T/units/cbt@.service" >"$T/verify.log" 2>&1 ||
     { grep -v 'EnvironmentFile' "$T/verify.log" | grep -q . && fail "systemd-analyze verify: $(cat "$T/verify.log")"; }
 fi
@@ -190,23 +192,36 @@ sed -e "s|/var/lib/images/vm1.raw|$T/vm1.raw|; s|/var/lib/cbt/vm1.cbt|$T/vm1.cbt
 set -a; source "$T/vm1.env"; set +a
 exec_start=$(sed -n '/^ExecStart=/,/[^\\]$/p' "$UNIT" | sed 's/^ExecStart=//; s/\\$//' | tr '\n' ' ')
 exec_start=${exec_start//\/run\/cbt\/%i/$T/run/vm1}
-exec_start=${exec_start//--filter=cbt/--filter=$IFILTER}
-exec_start=${exec_start//\/usr\/bin\/nbdkit/nbdkit}
+exec_start=${exec_start//\/usr\/bin\/cbt/$ICBT}
 # systemd: ${VAR} is one argument, $VAR is split at spaces.
 exec_start=$(sed -E 's/\$\{([A-Z_]+)\}/"$\1"/g' <<<"$exec_start")
-[[ "$exec_start" == nbdkit\ * ]] || fail "ExecStart not understood: $exec_start"
-eval "timeout 60 ${NBDKIT_ENV[*]:+${NBDKIT_ENV[*]@Q}} $exec_start" 2>>"$T/nbdkit.log" ||
-  fail "the unit's ExecStart failed: $exec_start"
-pid=$(cat "$T/run/vm1/nbdkit.pid") || fail "no pid file after the fork"
+[[ "$exec_start" == "$ICBT serve "* ]] || fail "ExecStart not understood: $exec_start"
+# The installed cbt serve runs the installed filter (not nbdkit's filterdir
+# here: the package is unpacked into $T).
+export CBT_FILTER=$IFILTER CBT_QCOW2_PLUGIN=$IPLUGIN
+timeout 60 python3 -c '
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.bind(sys.argv[1]); s.settimeout(55)
+print(s.recv(4096).decode())' "$T/notify.sock" >"$T/notify.out" 2>&1 &
+LISTENER=$!
+PIDS+=("$LISTENER")
+for _ in $(seq 300); do [ -S "$T/notify.sock" ] && break; sleep 0.1; done
+# No `timeout` around it: the cleanup's kill -9 must reach cbt itself.
+eval "cmd=($exec_start)"
+NOTIFY_SOCKET=$T/notify.sock "${NBDKIT_ENV[@]}" "${cmd[@]}" >"$T/unit.out" 2>>"$T/nbdkit.log" &
+pid=$!
 PIDS+=("$pid")
-[ -S "$T/run/vm1/nbd.sock" ] || fail "no NBD socket once ExecStart returned"
+wait "$LISTENER" || fail "the unit's ExecStart sent no READY=1: $(cat "$T/nbdkit.log")"
+[ "$(cat "$T/notify.out")" = READY=1 ] || fail "NOTIFY_SOCKET got: $(cat "$T/notify.out")"
+[ -S "$T/run/vm1/nbd.sock" ] || fail "no NBD socket once READY=1 was sent"
 qemu-io -f raw -c "write -P 1 0 4k" "nbd+unix:///?socket=$T/run/vm1/nbd.sock" >/dev/null ||
   fail "write through the unit's export"
 "$ICBT" info --socket "$T/run/vm1/control.sock" --output=json | jq -e '.bitmaps[] | select(.name == "b0")' \
   >/dev/null || fail "cbt info over the unit's control socket"
-kill -TERM "$pid"   # what systemctl stop sends (KillSignal=SIGTERM)
-for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-kill -0 "$pid" 2>/dev/null && fail "nbdkit still runs 30 s after SIGTERM"
+kill -TERM "$pid"   # what systemctl stop sends to the main process (KillMode=mixed)
+rc=0
+wait "$pid" || rc=$?
+[ "$rc" = 0 ] || fail "the unit's cbt serve exited $rc after SIGTERM: $(cat "$T/nbdkit.log")"
 [ "$(bitmap_flags "$T/vm1.cbt" b0)" = '["auto"]' ] ||
   fail "after SIGTERM b0's flags are $(bitmap_flags "$T/vm1.cbt" b0), want [\"auto\"] (not in use)"
 map=$("$ICBT" map "$T/vm1.cbt" --bitmap b0 --output=json | jq -c '[.[] | select(.dirty) | [.start, .length]]')
@@ -214,4 +229,4 @@ map=$("$ICBT" map "$T/vm1.cbt" --bitmap b0 --output=json | jq -c '[.[] | select(
 # qemu-io flushes before it exits, so b0 is written either way; what only a
 # clean stop does (kill -9 does not: mutation-tested) is remove the socket.
 [ ! -e "$T/run/vm1/control.sock" ] || fail "control socket left after a clean stop"
-echo "ok: the unit's ExecStart forks and serves; SIGTERM persists b0 and clears in-use"
+echo "ok: the unit's ExecStart serves, says READY=1; SIGTERM persists b0 and clears in-use"
