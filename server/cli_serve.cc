@@ -8,6 +8,7 @@
 // Type=notify); with --fork a supervisor in its own session is nbdkit's
 // parent and we return once it serves. Processes: serve_process.cc,
 // serve_supervisor.cc.
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -36,7 +37,7 @@ namespace {
 constexpr char kSynopsis[] =
     "cbt serve DISK [--format raw|qcow2] [--bitmap NAME]... [--container FILE] [--create]\n"
     "       (--socket PATH | --port N [--bind ADDR]) [--export NAME] [--read-only]\n"
-    "       [--control PATH] [--durability MODE] [--fork] [--pid-file FILE]\n"
+    "       [--control PATH] [--durability MODE] [--fork [--log FILE]] [--pid-file FILE]\n"
     "       [--tls-creds DIR | --tls-psk FILE] [-o KEY=VALUE]... [--output=json]";
 constexpr char kDescription[] =
     "Serves DISK over NBD with change tracking: runs nbdkit (from PATH) with the\n"
@@ -53,7 +54,7 @@ constexpr std::chrono::milliseconds kDetachTimeout{10000};
 
 struct ServeOptions {
   std::string disk, format = "raw", container, socket, bind = "127.0.0.1", export_name;
-  std::string control, durability = "power", pid_file, tls_creds, tls_psk;
+  std::string control, durability = "power", pid_file, tls_creds, tls_psk, log;
   std::vector<std::string> bitmaps;
   std::vector<std::string> params;  // -o KEY=VALUE: more filter/plugin parameters
   int port = 0;
@@ -185,6 +186,9 @@ void Validate(ServeOptions& o, bool port_given) {
     throw UsageError("--port " + std::to_string(o.port) + ": a port from 1 to 65535");
   if (!o.tls_creds.empty() && !o.tls_psk.empty())
     throw UsageError("--tls-creds and --tls-psk together; give one");
+  if (!o.log.empty() && !o.fork)
+    throw UsageError("--log " + o.log +
+                     ": only with --fork (in the foreground nbdkit's messages are on stderr)");
   if (o.durability != "power" && o.durability != "process" && o.durability != "none")
     throw UsageError("--durability " + o.durability + ": use power (default), process or none");
   if (o.bitmaps.empty()) o.bitmaps = {"b0"};
@@ -198,6 +202,7 @@ void Validate(ServeOptions& o, bool port_given) {
                             {&o.socket, "--socket"},
                             {&o.control, "--control"},
                             {&o.pid_file, "--pid-file"},
+                            {&o.log, "--log"},
                             {&o.tls_creds, "--tls-creds"},
                             {&o.tls_psk, "--tls-psk"}})
     if (!path->empty()) *path = Absolute(*path, what);
@@ -312,6 +317,8 @@ int RunServe(const std::vector<std::string>& args) {
       "durability", po::value(&o.durability)->value_name("MODE"),
       "power (default), process or none (docs/crash-safety.md)")(
       "fork", po::bool_switch(&o.fork), "run in the background once serving")(
+      "log", po::value(&o.log)->value_name("FILE"),
+      "with --fork: append nbdkit's messages to FILE once serving (default: syslog)")(
       "pid-file", po::value(&o.pid_file)->value_name("FILE"), "write the server's pid to FILE")(
       "tls-creds", po::value(&o.tls_creds)->value_name("DIR"),
       "require TLS with the x509 certificates in DIR")(
@@ -353,7 +360,13 @@ int RunServe(const std::vector<std::string>& args) {
   Supervisor sup;
   pid_t child = -1;
   if (o.fork) {
-    Result<Supervisor> s = StartSupervised(argv, "cbt-serve");
+    int log_fd = -1;
+    if (!o.log.empty()) {
+      log_fd = ::open(o.log.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+      if (log_fd < 0) throw UsageError("--log " + o.log + ": " + std::strerror(errno));
+    }
+    Result<Supervisor> s = StartSupervised(argv, "cbt-serve", log_fd);
+    if (log_fd >= 0) ::close(log_fd);
     if (!s.ok()) return Fail(s.status());
     sup = *s;
     child = sup.pid;

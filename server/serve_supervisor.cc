@@ -11,6 +11,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <ctime>
 #include <string_view>
 
 #include "server/serve_process.h"
@@ -30,14 +31,31 @@ void WriteAll(int fd, std::string_view s) {
   }
 }
 
-// One syslog line per complete line of `pending` (the rest stays).
-void SyslogLines(std::string& pending, bool flush) {
+// One line of nbdkit's after Detach: to the log file (local time first,
+// as "2026-12-02 02:06:27 LINE"), else to syslog.
+void LogLine(int log_fd, std::string_view line) {
+  if (log_fd < 0) {
+    syslog(LOG_ERR, "%.*s", static_cast<int>(line.size()), line.data());
+    return;
+  }
+  char stamp[32] = "";
+  const time_t now = ::time(nullptr);
+  struct tm tm {};
+  if (::localtime_r(&now, &tm) != nullptr) ::strftime(stamp, sizeof stamp, "%F %T ", &tm);
+  std::string out = stamp;
+  out.append(line);
+  out += '\n';
+  WriteAll(log_fd, out);
+}
+
+// Logs every complete line of `pending` (the rest stays, unless `flush`).
+void LogLines(int log_fd, std::string& pending, bool flush) {
   size_t start = 0;
   for (size_t nl; (nl = pending.find('\n', start)) != std::string::npos; start = nl + 1)
-    syslog(LOG_ERR, "%.*s", static_cast<int>(nl - start), pending.data() + start);
+    LogLine(log_fd, std::string_view(pending).substr(start, nl - start));
   pending.erase(0, start);
   if (flush && !pending.empty()) {
-    syslog(LOG_ERR, "%s", pending.c_str());
+    LogLine(log_fd, pending);
     pending.clear();
   }
 }
@@ -45,7 +63,7 @@ void SyslogLines(std::string& pending, bool flush) {
 // The supervisor's whole life (in the forked child; cbt is single-threaded
 // when it forks, so ordinary calls are safe here).
 [[noreturn]] void Supervise(const std::vector<std::string>& argv, int control,
-                            const std::string& ident) {
+                            const std::string& ident, int log_fd) {
   ::setsid();  // no controlling terminal: the user's Ctrl-C and hangup are not ours
   const int devnull = ::open("/dev/null", O_RDWR | O_CLOEXEC);
   if (devnull >= 0) {
@@ -92,7 +110,7 @@ void SyslogLines(std::string& pending, bool flush) {
       const ssize_t r = ::read(control, &c, 1);
       if (r < 0 && errno == EINTR) continue;
       if (r == 1 && c == 'R') {
-        openlog(ident.c_str(), LOG_PID, LOG_DAEMON);
+        if (log_fd < 0) openlog(ident.c_str(), LOG_PID, LOG_DAEMON);
         detached = true;
         if (devnull >= 0) ::dup2(devnull, STDERR_FILENO);
         WriteAll(control, "A");
@@ -110,22 +128,24 @@ void SyslogLines(std::string& pending, bool flush) {
       if (r <= 0) break;  // nbdkit closed its output: it is exiting
       if (detached) {
         pending.append(buf, static_cast<size_t>(r));
-        SyslogLines(pending, false);
+        LogLines(log_fd, pending, false);
       } else {
         WriteAll(STDERR_FILENO, std::string_view(buf, static_cast<size_t>(r)));
       }
     }
   }
-  if (detached) SyslogLines(pending, true);
+  if (detached) LogLines(log_fd, pending, true);
   const int rc = WaitChild(child);
-  if (detached && rc != 0) syslog(LOG_ERR, "nbdkit (pid %d) exited with code %d", child, rc);
+  if (detached && rc != 0)
+    LogLine(log_fd, "cbt serve: nbdkit (pid " + std::to_string(child) + ") exited with code " +
+                        std::to_string(rc));
   ::_exit(rc);
 }
 
 }  // namespace
 
 Result<Supervisor> StartSupervised(const std::vector<std::string>& argv,
-                                   const std::string& syslog_ident) {
+                                   const std::string& syslog_ident, int log_fd) {
   if (argv.empty()) return Status::InvalidArgument("no program to run");
   int sp[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp) != 0)
@@ -139,7 +159,7 @@ Result<Supervisor> StartSupervised(const std::vector<std::string>& argv,
   }
   if (pid == 0) {
     ::close(sp[0]);
-    Supervise(argv, sp[1], syslog_ident);
+    Supervise(argv, sp[1], syslog_ident, log_fd);
   }
   ::close(sp[1]);
   return Supervisor{pid, sp[0]};

@@ -7,7 +7,7 @@
 //   cbt serve ──fork──> supervisor (setsid) ──spawn──> nbdkit -f
 //       │                   │  nbdkit's stdout+stderr: a pipe to it
 //       │                   │  before Detach: copied to our stderr
-//       │                   │  after Detach: one syslog line per line
+//       │                   │  after Detach: to syslog, or a log file
 //       └── socketpair ─────┘  'R' (detach) → 'A' (done)
 //
 // The supervisor passes SIGTERM/SIGINT/SIGHUP on to nbdkit, waits for it,
@@ -33,11 +33,12 @@ struct Supervisor {
 };
 
 // Forks the supervisor, which starts argv (argv[0] searched in PATH; give
-// nbdkit -f). `syslog_ident` names the syslog lines after Detach.
+// nbdkit -f). After Detach nbdkit's lines go to `log_fd` (an open file,
+// each line after the local time), or with -1 to syslog as `syslog_ident`.
 // Failure: IOError (fork, pipe); a missing program is the supervisor's
 // exit code 127 with its message on our stderr.
 Result<Supervisor> StartSupervised(const std::vector<std::string>& argv,
-                                   const std::string& syslog_ident);
+                                   const std::string& syslog_ident, int log_fd);
 
 // The server serves: the supervisor sends nbdkit's output to syslog from
 // now on, lets go of our stdout/stderr and says so. Failure: IOError when

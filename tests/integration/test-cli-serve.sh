@@ -7,8 +7,9 @@
 #    granules (cbt map);
 #  - --output=json: uri, socket, control, pid (= the pid file), container;
 #  - --fork: nbdkit's parent is a supervisor in its own session holding
-#    none of our stdio (a $(...) returns); it exits with nbdkit, and
-#    killing it stops nbdkit (no orphan);
+#    none of our stdio (a $(...) returns); what nbdkit says after the start
+#    goes to --log FILE; it exits with nbdkit, and killing it stops nbdkit
+#    (no orphan);
 #  - foreground: cbt stays nbdkit's parent; READY=1 reaches systemd's
 #    $NOTIFY_SOCKET once the server serves; SIGTERM to cbt is passed on, cbt
 #    exits 0 and the write is persisted;
@@ -75,7 +76,7 @@ echo "ok: raw --fork, URI, writes persisted at SIGTERM"
 # --- --fork: nbdkit runs under a supervisor in its own session that
 # holds none of our stdio once the server serves (so a $(...) returns),
 # passes SIGTERM on and exits with nbdkit ---
-serve_fork "$T/s4.pid" disk.raw --socket s4.sock
+serve_fork "$T/s4.pid" disk.raw --socket s4.sock --log s4.log
 SUP=$(ps -o ppid= -p "$SPID" | tr -d ' ')
 PIDS+=("$SUP")
 [ "$(ps -o comm= -p "$SUP")" = cbt ] || fail "--fork: nbdkit's parent $SUP is not cbt's supervisor"
@@ -85,6 +86,13 @@ for fd in 0 1 2; do
     fail "--fork: the supervisor's fd $fd is $(readlink "/proc/$SUP/fd/$fd"), not /dev/null"
 done
 [[ "$(readlink "/proc/$SPID/fd/2")" == pipe:* ]] || fail "--fork: nbdkit's stderr is not the supervisor's pipe"
+# What nbdkit says once it serves goes to --log, each line after the time.
+! timeout 30 nbdinfo --size "nbd+unix:///other?socket=$T/s4.sock" >/dev/null 2>&1 ||
+  fail "export 'other' of a one-export server was served"
+wait_for 30 grep -q 'export "other" refused' s4.log || fail "--log: nbdkit's refusal not in it: $(cat s4.log)"
+grep -qE '^[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:]{8} nbdkit: .*export "other" refused' s4.log ||
+  fail "--log: no time before the line: $(cat s4.log)"
+! grep -q 'export "other"' "$T/err" || fail "--log: a line after the start went to cbt's stderr"
 stop "$SPID"
 wait_for 60 eval "! kill -0 $SUP 2>/dev/null" || fail "the supervisor $SUP outlived nbdkit"
 # Killing the supervisor stops nbdkit too (--exit-with-parent): no orphan.
@@ -306,7 +314,7 @@ echo "no key here" >bad.psk
 for args in "disk.raw" "disk.raw --socket a --port 1" "disk.raw --socket a --tls-psk bad.psk" \
             "disk.raw --socket a --format vmdk" \
             "disk.raw --socket a --durability fast" "disk.raw --socket a --tls-psk x --tls-creds y" \
-            "disk.raw --socket a -o novalue"; do
+            "disk.raw --socket a -o novalue" "disk.raw --socket a --log x.log"; do
   # shellcheck disable=SC2086
   serve $args
   [ "$RC" = 1 ] || fail "cbt serve $args exited $RC, want 1"
