@@ -389,15 +389,18 @@ Status Tracker::Attach(uint64_t disk_size) {
   if (!opts_.autoload) CBT_RETURN_IF_ERROR(SetAsideUnnamed());
 
   // Every consistent bitmap is loaded (disabled ones too: edits and queries
-  // need them); recording persistent ones get their durable shadow.
+  // need them); recording persistent ones get their durable shadow. A
+  // disabled bitmap in use on disk is inconsistent here too, also when this
+  // open set the flag (SetAsideUnnamed): it is not loaded, queries say so,
+  // and an edit keeps its flag (only --remove applies to it).
   std::vector<LiveBitmap> all;
   for (const qcow2::BitmapInfo& info : image_->Bitmaps()) {
     LiveBitmap lb;
     lb.name = info.name;
     lb.granularity_bits = info.granularity_bits;
     lb.recording = info.enabled;
-    lb.consistent = info.consistent;
-    if (info.consistent) {
+    lb.consistent = info.consistent && !(info.in_use && !info.enabled);
+    if (lb.consistent) {
       CBT_ASSIGN_OR_RETURN(std::unique_ptr<DirtyBitmap> bits,
                            LoadBitmap(*image_, info.name, disk_size_));
       lb.bits = std::move(bits);

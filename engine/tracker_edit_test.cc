@@ -236,5 +236,48 @@ TEST_F(TrackerEditTest, ARestartNamingAFrozenBitmapRecordsInTheNewOne) {
       << none.status().message();
 }
 
+// cbt-autoload=false sets b1 aside (disabled, in use) at open: from then on
+// it is as inconsistent as one found so, also in this session: queries say
+// so, only a remove applies, and an edit of the set keeps its flag.
+TEST_F(TrackerEditTest, ASetAsideBitmapIsInconsistentAndEditsKeepItInUse) {
+  opts_.bitmaps = {"b0", "b1"};
+  {
+    auto t = Tracker::Open(opts_, 1 * GiB);
+    ASSERT_TRUE(t.ok()) << t.status().ToString();
+    ASSERT_TRUE((*t)->Close().ok());
+  }
+  opts_.bitmaps = {"b0"};
+  opts_.autoload = false;
+  auto t = Tracker::Open(opts_, 1 * GiB);
+  ASSERT_TRUE(t.ok()) << t.status().ToString();
+  ASSERT_TRUE((*t)->BeginChange(0, 1).ok());
+  auto find = [&](const std::string& name) {
+    for (const BitmapStatus& b : (*t)->QueryBitmaps())
+      if (b.name == name) return b;
+    ADD_FAILURE() << name << " not listed";
+    return BitmapStatus{};
+  };
+  BitmapStatus b1 = find("b1");
+  EXPECT_FALSE(b1.consistent);
+  EXPECT_TRUE(b1.in_use);
+  EXPECT_FALSE(b1.recording);
+  EXPECT_FALSE(b1.dirty_bytes.has_value());
+  EXPECT_EQ((*t)->Bitmap("b1"), nullptr);
+  Status enable = (*t)->Edit([](BitmapEditSet& e) { return e.SetRecording("b1", true); }, 1s);
+  EXPECT_FALSE(enable.ok());
+  EXPECT_NE(enable.message().find("inconsistent"), std::string::npos) << enable.message();
+  ASSERT_TRUE(Checkpoint(**t, "b0", "b2").ok());
+  ASSERT_TRUE((*t)->Close().ok());
+  (*t).reset();  // releases the container's locks
+  auto file = PosixStorage().Open(opts_.container_path, Storage::Mode::kReadOnly);
+  ASSERT_TRUE(file.ok()) << file.status().ToString();
+  auto img = qcow2::Image::Open(std::move(file).value());
+  ASSERT_TRUE(img.ok()) << img.status().ToString();
+  auto info = (*img)->Find("b1");
+  ASSERT_TRUE(info.ok());
+  EXPECT_TRUE(info->in_use);
+  EXPECT_FALSE(info->enabled);
+}
+
 }  // namespace
 }  // namespace cbt

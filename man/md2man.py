@@ -9,10 +9,13 @@ tables (rendered as tagged paragraphs: first cell the tag), "-" / "1." lists,
 another page becomes "text (see TARGET)" when the text does not name it).
 
   md2man.py --name NAME --section 1 --summary TEXT [--date D] [--version V]
-            IN.md OUT.1
+            [--see-also PAGE(S),...] IN.md OUT.1
 
 The first level-1 heading is replaced by NAME's NAME section; level-2
-headings become .SH (upper case), level-3 and below .SS.
+headings become .SH (upper case), level-3 and below .SS. With --see-also,
+the page ends in a SEE ALSO section naming those pages as man references
+(the document's own "See also" section, which names docs/ files, is left
+out), then the document the page was made from.
 """
 import argparse
 import re
@@ -70,7 +73,25 @@ def cells(row):
     return [p.strip().replace("\\|", "|") for p in parts]
 
 
-def convert(md, name, section, summary, date, version):
+def see_also(refs, src):
+    """The SEE ALSO section: .BR lines, "page (n)," each (by section, then
+    name), the last without a comma; then where the page comes from."""
+    out = ['.SH "SEE ALSO"']
+    parsed = []
+    for ref in refs:
+        m = re.fullmatch(r"([A-Za-z0-9_.+-]+)\((\w+)\)", ref.strip())
+        if not m:
+            raise SystemExit("md2man.py: --see-also: '%s' is not PAGE(SECTION)" % ref)
+        parsed.append((m.group(1), m.group(2)))
+    parsed.sort(key=lambda r: (r[1], r[0]))  # man-pages(7): by section, then name
+    for n, (page, sect) in enumerate(parsed):
+        out.append(".BR %s (%s)%s" % (esc(page), sect, "," if n + 1 < len(parsed) else ""))
+    out.append(".PP")
+    out.append("This page is made from %s of the cbt sources." % esc("docs/" + src))
+    return out
+
+
+def convert(md, name, section, summary, date, version, refs=(), src=""):
     out = [
         '.TH "%s" "%s" "%s" "cbt %s" "cbt"' % (name.upper(), section, date, version),
         ".SH NAME",
@@ -81,6 +102,7 @@ def convert(md, name, section, summary, date, version):
     seen_title = False
     pending_desc = []  # the title's DESCRIPTION heading, until content comes
     para = []
+    skip = False  # inside the document's own "See also" (replaced by refs)
 
     def content():
         if pending_desc:
@@ -96,6 +118,14 @@ def convert(md, name, section, summary, date, version):
     while i < len(lines):
         line = lines[i]
         stripped = line.strip()
+        h = re.match(r"^(#{1,2})\s+(.*)$", line)
+        if h and refs:
+            skip = h.group(2).strip().lower() == "see also"
+            if skip:
+                flush()
+        if skip:
+            i += 1
+            continue
         if stripped.startswith("```"):
             flush()
             content()
@@ -168,6 +198,8 @@ def convert(md, name, section, summary, date, version):
             para.append(stripped)
         i += 1
     flush()
+    if refs:
+        out.extend(see_also(refs, src))
     return "\n".join(out) + "\n"
 
 
@@ -178,12 +210,16 @@ def main():
     ap.add_argument("--summary", required=True)
     ap.add_argument("--date", default="")
     ap.add_argument("--version", default="")
+    ap.add_argument("--see-also", default="",
+                    help="comma-separated man pages, e.g. cbt(1),nbdkit(1)")
     ap.add_argument("src")
     ap.add_argument("dst")
     a = ap.parse_args()
     with open(a.src, encoding="utf-8") as f:
         md = f.read()
-    page = convert(md, a.name, a.section, a.summary, a.date, a.version)
+    refs = [r for r in a.see_also.split(",") if r.strip()]
+    page = convert(md, a.name, a.section, a.summary, a.date, a.version, refs,
+                   a.src.replace("\\", "/").rsplit("/", 1)[-1])
     with open(a.dst, "w", encoding="utf-8") as f:
         f.write(page)
     return 0

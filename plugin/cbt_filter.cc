@@ -88,6 +88,8 @@ void cbt_load() noexcept {
     state = new State;
     state->opts.storage = &cbt::plugin::FilterStorage();
     cbt::plugin::InstallNbdkitLogger();
+    // Which filter this is, in nbdkit -v's log (its --version is nbdkit's).
+    nbdkit_debug("cbt filter %s (changed block tracking)", CBT_VERSION);
   } catch (const std::exception& e) {
     nbdkit_error("cbt: cannot load: %s", e.what());
     delete state;

@@ -61,6 +61,10 @@ void MakeHandler(Disk& d) {
                                 }});
 }
 
+// The hint of the router's refusals (the socket's path is the caller's).
+constexpr char kListExports[] =
+    "list the tracked exports with query-exports (cbt exports --socket SOCKET)";
+
 // The router's two functions (under attach_mu; the handlers live until
 // CloseDisks, which stops the control server first).
 Result<control::Handler*> Resolve(const std::optional<std::string>& name) {
@@ -74,18 +78,26 @@ Result<control::Handler*> Resolve(const std::optional<std::string>& name) {
   }
   if (name) {
     auto it = state->disks.find(*name);
-    if (it == state->disks.end())
+    if (it != state->disks.end()) return it->second->control_handler.get();
+    if (auto r = state->refused.find(*name); r != state->refused.end())
       return Status::NotFound("export '" + *name +
-                              "' is not tracked: no client has connected to it since the server "
-                              "started; list the tracked exports with query-exports");
-    return it->second->control_handler.get();
+                              "' is not tracked: its last connection was refused: " + r->second +
+                              "; " + kListExports);
+    return Status::NotFound("export '" + *name +
+                            "' is not tracked: no client has connected to it since the server "
+                            "started; " +
+                            kListExports);
   }
   if (state->disks.size() == 1) return state->disks.begin()->second->control_handler.get();
-  if (state->disks.empty())
+  if (state->disks.empty()) {
+    if (auto r = state->refused.find(state->last_refused); r != state->refused.end())
+      return Status::NotFound("no export is tracked yet: the last connection (to export '" +
+                              r->first + "') was refused: " + r->second);
     return Status::NotFound("no export is tracked yet: no client has connected");
+  }
   return Status::InvalidArgument("this server tracks " + std::to_string(state->disks.size()) +
-                                 " exports: name one with \"export\" (cbt --export NAME); list "
-                                 "them with query-exports");
+                                 " exports: name one with \"export\" (cbt --export NAME); " +
+                                 kListExports);
 }
 
 nlohmann::json DiskJson(const Disk& d) {
@@ -107,9 +119,14 @@ nlohmann::json List() {
   return out;
 }
 
-// Why export `name` cannot be tracked, for its connection.
+// Why export `name` cannot be tracked, for its connection, and kept for
+// the control socket (per export; REQUIRES attach_mu).
 Disk* Refuse(const char* name, const Status& s) {
   nbdkit_error("cbt: export \"%s\" refused: %s", name, s.message().c_str());
+  if (state->refused.size() >= State::kMaxRefused && !state->refused.count(name))
+    state->refused.erase(state->refused.begin());
+  state->refused[name] = s.message();
+  state->last_refused = name;
   return nullptr;
 }
 
@@ -221,6 +238,7 @@ Disk* AttachExport(nbdkit_next* next, const char* name, bool readonly_export) {
     if (BackupAttach(*fresh) == -1) return nullptr;
     MakeHandler(*fresh);
     state->disks.emplace(name, std::move(fresh));
+    state->refused.erase(name);
   }
   if (readonly) {
     d->attached_ro = true;

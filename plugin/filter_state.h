@@ -67,6 +67,12 @@ struct State {
   std::unique_ptr<Disk> single;
   std::map<std::string, std::unique_ptr<Disk>> disks;
   std::string fatal;  // the single disk failed to attach: shutting down
+  // per_export: why the last connection to an export not tracked was
+  // refused, by name (cleared when one attaches; at most kMaxRefused names,
+  // a client may try any), for the control socket's answer.
+  static constexpr size_t kMaxRefused = 256;
+  std::map<std::string, std::string> refused;
+  std::string last_refused;  // the name refused last (in `refused` if kept)
 
   // cbt-control=PATH (absolute; empty: no control socket). The server and
   // its router exist from .after_fork to .cleanup.

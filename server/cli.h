@@ -68,6 +68,7 @@ int RunMap(const std::vector<std::string>& args);
 int RunCheck(const std::vector<std::string>& args);
 int RunRecover(const std::vector<std::string>& args);
 int RunCheckpoint(const std::vector<std::string>& args);
+int RunExports(const std::vector<std::string>& args);
 int RunBackup(const std::vector<std::string>& args);
 int RunRestore(const std::vector<std::string>& args);
 int RunServe(const std::vector<std::string>& args);

@@ -75,13 +75,23 @@ Result<json> SocketCall(const std::string& socket, std::string_view command,
   }
   const Status& s = r.status();
   const std::string where = "control socket '" + socket + "': ";
+  // The filter's hint about its exports names this command with a
+  // placeholder for the socket ("... with query-exports (cbt exports
+  // --socket SOCKET)"): name the command with the socket instead.
+  if (const size_t at = s.message().rfind("; list the tracked exports"); at != std::string::npos) {
+    std::string m = s.message().substr(0, at) +
+                    "; list the tracked exports with 'cbt exports --socket " + socket + "'";
+    return s.IsNotFound() ? Status::NotFound(std::move(m), s.err())
+                          : Status::InvalidArgument(std::move(m), s.err());
+  }
   if (s.IsNotSupported())
     return Status::NotSupported(where + std::string(command) + ": " + s.message());
   if (s.IsInvalidArgument() && s.message().rfind("execute: unknown command", 0) == 0)
     return Status::NotSupported(where + "the filter does not know '" + std::string(command) +
                                 "' (older than this cbt?): " + s.message());
   if (s.IsNotFound() && s.err() == ENOENT && command.rfind("backup-", 0) != 0 &&
-      s.message().find("cbt-control=") == std::string::npos) {
+      s.message().find("cbt-control=") == std::string::npos &&
+      s.message().rfind("no export is tracked", 0) != 0) {
     // The filter's hint names its protocol ("; list the bitmaps with
     // query-bitmaps"): name the command instead.
     std::string m = s.message().substr(0, s.message().find("; list"));

@@ -108,8 +108,8 @@ Result<json> TrackerHandler::QueryExtents(const ExtentsArgs& a) const {
   if (!b) return Status::NotFound("bitmap '" + a.name + "' not found");
   if (!b->bits)
     return Status::InvalidArgument("bitmap '" + a.name +
-                                   "' is inconsistent (left in use by another program); its "
-                                   "contents cannot be trusted");
+                                   "' is inconsistent (marked in use: it may miss changes, so "
+                                   "its contents cannot be trusted); see cbt recover");
   const uint64_t size = tracker_.disk_size();
   if (a.offset > size)
     return Status::InvalidArgument("offset " + std::to_string(a.offset) +

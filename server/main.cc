@@ -37,6 +37,7 @@ constexpr Command kCommands[] = {
     {"recover", cbt::cli::RunRecover, "make a bitmap left in use by a crash usable again"},
     {"checkpoint", cbt::cli::RunCheckpoint,
      "freeze one bitmap and start another, atomically, in a running filter"},
+    {"exports", cbt::cli::RunExports, "list the exports (disks) a running filter tracks"},
     {"backup", cbt::cli::RunBackup,
      "back up a running filter's disk: full, then incremental qcow2 layers"},
     {"restore", cbt::cli::RunRestore, "write the disk as it was at a backup of a chain"},
@@ -47,8 +48,9 @@ void PrintUsage(FILE* out) {
   std::fprintf(out,
                "Usage: cbt [-v] SUBCOMMAND [OPTIONS] ...\n\n"
                "Changed block tracking: manage the dirty bitmaps stored in qcow2 files,\n"
-               "offline, the way qemu-img bitmap does, and (info, map, bitmap, checkpoint\n"
-               "with --socket PATH) online, in a running filter with cbt-control=PATH.\n\n"
+               "offline, the way qemu-img bitmap does, and (info, map, bitmap, checkpoint,\n"
+               "exports with --socket PATH) online, in a running filter with\n"
+               "cbt-control=PATH.\n\n"
                "Subcommands:\n");
   for (const Command& c : kCommands) std::fprintf(out, "  %-10s %s\n", c.name, c.summary);
   std::fprintf(out,

@@ -31,10 +31,30 @@ cmp "$T/disk.cbt" "$T/before.cbt" || fail "a read-only export changed the contai
 
 # cbt-autoload=false: b0 records, b1 is set aside before the first change.
 truncate -s 0 "$T/nbdkit.log"
-start_nbdkit "$T/sock" "${args[@]}" cbt-autoload=false
+start_nbdkit "$T/sock" "${args[@]}" cbt-autoload=false cbt-control="$T/ctl"
 [ "$(bitmap_flags "$T/disk.cbt" b1)" = '["in-use"]' ] ||
   fail "b1 not set aside at attach: $(bitmap_flags "$T/disk.cbt" b1)"
 qio 'write 1M 4k'
+# The live view says what the file says: b1 is in use, inconsistent.
+"$CBT" info --socket "$T/ctl" >"$T/live" || fail "cbt info --socket"
+grep -E '^  b1 .* in-use .* inconsistent \(see cbt recover\)$' "$T/live" >/dev/null ||
+  fail "cbt info --socket does not call b1 in use and inconsistent: $(cat "$T/live")"
+grep -E '^  b0 .* enabled$' "$T/live" >/dev/null || fail "cbt info --socket, b0: $(cat "$T/live")"
+"$CBT" info --socket "$T/ctl" --output=json >"$T/live.json" || fail "cbt info --socket --output=json"
+jq -e '.bitmaps[] | select(.name == "b1") |
+    .consistent == false and ."in-use" == true and .flags == ["in-use"] and ."dirty-bytes" == null' \
+  "$T/live.json" >/dev/null || fail "cbt info --socket --output=json, b1: $(cat "$T/live.json")"
+jq -e '.bitmaps[] | select(.name == "b0") | .consistent and .enabled' "$T/live.json" >/dev/null ||
+  fail "cbt info --socket --output=json, b0: $(cat "$T/live.json")"
+rc=0; "$CBT" map --socket "$T/ctl" --bitmap b1 >"$T/out" 2>"$T/err" || rc=$?
+[ "$rc" != 0 ] && grep -q "inconsistent" "$T/err" || fail "cbt map --socket of b1: rc $rc $(cat "$T/err")"
+rc=0; "$CBT" bitmap --socket "$T/ctl" b1 --enable 2>"$T/err" || rc=$?
+[ "$rc" != 0 ] && grep -q "inconsistent" "$T/err" || fail "online --enable of b1: rc $rc $(cat "$T/err")"
+# An edit of the set keeps b1 in use (it still misses the changes made here).
+"$CBT" bitmap --socket "$T/ctl" b2 --add >/dev/null || fail "online --add b2"
+[ "$(bitmap_flags "$T/disk.cbt" b1)" = '["in-use"]' ] ||
+  fail "an online edit changed b1's flags: $(bitmap_flags "$T/disk.cbt" b1)"
+"$CBT" bitmap --socket "$T/ctl" b2 --remove >/dev/null || fail "online --remove b2"
 stop_nbdkit "$NBDKIT_PID"
 grep -q "cbt-autoload=false: bitmap(s) 'b1' do not record here" "$T/nbdkit.log" ||
   fail "no log line names b1: $(cat "$T/nbdkit.log")"

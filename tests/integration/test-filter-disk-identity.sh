@@ -118,6 +118,11 @@ start_nbdkit "$T/sock" -v "${args[@]}"
 stop_nbdkit "$NBDKIT_PID"
 grep -q "no disk identity recorded for bitmap(s) 'b0'" "$T/nbdkit.log" ||
   fail "(g) no notice that outside changes went undetected: $(cat "$T/nbdkit.log")"
+# nbdkit -v also says which filter it loaded: cbt's version, as cbt --version's.
+ver=$("$CBT" --version | awk '{print $2}')
+[ -n "$ver" ] || fail "cbt --version: $("$CBT" --version)"
+grep -qF "cbt filter $ver (changed block tracking)" "$T/nbdkit.log" ||
+  fail "(g) nbdkit -v does not show the filter's version $ver: $(head -5 "$T/nbdkit.log")"
 qemu-img check -q "$T/disk.cbt" || fail "(g) qemu-img check"
 session  # and the clean stop recorded it again
 echo "ok: (g) kill -9 then restart: no false refusal"

@@ -14,7 +14,10 @@
 #    disk's point-in-time data while the disk takes writes;
 #  - kill -9 while two disks are written: each recovers a superset of its
 #    own writes, and only its own;
-#  - refusals: a bad template at start; the empty export name.
+#  - cbt exports --socket (human, json): the exports as clients connect,
+#    and the one export of a one-container server (read-only, then writable);
+#  - refusals: a bad template at start; the empty export name; a container
+#    of another size (the control socket then names that refusal).
 source "$(dirname "$0")/lib.sh"
 
 D="$T/disks"
@@ -48,6 +51,11 @@ expect_map() {
 
 # --- three disks, three containers -------------------------------------------
 start
+# cbt exports: only what a client connected to (the start probe's a.img).
+"$CBT" exports --socket "$CTL" --output=json >"$T/out" || fail "cbt exports"
+jq -e --arg c "$T/bm/a.img.cbt" --arg s "$CTL" '.socket == $s and .exports ==
+    [{"name": "a.img", "container": $c, "attached": true, "read-only": false, "disk-size": 67108864}]' \
+  "$T/out" >/dev/null || fail "cbt exports after one connection: $(cat "$T/out")"
 qio a.img 'write -P 1 0 4k'
 qio b.img 'write -P 2 1M 4k'
 qio "c%20d.img" 'write -P 3 8M 64k'
@@ -61,6 +69,18 @@ jq -e '.return.exports | length == 3' "$T/r" >/dev/null || fail "query-exports: 
 jq -e --arg c "$T/bm/b.img.cbt" \
   '.return.exports[] | select(.name == "b.img") | .container == $c and ."disk-size" == 33554432 and .attached' \
   "$T/r" >/dev/null || fail "query-exports b.img: $(cat "$T/r")"
+"$CBT" exports --socket "$CTL" --output=json >"$T/out" || fail "cbt exports --output=json"
+jq -e --arg d "$T/bm" '[.exports[] | [.name, .container, .attached, ."read-only", ."disk-size"]] | sort ==
+    [["a.img", "\($d)/a.img.cbt", true, false, 67108864], ["b.img", "\($d)/b.img.cbt", true, false, 33554432],
+     ["c d.img", "\($d)/c%20d.img.cbt", true, false, 16777216]]' "$T/out" >/dev/null ||
+  fail "cbt exports, three disks: $(cat "$T/out")"
+"$CBT" exports --socket "$CTL" >"$T/out" || fail "cbt exports"
+grep -qx "socket: $CTL" "$T/out" || fail "cbt exports: no socket line: $(cat "$T/out")"
+grep -E '^  b\.img +32 MiB +attached +.*/bm/b\.img\.cbt$' "$T/out" >/dev/null &&
+  grep -E '^  c d\.img +16 MiB +attached +.*/bm/c%20d\.img\.cbt$' "$T/out" >/dev/null &&
+  [ "$(grep -c ' attached ' "$T/out")" = 3 ] || fail "cbt exports, human: $(cat "$T/out")"
+rc=0; "$CBT" exports "$T/bm/a.img.cbt" >"$T/out" 2>"$T/err" || rc=$?
+[ "$rc" = 1 ] && grep -q "running filter only" "$T/err" || fail "cbt exports FILE: rc $rc $(cat "$T/err")"
 ctl_call "$CTL" '{"execute":"query-bitmaps"}' >"$T/r"
 jq -e '.error.class == "InvalidArgument"' "$T/r" >/dev/null || fail "unaddressed request: $(cat "$T/r")"
 grep -q 'name one with \\"export\\"' "$T/r" || fail "unaddressed request, message: $(cat "$T/r")"
@@ -68,6 +88,12 @@ ctl_call "$CTL" '{"execute":"query-bitmaps","export":"nope.img"}' >"$T/r"
 jq -e '.error.class == "NotFound"' "$T/r" >/dev/null || fail "unknown export: $(cat "$T/r")"
 rc=0; "$CBT" info --socket "$CTL" >"$T/out" 2>"$T/err" || rc=$?
 [ "$rc" = 1 ] && grep -q -- "--export" "$T/err" || fail "cbt info without --export: rc $rc $(cat "$T/err")"
+grep -qF "list the tracked exports with 'cbt exports --socket $CTL'" "$T/err" ||
+  fail "cbt info without --export does not name cbt exports: $(cat "$T/err")"
+rc=0; "$CBT" info --socket "$CTL" --export nope.img >"$T/out" 2>"$T/err" || rc=$?
+[ "$rc" = 1 ] && grep -qF "export 'nope.img' is not tracked: no client has connected to it" "$T/err" &&
+  grep -qF "list the tracked exports with 'cbt exports --socket $CTL'" "$T/err" ||
+  fail "cbt info --export nope.img: rc $rc $(cat "$T/err")"
 "$CBT" info --socket "$CTL" --export b.img --output=json >"$T/out" || fail "cbt info --export b.img"
 jq -e --arg c "$T/bm/b.img.cbt" '.filename == $c' "$T/out" >/dev/null ||
   jq -e --arg c "$T/bm/b.img.cbt" '.. | strings | select(. == $c)' "$T/out" >/dev/null ||
@@ -146,11 +172,63 @@ timeout 30 "${NBDKIT_ENV[@]}" nbdkit -f -U "$T/bad.sock" --filter="$FILTER" file
   cbt-bitmap=b0 >"$T/bad.log" 2>&1 || rc=$?
 [ "$rc" != 0 ] && grep -q "must be %e (the export name) or %%" "$T/bad.log" || fail "bad template: $(cat "$T/bad.log")"
 truncate -s 0 "$T/nbdkit.log"
+# mem-y.cbt tracks a disk of another size: export y's attach is refused.
+"$CBT" create "$T/bm/mem-y.cbt" --size 2M >/dev/null || fail "cbt create mem-y.cbt"
+cp "$T/bm/mem-y.cbt" "$T/mem-y.before"
 START_EXPORT=x start_nbdkit "$URI_SOCK" --filter="$FILTER" memory 1M allocator=sparse \
-  cbt-file="$T/bm/mem-%e.cbt" cbt-bitmap=b0 cbt-create=true
+  cbt-file="$T/bm/mem-%e.cbt" cbt-bitmap=b0 cbt-create=true cbt-control="$CTL"
 [ -f "$T/bm/mem-x.cbt" ] || fail "memory export x has no container"
 rc=0; timeout 30 nbdinfo --size "$(uri "")" >/dev/null 2>&1 || rc=$?
 [ "$rc" != 0 ] || fail "the empty export name was served"
 grep -q "empty export name has no container" "$T/nbdkit.log" || fail "empty name: no reason logged"
+rc=0; timeout 30 nbdinfo --size "$(uri y)" >/dev/null 2>&1 || rc=$?
+[ "$rc" != 0 ] || fail "export y was served with a container of another size"
+cmp "$T/bm/mem-y.cbt" "$T/mem-y.before" || fail "the refused attach changed mem-y.cbt"
+# The control socket says why y is not tracked: its connection's error.
+ctl_call "$CTL" '{"execute":"query-bitmaps","export":"y"}' >"$T/r"
+jq -e '.error.class == "NotFound"' "$T/r" >/dev/null || fail "refused export y: $(cat "$T/r")"
+jq -e '.error.desc | startswith("export '"'y'"' is not tracked: its last connection was refused: ") and
+    contains("size mismatch")' "$T/r" >/dev/null || fail "refused export y, message: $(cat "$T/r")"
+rc=0; "$CBT" map --socket "$CTL" --export y --bitmap b0 >"$T/out" 2>"$T/err" || rc=$?
+[ "$rc" = 1 ] && grep -qF "export 'y' is not tracked: its last connection was refused: " "$T/err" &&
+  grep -qF "size mismatch" "$T/err" && grep -qF "'cbt exports --socket $CTL'" "$T/err" ||
+  fail "cbt map --export y: rc $rc $(cat "$T/err")"
+ctl_call "$CTL" '{"execute":"query-bitmaps","export":"z"}' >"$T/r"
+jq -e '.error.desc | contains("no client has connected to it")' "$T/r" >/dev/null ||
+  fail "export z (never connected): $(cat "$T/r")"
+"$CBT" exports --socket "$CTL" --output=json >"$T/out" || fail "cbt exports (memory)"
+jq -e '[.exports[].name] == ["x"]' "$T/out" >/dev/null ||
+  fail "cbt exports lists a refused export: $(cat "$T/out")"
+stop_nbdkit "$NBDKIT_PID"
+# A refusal before any export is tracked: the server says which and why.
+# (--run's $unixsocket is a variable of its shell: passed on as $1)
+printf '%s\n' 'nbdinfo --size "nbd+unix:///y?socket=$1" >/dev/null 2>&1 && exit 3' \
+  '"$CBT" info --socket "$T/ctl2" >"$T/out" 2>"$T/err"; echo $? >"$T/rc"' >"$T/run.sh"
+CBT=$CBT T=$T timeout 60 "${NBDKIT_ENV[@]}" nbdkit -U - --filter="$FILTER" memory 1M \
+  cbt-file="$T/bm/mem-%e.cbt" cbt-bitmap=b0 cbt-create=true cbt-control="$T/ctl2" --run "bash $T/run.sh \$unixsocket" \
+  2>>"$T/nbdkit.log" || fail "nbdkit --run (refused first export)"
+[ "$(cat "$T/rc")" = 1 ] &&
+  grep -qF "no export is tracked yet: the last connection (to export 'y') was refused: " "$T/err" &&
+  grep -qF "size mismatch" "$T/err" || fail "no export tracked, y refused: $(cat "$T/err")"
+
+# --- one container: cbt exports lists its one export ------------------------
+truncate -s 4M "$T/one.raw"
+"$CBT" create "$T/one.cbt" --size 4M >/dev/null || fail "cbt create one.cbt"
+"$CBT" bitmap "$T/one.cbt" b0 --add >/dev/null || fail "cbt bitmap one.cbt b0 --add"
+start_nbdkit "$URI_SOCK" -r --filter="$FILTER" file "$T/one.raw" cbt-file="$T/one.cbt" \
+  cbt-bitmap=b0 cbt-control="$CTL"
+"$CBT" exports --socket "$CTL" --output=json >"$T/out" || fail "cbt exports (one, read-only)"
+jq -e --arg c "$T/one.cbt" '.exports ==
+    [{"name": "", "container": $c, "attached": false, "read-only": true, "disk-size": 4194304}]' \
+  "$T/out" >/dev/null || fail "cbt exports, one read-only export: $(cat "$T/out")"
+"$CBT" exports --socket "$CTL" >"$T/out" || fail "cbt exports (one, human)"
+grep -E '^  "" +4 MiB +read-only +.*/one\.cbt$' "$T/out" >/dev/null ||
+  fail "cbt exports, one read-only export, human: $(cat "$T/out")"
+stop_nbdkit "$NBDKIT_PID"
+start_nbdkit "$URI_SOCK" --filter="$FILTER" file "$T/one.raw" cbt-file="$T/one.cbt" \
+  cbt-bitmap=b0 cbt-control="$CTL"
+"$CBT" exports --socket "$CTL" --output=json >"$T/out" || fail "cbt exports (one)"
+jq -e '[.exports[] | [.name, .attached, ."read-only", ."disk-size"]] == [["", true, false, 4194304]]' \
+  "$T/out" >/dev/null || fail "cbt exports, one export: $(cat "$T/out")"
 stop_nbdkit "$NBDKIT_PID"
 echo PASS

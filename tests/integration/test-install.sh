@@ -92,7 +92,7 @@ v=$("$ICBT" --version)
 got=$(bash -c 'source "$1"; COMP_WORDS=("$2" ""); COMP_CWORD=1; _cbt; echo "${COMPREPLY[*]}"
                COMP_WORDS=("$2" bitmap --gr); COMP_CWORD=2; _cbt; echo "${COMPREPLY[*]}"' _ \
       "$ROOT/usr/share/bash-completion/completions/cbt" "$ICBT")
-[ "$got" = "create info bitmap map check recover checkpoint backup restore serve
+[ "$got" = "create info bitmap map check recover checkpoint exports backup restore serve
 --granularity" ] || fail "bash completion offers: $got"
 
 # The installed filter, by path, over nbdkit's memory plugin: a write is
@@ -137,6 +137,14 @@ has() { # has PAGE-TEXT-FILE WORD... : notes each WORD not in the page
   for w in "$@"; do grep -qF -- "$w" "$page" || MISSING+=("$(basename "$page" .txt): $w"); done
 }
 for p in "${PAGES[@]}"; do render "$(ls "$ROOT/usr/share/man/man1/$p.1"*)" >"$T/$p.txt"; done
+# Each page's SEE ALSO names the others as man references (and nbdkit(1)).
+for p in "${PAGES[@]}"; do
+  sed -n '/^SEE ALSO/,/^[A-Z]/p' "$T/$p.txt" >"$T/$p.see"
+  grep -q '^SEE ALSO' "$T/$p.see" || fail "$p(1) has no SEE ALSO section"
+  for o in "${PAGES[@]}" nbdkit; do
+    [ "$o" = "$p" ] || grep -qF "$o(1)" "$T/$p.see" || fail "$p(1): SEE ALSO does not name $o(1): $(cat "$T/$p.see")"
+  done
+done
 if command -v man >/dev/null; then
   man -l "$ROOT/usr/share/man/man1/cbt.1"* 2>/dev/null | grep -q "^NAME" || fail "man -l cbt.1"
 fi
