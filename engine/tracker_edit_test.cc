@@ -45,50 +45,66 @@ Status Checkpoint(Tracker& t, const std::string& freeze, const std::string& next
 // bitmap; every change that started after it returned is in the new one;
 // none is in neither. Runs in every durability mode.
 void CheckpointsUnderLoad(Tracker& t) {
-  constexpr int kWriters = 4, kPerWriter = 1500, kCheckpoints = 6;
+  // Writers run until every checkpoint returned and then kTail changes more
+  // each, so some changes surely run wholly after the last checkpoint (on a
+  // loaded machine fixed-length writers could finish before the first).
+  constexpr int kWriters = 4, kTail = 200, kMaxPerWriter = 200000, kCheckpoints = 6;
   constexpr uint64_t kGranule = 64 * KiB;
+  const uint64_t granules = t.disk_size() / kGranule;
   using Clock = std::chrono::steady_clock;
   struct Op {
     Clock::time_point start, end;
   };
-  std::vector<std::vector<Op>> ops(kWriters, std::vector<Op>(kPerWriter));
+  std::vector<std::vector<Op>> ops(kWriters);
   struct Cp {
     Clock::time_point start, end;
   };
   std::vector<Cp> cps(kCheckpoints);
   testing::WorkerFailures failures;
-  std::atomic<int> done{0};
+  std::atomic<bool> checkpoints_done{false};
+  std::atomic<int> started{0};
   std::vector<std::thread> writers;
+  // Writer w's change i marks granule (i * kWriters + w) mod granules: a
+  // granule may be changed again later, which only adds bits elsewhere.
+  auto offset = [&](int w, size_t i) {
+    return (static_cast<uint64_t>(i) * kWriters + static_cast<uint64_t>(w)) % granules * kGranule;
+  };
   for (int w = 0; w < kWriters; ++w) {
     writers.emplace_back([&, w] {
-      for (int i = 0; i < kPerWriter; ++i) {
-        const uint64_t granule = static_cast<uint64_t>(i) * kWriters + w;
-        ops[w][i].start = Clock::now();
+      int tail = 0;
+      for (size_t i = 0; i < kMaxPerWriter && tail < kTail; ++i) {
+        if (i == 0) started.fetch_add(1);
+        if (checkpoints_done.load()) ++tail;
+        Op op;
+        op.start = Clock::now();
         {
-          auto c = t.BeginChange(granule * kGranule, 4096);
+          auto c = t.BeginChange(offset(w, i), 4096);
           if (!failures.Check(c.ok(), [&] { return "BeginChange: " + c.status().ToString(); }))
             break;
           std::this_thread::yield();  // "forwarding"
         }
-        ops[w][i].end = Clock::now();
+        op.end = Clock::now();
+        ops[w].push_back(op);
       }
-      done.fetch_add(1);
     });
   }
-  for (int k = 0; k < kCheckpoints; ++k) {
+  while (started.load() < kWriters) std::this_thread::sleep_for(1ms);
+  Status cp_status;
+  for (int k = 0; k < kCheckpoints && cp_status.ok(); ++k) {
     std::this_thread::sleep_for(2ms);
     cps[k].start = Clock::now();
-    Status s = Checkpoint(t, "b" + std::to_string(k), "b" + std::to_string(k + 1));
+    cp_status = Checkpoint(t, "b" + std::to_string(k), "b" + std::to_string(k + 1));
     cps[k].end = Clock::now();
-    ASSERT_TRUE(s.ok()) << s.ToString();
   }
+  checkpoints_done.store(true);
   for (auto& th : writers) th.join();
+  ASSERT_TRUE(cp_status.ok()) << cp_status.ToString();
   failures.Report();
   // Which bitmap must hold a change: the epoch it ran in.
   int before = 0, after = 0, straddle = 0;
   for (int w = 0; w < kWriters; ++w) {
-    for (int i = 0; i < kPerWriter; ++i) {
-      const uint64_t off = (static_cast<uint64_t>(i) * kWriters + w) * kGranule;
+    for (size_t i = 0; i < ops[w].size(); ++i) {
+      const uint64_t off = offset(w, i);
       const Op& op = ops[w][i];
       int first = -1, last = -1;  // epochs that may hold it
       for (int k = 0; k <= kCheckpoints; ++k) {
