@@ -225,13 +225,13 @@ done
 echo "ok: bad containers refused with the filter's message, no server left"
 
 # --- TLS (PSK, then x509) over TCP on 127.0.0.1 ---
-# Not in the sanitizer build: there a forked nbdkit with TLS hangs at exit,
+# Not in the sanitizer build: there nbdkit with TLS hangs at exit (forked or not),
 # after SIGTERM, in libp11-kit's destructor (gnutls's dependency):
 # freelocale waits forever on glibc's setlocale lock (gdb: _dl_fini ->
 # libp11-kit.so fini -> __freelocale -> __libc_setlocale_lock), also with no
 # client ever connected. Not cbt's code; the default build runs these parts.
 if [ "${#NBDKIT_ENV[@]}" -gt 0 ]; then
-  echo "TLS parts skipped: sanitizer build (a forked nbdkit with TLS hangs at exit in libp11-kit's destructor under the ASan preload)"
+  echo "TLS parts skipped: sanitizer build (nbdkit with TLS hangs at exit in libp11-kit's destructor under the ASan preload)"
 else
   # --- TCP on 127.0.0.1 with TLS PSK ---
   PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
