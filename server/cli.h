@@ -51,6 +51,16 @@ bool ParseFileCommand(const std::vector<std::string>& args, po::options_descript
                       CommonOptions& common, std::string& file, const char* synopsis,
                       const char* description, const std::string* socket = nullptr);
 
+// The common shape of a subcommand that asks a running filter only: adds
+// the common options to `desc`, parses args, prints the help and returns
+// true when -h was given, applies -v/--output, and throws UsageError for a
+// positional FILE ("NAME works on a running filter only: give --socket
+// PATH, not 'FILE' (HINT)", `offline_hint(FILE)`) or a missing --socket.
+bool ParseSocketCommand(const std::vector<std::string>& args, po::options_description& desc,
+                        CommonOptions& common, const std::string& socket, const char* name,
+                        const char* synopsis, const char* description,
+                        std::string (*offline_hint)(const std::string& file));
+
 // Prints "Usage: <synopsis>\n\n<description>\n\n<options>" to stdout.
 void PrintHelp(const std::string& synopsis, const std::string& description,
                const po::options_description& desc);

@@ -35,25 +35,13 @@ int RunCheckpoint(const std::vector<std::string>& args) {
       "freeze", po::value(&freeze)->value_name("OLD"), "the bitmap to stop (required)")(
       "new", po::value(&new_name)->value_name("NEW"), "the bitmap to start (required)");
   AddExportOption(desc);
-  AddCommonOptions(desc, common);
-  std::vector<std::string> files;  // only to refuse them clearly
-  po::options_description hidden;
-  hidden.add_options()("file", po::value(&files));
-  po::positional_options_description pos;
-  pos.add("file", -1);
-  po::variables_map vm;
-  ParseCommandLine(args, desc, hidden, pos, vm);
-  if (common.help) {
-    PrintHelp(kSynopsis, kDescription, desc);
+  if (ParseSocketCommand(args, desc, common, socket, "checkpoint", kSynopsis, kDescription,
+                         [](const std::string&) {
+                           return std::string(
+                               "offline: 'cbt bitmap FILE OLD --disable', then 'cbt bitmap FILE "
+                               "NEW --add'");
+                         }))
     return kExitOk;
-  }
-  ApplyCommonOptions(common);
-  if (!files.empty())
-    throw UsageError("checkpoint works on a running filter only: give --socket PATH, not '" +
-                     files[0] + "' (offline: 'cbt bitmap FILE OLD --disable', then 'cbt bitmap " +
-                     "FILE NEW --add')");
-  if (socket.empty())
-    throw UsageError("missing --socket PATH (checkpoint works on a running filter only)");
   if (freeze.empty()) throw UsageError("missing --freeze OLD");
   if (new_name.empty()) throw UsageError("missing --new NEW");
   if (freeze == new_name) throw UsageError("--freeze and --new name the same bitmap");

@@ -68,6 +68,33 @@ void ParseCommandLine(const std::vector<std::string>& args, const po::options_de
   po::notify(vm);
 }
 
+bool ParseSocketCommand(const std::vector<std::string>& args, po::options_description& desc,
+                        CommonOptions& common, const std::string& socket, const char* name,
+                        const char* synopsis, const char* description,
+                        std::string (*offline_hint)(const std::string& file)) {
+  AddCommonOptions(desc, common);
+  std::vector<std::string> files;  // only to refuse them clearly
+  po::options_description hidden;
+  hidden.add_options()("file", po::value(&files));
+  po::positional_options_description pos;
+  pos.add("file", -1);
+  po::variables_map vm;
+  ParseCommandLine(args, desc, hidden, pos, vm);
+  if (common.help) {
+    PrintHelp(synopsis, description, desc);
+    return true;
+  }
+  ApplyCommonOptions(common);
+  if (!files.empty())
+    throw UsageError(std::string(name) +
+                     " works on a running filter only: give --socket PATH, not '" + files[0] +
+                     "' (" + offline_hint(files[0]) + ")");
+  if (socket.empty())
+    throw UsageError("missing --socket PATH (" + std::string(name) +
+                     " works on a running filter only)");
+  return false;
+}
+
 bool ParseFileCommand(const std::vector<std::string>& args, po::options_description& desc,
                       CommonOptions& common, std::string& file, const char* synopsis,
                       const char* description, const std::string* socket) {

@@ -72,25 +72,11 @@ int RunExports(const std::vector<std::string>& args) {
   po::options_description desc("Options");
   desc.add_options()("socket", po::value(&socket)->value_name("PATH"),
                      "the filter's control socket (cbt-control=PATH; required)");
-  AddCommonOptions(desc, common);
-  std::vector<std::string> files;  // only to refuse them clearly
-  po::options_description hidden;
-  hidden.add_options()("file", po::value(&files));
-  po::positional_options_description pos;
-  pos.add("file", -1);
-  po::variables_map vm;
-  ParseCommandLine(args, desc, hidden, pos, vm);
-  if (common.help) {
-    PrintHelp(kSynopsis, kDescription, desc);
+  if (ParseSocketCommand(args, desc, common, socket, "exports", kSynopsis, kDescription,
+                         [](const std::string& file) {
+                           return "a stored container tracks one disk: 'cbt info " + file + "'";
+                         }))
     return kExitOk;
-  }
-  ApplyCommonOptions(common);
-  if (!files.empty())
-    throw UsageError("exports works on a running filter only: give --socket PATH, not '" +
-                     files[0] + "' (a stored container tracks one disk: 'cbt info " + files[0] +
-                     "')");
-  if (socket.empty())
-    throw UsageError("missing --socket PATH (exports works on a running filter only)");
 
   Result<std::vector<ExportRow>> rows = QueryExports(socket);
   if (!rows.ok()) return Fail(rows.status());
