@@ -42,6 +42,14 @@ void ApplyCommonOptions(const CommonOptions& common);
 // -f / -F FMT as qemu-img takes it: UsageError unless FMT is qcow2.
 void CheckImageFormat(const std::string& fmt, const char* option);
 
+// Adds the common options to `desc`, parses args (positionals into
+// `positionals`, all of them), prints the help and returns true when -h was
+// given (the caller exits 0), else applies -v/--output. `vm`, if given,
+// receives the parsed options.
+bool ParseCommand(const std::vector<std::string>& args, po::options_description& desc,
+                  CommonOptions& common, std::vector<std::string>& positionals,
+                  const char* synopsis, const char* description, po::variables_map* vm = nullptr);
+
 // The common shape of a subcommand taking one FILE: adds the common options
 // to `desc`, parses args (FILE positional), prints the help and returns true
 // when -h was given (the caller exits 0), applies -v/--output, and throws

@@ -448,19 +448,9 @@ int RunBackup(const std::vector<std::string>& all_args) {
       "endpoint on PATH even when no session is open (after a restart of the server)")(
       "id", po::value(&id)->value_name("N"), "end: the session to end (default: the open one)");
   AddExportOption(desc);
-  AddCommonOptions(desc, common);
   std::vector<std::string> files;
-  po::options_description hidden;
-  hidden.add_options()("file", po::value(&files));
-  po::positional_options_description pos;
-  pos.add("file", -1);
   po::variables_map vm;
-  ParseCommandLine(args, desc, hidden, pos, vm);
-  if (common.help) {
-    PrintHelp(kRunSynopsis, kRunDescription, desc);
-    return kExitOk;
-  }
-  ApplyCommonOptions(common);
+  if (ParseCommand(args, desc, common, files, kRunSynopsis, kRunDescription, &vm)) return kExitOk;
   o.format = common.format();
   if (!files.empty()) throw UsageError("unexpected argument '" + files[0] + "'");
   if (!disk.empty() || !container.empty()) {

@@ -68,23 +68,30 @@ void ParseCommandLine(const std::vector<std::string>& args, const po::options_de
   po::notify(vm);
 }
 
-bool ParseSocketCommand(const std::vector<std::string>& args, po::options_description& desc,
-                        CommonOptions& common, const std::string& socket, const char* name,
-                        const char* synopsis, const char* description,
-                        std::string (*offline_hint)(const std::string& file)) {
+bool ParseCommand(const std::vector<std::string>& args, po::options_description& desc,
+                  CommonOptions& common, std::vector<std::string>& positionals,
+                  const char* synopsis, const char* description, po::variables_map* vm) {
   AddCommonOptions(desc, common);
-  std::vector<std::string> files;  // only to refuse them clearly
   po::options_description hidden;
-  hidden.add_options()("file", po::value(&files));
+  hidden.add_options()("file", po::value(&positionals));
   po::positional_options_description pos;
   pos.add("file", -1);
-  po::variables_map vm;
-  ParseCommandLine(args, desc, hidden, pos, vm);
+  po::variables_map local;
+  ParseCommandLine(args, desc, hidden, pos, vm != nullptr ? *vm : local);
   if (common.help) {
     PrintHelp(synopsis, description, desc);
     return true;
   }
   ApplyCommonOptions(common);
+  return false;
+}
+
+bool ParseSocketCommand(const std::vector<std::string>& args, po::options_description& desc,
+                        CommonOptions& common, const std::string& socket, const char* name,
+                        const char* synopsis, const char* description,
+                        std::string (*offline_hint)(const std::string& file)) {
+  std::vector<std::string> files;  // only to refuse them clearly
+  if (ParseCommand(args, desc, common, files, synopsis, description)) return true;
   if (!files.empty())
     throw UsageError(std::string(name) +
                      " works on a running filter only: give --socket PATH, not '" + files[0] +
@@ -98,18 +105,10 @@ bool ParseSocketCommand(const std::vector<std::string>& args, po::options_descri
 bool ParseFileCommand(const std::vector<std::string>& args, po::options_description& desc,
                       CommonOptions& common, std::string& file, const char* synopsis,
                       const char* description, const std::string* socket) {
-  AddCommonOptions(desc, common);
-  po::options_description hidden;
-  hidden.add_options()("file", po::value(&file));
-  po::positional_options_description pos;
-  pos.add("file", 1);
-  po::variables_map vm;
-  ParseCommandLine(args, desc, hidden, pos, vm);
-  if (common.help) {
-    PrintHelp(synopsis, description, desc);
-    return true;
-  }
-  ApplyCommonOptions(common);
+  std::vector<std::string> files;
+  if (ParseCommand(args, desc, common, files, synopsis, description)) return true;
+  if (files.size() > 1) throw UsageError("unexpected argument '" + files[1] + "'");
+  if (!files.empty()) file = files[0];
   if (socket && !socket->empty()) {
     if (!file.empty())
       throw UsageError(
