@@ -173,10 +173,12 @@ def qemu_dirty_granules(container, sock):
     """The bitmap as QEMU reads it: qemu-nbd -r -B b0, nbdinfo --map."""
     if os.path.exists(sock):
         os.unlink(sock)
-    q = subprocess.Popen(["qemu-nbd", "-r", "-f", "qcow2", "-B", "b0", "-k", sock, container],
+    # -t: the readiness handshake below must not end the server. Served, not
+    # just bound: the socket file exists a moment before qemu-nbd listens.
+    q = subprocess.Popen(["qemu-nbd", "-t", "-r", "-f", "qcow2", "-B", "b0", "-k", sock, container],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_for(lambda: os.path.exists(sock) or q.poll() is not None, 30, "qemu-nbd")
+        wait_for(lambda: q.poll() is not None or served(sock), 30, "qemu-nbd")
         if q.poll() is not None:
             raise RuntimeError(f"qemu-nbd exited {q.returncode}: {q.stderr.read().decode().strip()}")
         r = subprocess.run(["nbdinfo", "--json", "--map=qemu:dirty-bitmap:b0",
