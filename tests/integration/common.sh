@@ -28,6 +28,11 @@ wait_for() {
     sleep 0.05
   done
 }
+# wait_served SOCK : until an NBD server on unix socket SOCK completes a
+# handshake (60 s). The socket file exists a moment before qemu-nbd listens.
+wait_served() {
+  wait_for 60 eval "timeout 10 nbdinfo --size 'nbd+unix:///?socket=$1' >/dev/null 2>&1"
+}
 skip() { echo "SKIP: $*"; exit 77; }
 need() { local t; for t in "$@"; do command -v "$t" >/dev/null || skip "$t is not installed"; done; }
 

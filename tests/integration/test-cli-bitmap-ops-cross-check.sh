@@ -130,7 +130,7 @@ expect_in "$ERR" "unknown subcommand 'frobnicate'"
 # A file QEMU holds for writing is refused (QEMU's OFD locks).
 qemu-nbd -t --shared=0 -f qcow2 -k "$T/s.sock" o.cbt 2>/dev/null &
 PIDS+=($!)
-wait_for 60 [ -S "$T/s.sock" ] || fail "qemu-nbd did not start"
+wait_served "$T/s.sock" || fail "qemu-nbd did not start"
 cp o.cbt before
 cbt_err 1 bitmap o.cbt m --clear
 cmp o.cbt before || fail "changed a file QEMU holds"

@@ -11,7 +11,7 @@ cbt_ok bitmap d.cbt b1 --add --disabled
 qemu-nbd -t --shared=0 -f qcow2 -k "$T/s.sock" d.cbt 2>"$T/nbd.log" &
 nbd=$!
 PIDS+=("$nbd")
-wait_for 60 [ -S "$T/s.sock" ] || fail "qemu-nbd did not start"
+wait_served "$T/s.sock" || fail "qemu-nbd did not start"
 qemu-io -f raw -c 'write 2M 4k' "nbd+unix:///?socket=$T/s.sock" >/dev/null
 kill -9 "$nbd"
 wait "$nbd" 2>/dev/null || true

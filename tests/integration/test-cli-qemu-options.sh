@@ -36,7 +36,7 @@ qemu-io -f qcow2 -c 'write 0 64k' d.cbt >/dev/null
 # may exit before the kill, and the kill fails).
 qemu-nbd -t -f qcow2 -k "$T/s.sock" d.cbt 2>"$T/nbd.err" &
 NBD=$!; PIDS+=("$NBD")
-wait_for 60 [ -S "$T/s.sock" ] || fail "qemu-nbd did not start: $(cat "$T/nbd.err")"
+wait_served "$T/s.sock" || fail "qemu-nbd did not start: $(cat "$T/nbd.err")"
 ! qemu-img info d.cbt >/dev/null 2>&1 || fail "setup: qemu-img info opens a file qemu-nbd holds"
 qemu-img info -U d.cbt >/dev/null || fail "setup: qemu-img info -U refuses"
 cbt_err 1 info d.cbt

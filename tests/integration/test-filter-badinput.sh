@@ -47,7 +47,7 @@ snapshot
 # ... or by qemu-nbd.
 qemu-nbd -t -f qcow2 -k "$T/qsock" "$T/disk.cbt" 2>/dev/null &
 qpid=$!; PIDS+=("$qpid")
-wait_for 60 [ -S "$T/qsock" ] || fail "timed out (60 s)"
+wait_served "$T/qsock" || fail "timed out (60 s)"
 snapshot  # qemu-nbd's own open sets in_use
 expect_refusal "writ" "${base[@]}" cbt-bitmap=b0
 kill "$qpid"; wait "$qpid" 2>/dev/null || true

@@ -16,7 +16,7 @@ echo "ok: memory plugin"
 qemu-img create -q -f qcow2 "$T/data.qcow2" 80M
 qemu-nbd -t -f qcow2 --cache=writeback -k "$T/qsock" "$T/data.qcow2" 2>>"$T/qemu-nbd.log" &
 qpid=$!; PIDS+=("$qpid")
-wait_for 60 [ -S "$T/qsock" ] || fail "qemu-nbd did not start"
+wait_served "$T/qsock" || fail "qemu-nbd did not start"
 start_nbdkit "$T/sock" --filter="$FILTER" nbd socket="$T/qsock" \
   cbt-file="$T/q.cbt" cbt-bitmap=b0 cbt-create=true cbt-granularity=128K
 "$NBD_LOAD" --socket "$T/sock" --seed 32 --ops 1500 --granularity 131072 --expected "$T/q.json"
