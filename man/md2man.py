@@ -87,7 +87,10 @@ def see_also(refs, src):
     for n, (page, sect) in enumerate(parsed):
         out.append(".BR %s (%s)%s" % (esc(page), sect, "," if n + 1 < len(parsed) else ""))
     out.append(".PP")
-    out.append("This page is made from %s of the cbt sources." % esc("docs/" + src))
+    out.append("This page is made from %s of the cbt sources. The documents it names"
+               " (\\fIbackup.md\\fP, \\fIcontrol.md\\fP, ...) are installed in"
+               " \\fIshare/doc/nbdkit-cbt\\fP under the install prefix"
+               " (\\fI/usr/share/doc/nbdkit-cbt\\fP from the Debian package)." % esc("docs/" + src))
     return out
 
 

@@ -59,7 +59,9 @@ fi
 want=(usr/bin/cbt "${FILTERDIR#/}/nbdkit-cbt-filter.so" "${PLUGINDIR#/}/nbdkit-qcow2-plugin.so"
       usr/share/bash-completion/completions/cbt
       usr/share/doc/nbdkit-cbt/examples/systemd/cbt@.service
-      usr/share/doc/nbdkit-cbt/examples/systemd/disk.env)
+      usr/share/doc/nbdkit-cbt/examples/systemd/disk.env usr/share/doc/nbdkit-cbt/README.md)
+# The documents the man pages name.
+for d in "$SRC"/docs/*.md; do want+=("usr/share/doc/nbdkit-cbt/$(basename "$d")"); done
 PAGES=(nbdkit-cbt-filter nbdkit-qcow2-plugin cbt)
 [ -f "$SRC/docs/serve.md" ] && PAGES+=(cbt-serve)
 for p in "${PAGES[@]}"; do
@@ -182,6 +184,18 @@ for s in "${subs[@]}"; do
 done
 [ "${#MISSING[@]}" -eq 0 ] || fail "not in the man pages (document them in docs/): ${MISSING[*]}"
 echo "ok: man pages render; filter ${#fparams[@]} params, plugin ${#pparams[@]}, cbt ${#subs[@]} subcommands / $n options all documented"
+
+# The unit example names the installed cbt: /usr/bin/cbt here (prefix
+# /usr), PREFIX/bin/cbt after `cmake --install --prefix PREFIX` (not
+# /usr/bin/cbt, which may be Google's Bigtable client or nothing).
+grep -q '^ExecStart=/usr/bin/cbt serve ' "$ROOT/usr/share/doc/nbdkit-cbt/examples/systemd/cbt@.service" ||
+  fail "the packaged unit does not run /usr/bin/cbt: $(grep ExecStart "$ROOT/usr/share/doc/nbdkit-cbt/examples/systemd/cbt@.service")"
+DESTDIR=$T/opt-root timeout 120 cmake --install "$CBT_BUILD" --prefix /opt/cbt >"$T/install-opt.log" 2>&1 ||
+  { tail -20 "$T/install-opt.log" >&2; fail "cmake --install --prefix /opt/cbt failed"; }
+grep -q '^ExecStart=/opt/cbt/bin/cbt serve ' "$T/opt-root/opt/cbt/share/doc/nbdkit-cbt/examples/systemd/cbt@.service" ||
+  fail "installed under /opt/cbt, the unit runs: $(grep ExecStart "$T/opt-root/opt/cbt/share/doc/nbdkit-cbt/examples/systemd/cbt@.service")"
+[ -x "$T/opt-root/opt/cbt/bin/cbt" ] || fail "no /opt/cbt/bin/cbt after cmake --install --prefix /opt/cbt"
+echo "ok: the unit example runs the installed cbt (/usr/bin/cbt, /opt/cbt/bin/cbt)"
 
 # The systemd unit example: its ExecStart with the example env file (paths
 # moved into $T), run as systemd runs it (Type=notify: in the foreground,
