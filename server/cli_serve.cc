@@ -197,6 +197,13 @@ void Validate(ServeOptions& o, bool port_given) {
                      "': cbt serve serves one disk; a %e template needs nbdkit itself "
                      "(docs/filter.md)");
   o.disk = Absolute(o.disk, "DISK");
+  struct stat st {};
+  if (::stat(o.disk.c_str(), &st) != 0)
+    throw UsageError(
+        "DISK " + o.disk + ": " + std::strerror(errno) +
+        (errno == ENOENT ? " (make one with qemu-img create, or name an existing disk)" : ""));
+  if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))
+    throw UsageError("DISK " + o.disk + ": not a regular file or block device");
   if (o.container.empty() && o.format == "raw") o.container = o.disk + ".cbt";
   for (auto [path, what] : {std::pair{&o.container, "--container"},
                             {&o.socket, "--socket"},

@@ -314,7 +314,8 @@ echo "no key here" >bad.psk
 for args in "disk.raw" "disk.raw --socket a --port 1" "disk.raw --socket a --tls-psk bad.psk" \
             "disk.raw --socket a --format vmdk" \
             "disk.raw --socket a --durability fast" "disk.raw --socket a --tls-psk x --tls-creds y" \
-            "disk.raw --socket a -o novalue" "disk.raw --socket a --log x.log"; do
+            "disk.raw --socket a -o novalue" "disk.raw --socket a --log x.log" \
+            "no-such.raw --socket a" "$T --socket a"; do
   # shellcheck disable=SC2086
   serve $args
   [ "$RC" = 1 ] || fail "cbt serve $args exited $RC, want 1"
