@@ -3,6 +3,7 @@
 #include <libnbd.h>
 
 #include <algorithm>
+#include <cstring>
 #include <deque>
 #include <memory>
 #include <span>
@@ -144,9 +145,10 @@ Status CopyRanges(const std::string& uri, uint64_t disk_size, const std::vector<
     std::unique_ptr<Req> r(static_cast<Req*>(ud));
     if (!r->first_error->ok()) return 1;
     if (*error) {
-      *r->first_error = Status::IOError(
-          "reading " + std::to_string(r->length) + " bytes at " + std::to_string(r->offset),
-          *error);
+      *r->first_error =
+          Status::IOError("reading " + std::to_string(r->length) + " bytes at " +
+                              std::to_string(r->offset) + ": " + std::strerror(*error),
+                          *error);
       return 1;
     }
     Status s = r->w->WriteData(r->offset, std::span<const std::byte>(r->buf.get(), r->length));

@@ -119,29 +119,20 @@ Status ControlServer::Start() {
   // umask, so setting it before bind() leaves no moment at which the file is
   // wider than 0600. chmod() afterwards only undoes a stricter umask.
   if (fchmod(listen_fd_, 0600) != 0) return Status::FromErrno(errno, "control socket: fchmod");
-  // Bound and listening under a temporary name in the same directory, then
-  // renamed: a client that sees PATH can connect (no window between bind
-  // and listen in which it would be refused). A path too long for the
-  // temporary name is bound directly.
-  const size_t slash = path.rfind('/');
-  const std::string bound =
-      (slash == std::string::npos ? std::string() : path.substr(0, slash + 1)) + ".cbt-ctl." +
-      std::to_string(getpid());
-  sockaddr_un tmp_addr;
-  const bool via_tmp = FillAddr(bound, &tmp_addr).ok();
-  if (via_tmp) unlink(bound.c_str());  // left by a crashed process of this pid: ours now
-  const std::string& at = via_tmp ? bound : path;
-  if (bind(listen_fd_, reinterpret_cast<sockaddr*>(via_tmp ? &tmp_addr : &addr), sizeof(addr)) != 0)
-    return Status::FromErrno(errno, "control socket '" + at + "': bind");
-  if (chmod(at.c_str(), 0600) != 0 || lstat(at.c_str(), &st) != 0 || listen(listen_fd_, 16) != 0 ||
-      pipe2(wake_, O_CLOEXEC | O_NONBLOCK) != 0 ||
-      (via_tmp && rename(at.c_str(), path.c_str()) != 0)) {
+  if (bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0)
+    return Status::FromErrno(errno, "control socket '" + path + "': bind");
+  if (chmod(path.c_str(), 0600) != 0 || lstat(path.c_str(), &st) != 0) {
     Status s = Status::FromErrno(errno, "control socket '" + path + "'");
-    unlink(at.c_str());
+    unlink(path.c_str());
     return s;
   }
   dev_ = st.st_dev;
   ino_ = st.st_ino;
+  if (listen(listen_fd_, 16) != 0 || pipe2(wake_, O_CLOEXEC | O_NONBLOCK) != 0) {
+    Status s = Status::FromErrno(errno, "control socket '" + path + "': listen");
+    unlink(path.c_str());
+    return s;
+  }
   acceptor_ = std::thread([this] { AcceptLoop(); });
   return Status::OK();
 }
