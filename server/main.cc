@@ -55,8 +55,8 @@ void PrintUsage(FILE* out) {
   for (const Command& c : kCommands) std::fprintf(out, "  %-10s %s\n", c.name, c.summary);
   std::fprintf(out,
                "\n'cbt SUBCOMMAND --help' shows a subcommand's options. "
-               "Every subcommand takes\n-v (debug log on stderr), --output=json and "
-               "-f qcow2. See docs/cli.md.\n");
+               "Every subcommand takes\n-v (debug log on stderr) and --output=json. "
+               "See docs/cli.md.\n");
 }
 
 std::string CommandList() {
