@@ -43,7 +43,7 @@ void MaybePause(int fd) {
   }
   const char* go = std::getenv("CBT_PAUSE_GO");
   if (!go || !*go) return;
-  const timespec tick{0, 10 * 1000 * 1000};
+  const timespec tick{0, 10'000'000};
   struct stat st;
   for (int i = 0; i < 6000 && stat(go, &st) != 0; ++i) nanosleep(&tick, nullptr);
 }
