@@ -252,6 +252,64 @@ Status UpdateBitmapIdentity(qcow2::Image& img, std::string_view bitmap, const Di
   return img.SetPrivateRecord(kIdentityExtensionType, r.Serialize());
 }
 
+IdentityVerdict JudgeDiskIdentity(const IdentityRecord& rec,
+                                  const std::vector<qcow2::BitmapInfo>& bitmaps,
+                                  const DiskIdentity& now) {
+  IdentityVerdict v;
+  for (const qcow2::BitmapInfo& info : bitmaps) {
+    if (!info.enabled) continue;  // frozen: records nothing, misses nothing
+    const DiskIdentity* was = info.consistent ? rec.For(info.name) : nullptr;
+    if (!was) {
+      v.missing.push_back(info.name);
+      continue;
+    }
+    if (DescribeContentChange(*was, now).empty()) {
+      // Same size and mtime: the same disk, perhaps moved or copied to
+      // another path or host (recorded anew at the next clean stop).
+      if (std::string d = DescribeIdentityChange(*was, now); !d.empty() && v.moved.empty())
+        v.moved = d;
+      continue;
+    }
+    v.changed.push_back(info.name);
+    if (v.what.empty()) v.what = DescribeIdentityChange(*was, now);
+  }
+  return v;
+}
+
+std::string QuotedNames(const std::vector<std::string>& names) {
+  std::string s;
+  for (const std::string& n : names) s += (s.empty() ? "'" : ", '") + n + "'";
+  return s;
+}
+
+std::string UnknownIdentityNote(const std::string& reason) {
+  return "the disk's identity cannot be known (" + reason +
+         "): changes made to it while no tracker runs cannot be detected";
+}
+
+std::string MissingIdentityNote(const IdentityVerdict& v, const DiskIdentity& now) {
+  return "no disk identity recorded for bitmap(s) " + QuotedNames(v.missing) +
+         " (a container from before this check, an unclean stop, or another program wrote the "
+         "container): changes made to " +
+         now.path + " while no tracker ran cannot be detected this time";
+}
+
+std::string MovedDiskNote(const IdentityVerdict& v) {
+  return "the disk moved (" + v.moved +
+         ") with its size and modification time: taken as the same disk";
+}
+
+std::string ChangedDiskRefusal(const IdentityVerdict& v, const DiskIdentity& now,
+                               const std::string& container, const std::string& compare,
+                               const std::string& otherwise) {
+  const std::string name = v.changed.size() == 1 ? v.changed[0] : "NAME";
+  return "disk " + now.path + " changed while no tracker ran (" + v.what + "): bitmap(s) " +
+         QuotedNames(v.changed) + " in " + container +
+         " would miss those changes; make them match the disk with 'cbt recover " + container +
+         " --bitmap " + name + " --compare " + compare + "' (or --mark-all: everything dirty)" +
+         (v.changed.size() > 1 ? " for each of them" : "") + ", or " + otherwise;
+}
+
 std::optional<std::string> RecordedDiskPath(const qcow2::Image& img,
                                             const std::string& container_path,
                                             std::string_view bitmap) {

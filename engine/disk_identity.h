@@ -39,7 +39,8 @@ namespace cbt {
 
 namespace qcow2 {
 class Image;
-}
+struct BitmapInfo;
+}  // namespace qcow2
 
 inline constexpr uint32_t kIdentityExtensionType = 0x43425444;  // "CBTD"
 
@@ -114,6 +115,42 @@ Result<IdentityRecord> LoadIdentityRecord(const qcow2::Image& img);
 // 'cbt recover' (--mark-all, --compare) once the bitmap matches the disk
 // as it is now, so that the filter's next start accepts it.
 Status UpdateBitmapIdentity(qcow2::Image& img, std::string_view bitmap, const DiskIdentity& id);
+
+// The check made before a bitmap is trusted to describe the disk's changes
+// (P4, docs/crash-safety.md): by the filter at attach (every enabled
+// bitmap, engine/tracker_identity.cc) and by the offline `cbt backup` (the
+// bitmap it reads, server/cli_backup_offline.cc). How the enabled ones of
+// `bitmaps` stand against the disk as it is now, by their entries in `rec`.
+struct IdentityVerdict {
+  // No entry, or inconsistent (crash recovery: the entry went with the
+  // first change): changes made while no tracker ran cannot be detected.
+  std::vector<std::string> missing;
+  // Recorded for the disk with another size or mtime: they would miss what
+  // was written meanwhile.
+  std::vector<std::string> changed;
+  std::string what;   // how, for the first changed one (DescribeIdentityChange)
+  std::string moved;  // the same disk moved (first such bitmap's change), else empty
+};
+IdentityVerdict JudgeDiskIdentity(const IdentityRecord& rec,
+                                  const std::vector<qcow2::BitmapInfo>& bitmaps,
+                                  const DiskIdentity& now);
+
+// The one-line texts of that check, the same wherever it runs.
+// "'a', 'b'".
+std::string QuotedNames(const std::vector<std::string>& names);
+// The disk's identity cannot be known (reason): nothing can be detected.
+std::string UnknownIdentityNote(const std::string& reason);
+// For verdict.missing (REQUIRES: not empty).
+std::string MissingIdentityNote(const IdentityVerdict& v, const DiskIdentity& now);
+// For verdict.moved (REQUIRES: not empty).
+std::string MovedDiskNote(const IdentityVerdict& v);
+// The refusal for verdict.changed (REQUIRES: not empty): the disk, what
+// changed, the bitmaps, and the fixes: 'cbt recover CONTAINER --bitmap NAME
+// --compare COMPARE' (COMPARE: "BACKUP" or the actual arguments) or
+// --mark-all, "or " + otherwise.
+std::string ChangedDiskRefusal(const IdentityVerdict& v, const DiskIdentity& now,
+                               const std::string& container, const std::string& compare,
+                               const std::string& otherwise);
 
 // The path of the disk bitmap `bitmap` was recorded for (its entry), else
 // the container's data-file link resolved against container_path's

@@ -114,6 +114,44 @@ TEST(IdentityRecord, SetBounds) {
   EXPECT_TRUE(IdentityRecord::Parse(r.Serialize()).ok());
 }
 
+// The verdict the filter's attach and the offline backup share: frozen
+// bitmaps are not looked at, inconsistent ones count as unrecorded, a disk
+// moved with its size and mtime is the same disk.
+TEST(IdentityRecord, JudgeDiskIdentity) {
+  const IdentityRecord r = TwoDisks();  // b0, b1 at 1700000000; older at 1600000000
+  auto info = [](std::string name, bool enabled, bool consistent) {
+    qcow2::BitmapInfo b;
+    b.name = std::move(name);
+    b.enabled = enabled;
+    b.consistent = consistent;
+    return b;
+  };
+  const DiskIdentity same = Id("/srv/disk.raw", 7, 1700000000);
+  IdentityVerdict v = JudgeDiskIdentity(
+      r, {info("b0", true, true), info("older", false, true), info("new", true, true)}, same);
+  EXPECT_TRUE(v.changed.empty());  // 'older' is frozen: not judged
+  EXPECT_EQ(v.missing, std::vector<std::string>{"new"});
+  EXPECT_TRUE(v.moved.empty());
+
+  v = JudgeDiskIdentity(r, {info("b0", true, true), info("b1", true, false)},
+                        Id("/mnt/moved.raw", 99, 1700000000));
+  EXPECT_TRUE(v.changed.empty());
+  EXPECT_EQ(v.missing, std::vector<std::string>{"b1"});  // inconsistent: no entry counts
+  EXPECT_NE(v.moved.find("/mnt/moved.raw"), std::string::npos) << v.moved;
+
+  v = JudgeDiskIdentity(r, {info("b0", true, true), info("older", true, true)}, same);
+  EXPECT_EQ(v.changed, std::vector<std::string>{"older"});
+  EXPECT_NE(v.what.find("mtime 1600000000.123456789 -> 1700000000.123456789"), std::string::npos)
+      << v.what;
+  const std::string msg = ChangedDiskRefusal(v, same, "/srv/disk.cbt", "BACKUP", "else");
+  EXPECT_NE(msg.find("bitmap(s) 'older' in /srv/disk.cbt would miss those changes"),
+            std::string::npos)
+      << msg;
+  EXPECT_NE(msg.find("'cbt recover /srv/disk.cbt --bitmap older --compare BACKUP'"),
+            std::string::npos)
+      << msg;
+}
+
 TEST(IdentityRecord, DescribeChange) {
   DiskIdentity a = Id("/d", 1, 10), b = a;
   EXPECT_EQ(DescribeIdentityChange(a, b), "");

@@ -41,76 +41,30 @@ Status Tracker::CheckDiskIdentity() {
   auto source = IdentitySource();
   if (!source) {
     spdlog::info(
-        "{}: the disk's identity cannot be known ({}): changes made to it while no tracker "
-        "runs cannot be detected",
-        Where(),
-        opts_.no_identity_reason.empty() ? "no file= and no data-file link"
-                                         : opts_.no_identity_reason);
+        "{}: {}", Where(),
+        UnknownIdentityNote(opts_.no_identity_reason.empty() ? "no file= and no data-file link"
+                                                             : opts_.no_identity_reason));
     return Status::OK();
   }
   Result<DiskIdentity> now = source();
   if (!now.ok()) {
-    spdlog::info(
-        "{}: the disk's identity cannot be known ({}): changes made to it while no tracker "
-        "runs cannot be detected",
-        Where(), now.status().message());
+    spdlog::info("{}: {}", Where(), UnknownIdentityNote(now.status().message()));
     return Status::OK();
   }
-  std::vector<std::string> missing, changed;
-  std::string what, moved;
-  for (const qcow2::BitmapInfo& info : image_->Bitmaps()) {
-    if (!info.enabled) continue;
-    if (!info.consistent) {  // crash recovery: the record went with the first change
-      missing.push_back(info.name);
-      continue;
-    }
-    const DiskIdentity* was = found_identity_.For(info.name);
-    if (!was) {
-      missing.push_back(info.name);
-      continue;
-    }
-    if (DescribeContentChange(*was, *now).empty()) {
-      // Same size and mtime: the same disk, perhaps moved or copied to
-      // another path or host (recorded anew at the next clean stop).
-      if (std::string d = DescribeIdentityChange(*was, *now); !d.empty() && moved.empty())
-        moved = d;
-      continue;
-    }
-    changed.push_back(info.name);
-    if (what.empty()) what = DescribeIdentityChange(*was, *now);
-  }
-  auto list = [](const std::vector<std::string>& v) {
-    std::string s;
-    for (const std::string& n : v) s += (s.empty() ? "'" : ", '") + n + "'";
-    return s;
-  };
-  if (!missing.empty())
-    spdlog::info(
-        "{}: no disk identity recorded for bitmap(s) {} (a container from before this check, "
-        "an unclean stop, or another program wrote the container): changes made to {} while "
-        "no tracker ran cannot be detected this time",
-        Where(), list(missing), now->path);
-  if (!moved.empty())
-    spdlog::info(
-        "{}: the disk moved ({}) with its size and modification time: taken as the same disk",
-        Where(), moved);
-  if (changed.empty()) return Status::OK();
+  const IdentityVerdict v = JudgeDiskIdentity(found_identity_, image_->Bitmaps(), *now);
+  if (!v.missing.empty()) spdlog::info("{}: {}", Where(), MissingIdentityNote(v, *now));
+  if (!v.moved.empty()) spdlog::info("{}: {}", Where(), MovedDiskNote(v));
+  if (v.changed.empty()) return Status::OK();
   if (opts_.trust_disk) {
     spdlog::warn(
         "{}: {} changed while no tracker ran ({}); accepted for bitmap(s) {} "
         "(cbt-trust-disk=true), recorded anew at the next clean stop",
-        Where(), now->path, what, list(changed));
+        Where(), now->path, v.what, QuotedNames(v.changed));
     return Status::OK();
   }
-  const std::string& c = opts_.container_path;
-  const std::string name = changed.size() == 1 ? changed[0] : "NAME";
   return Status::InvalidArgument(
-      "disk " + now->path + " changed while no tracker ran (" + what + "): bitmap(s) " +
-          list(changed) + " in " + c +
-          " would miss those changes; make them match the disk with 'cbt recover " + c +
-          " --bitmap " + name + " --compare BACKUP' (or --mark-all: everything dirty)" +
-          (changed.size() > 1 ? " for each of them" : "") +
-          ", or add cbt-trust-disk=true if the change was tracked elsewhere",
+      ChangedDiskRefusal(v, *now, opts_.container_path, "BACKUP",
+                         "add cbt-trust-disk=true if the change was tracked elsewhere"),
       ESTALE);
 }
 

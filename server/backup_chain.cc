@@ -305,8 +305,28 @@ Status VerifyLayer(const fs::path& layer, const std::string& against) {
   std::error_code ec;
   fs::remove(layer, ec);
   if (rc == -1) return Status::NotFound("--verify needs qemu-img (package qemu-utils)");
-  return Status::IOError("--verify: qemu-img compare found the layer chain different from " +
-                         against + " (exit " + std::to_string(rc) + "); the layer was removed");
+  if (rc != 1)
+    return Status::IOError("--verify: qemu-img compare of the layer chain with " + against +
+                           " failed (exit " + std::to_string(rc) + "); the layer was removed");
+  return Status::Corruption("--verify: qemu-img compare found the layer chain different from " +
+                            against + "; the layer was removed");
+}
+
+std::string VerifyMismatchFix(const RunPlan& plan, const ChainState& st, const fs::path& dir,
+                              const std::string& container, const std::string& disk) {
+  const std::string unchanged = "no backup made; the chain in " + dir.string() + " is unchanged";
+  if (plan.full || st.layers.empty())
+    return ": what was read is not what the disk holds (written while it was read, or a read "
+           "error); " +
+           unchanged + ": run again with --full";
+  const std::string last = (dir / st.layers.back().file).string();
+  return ": the disk differs from the chain outside what bitmap '" + plan.current +
+         "' recorded (changes made while no tracker ran), so the next run would miss them "
+         "again; " +
+         unchanged + "; make bitmap '" + st.recording + "' cover them with 'cbt recover " +
+         container + " --bitmap " + st.recording + " --compare " + last +
+         " --compare-format qcow2 --disk " + (disk.empty() ? "DISK" : disk) + "'" +
+         (disk.empty() ? " (with the server stopped)" : "") + ", or take a full backup with --full";
 }
 
 }  // namespace cbt::cli

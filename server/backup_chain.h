@@ -134,8 +134,18 @@ Result<std::unique_ptr<qcow2::LayerWriter>> OpenLayer(const std::filesystem::pat
                                                       uint64_t disk_size,
                                                       const std::string& backing);
 // --verify: qemu-img compare of the chain ending at `layer` with `against`
-// (a raw file or an NBD URI). On a difference the layer is removed.
+// (a raw file or an NBD URI). On a difference (Corruption) or a failure of
+// qemu-img (IOError, NotFound) the layer is removed.
 Status VerifyLayer(const std::filesystem::path& layer, const std::string& against);
+
+// After VerifyLayer found a difference (st as left by Started): what it
+// means and the fix, to follow its message. The layer copied what the
+// bitmap recorded, so the difference is a change it never recorded
+// (written while no tracker ran, or accepted with cbt-trust-disk=true): the
+// next run would miss it again. disk: the raw disk offline, "" online.
+std::string VerifyMismatchFix(const RunPlan& plan, const ChainState& st,
+                              const std::filesystem::path& dir, const std::string& container,
+                              const std::string& disk);
 
 // The offline run (cli_backup_offline.cc): `cbt backup --disk DISK
 // --container FILE --dir DIR`. Exit code.

@@ -205,7 +205,13 @@ int BackupRun(const RunOptions& o) {
 
   if (o.verify) {
     // qemu-img compares the whole chain with the point-in-time view.
-    if (Status v = VerifyLayer(dir / file, *uri); !v.ok()) return abort_run(v);
+    if (Status v = VerifyLayer(dir / file, *uri); !v.ok()) {
+      if (v.kind() != Status::Kind::kCorruption) return abort_run(v);
+      if (SocketCall(o.socket, "backup-end", {{"id", session}}).ok()) st.session = 0;
+      (void)SaveState(dir, st);
+      return Fail(v.message() +
+                  VerifyMismatchFix(plan, st, dir, live->container.value_or("CONTAINER"), ""));
+    }
   }
   // The layer is in the chain first; then the session ends and the bitmaps
   // it covers go (a kill in between leaves them frozen: the next run merges

@@ -6,6 +6,14 @@
 // writing while we read). The checkpoint is an offline edit of the
 // container (freeze = disable, new = add, one commit); the data is read
 // from the file.
+//
+// The bitmap read says what changed only while a tracker ran: before an
+// incremental run reads it, the disk's identity recorded for it at the
+// filter's last clean stop is checked as the filter checks it at attach
+// (engine/disk_identity.h), and a disk written meanwhile is refused with the
+// fix. The disk must be the same after the read as before it, or the layer
+// is not stored. The new bitmap is recorded as valid for the disk as it was
+// at the checkpoint, so the next start (filter or offline run) checks it.
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -13,9 +21,11 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <optional>
 
 #include "common/posix_file.h"
 #include "engine/bitmap_store.h"
+#include "engine/disk_identity.h"
 #include "qcow2/layer_writer.h"
 #include "qcow2/lock.h"
 #include "server/backup_chain.h"
@@ -31,6 +41,10 @@ namespace cbt::cli {
 namespace fs = std::filesystem;
 
 namespace {
+
+void Note(const std::string& what) {
+  std::fprintf(stderr, "cbt backup: note: %s\n", what.c_str());
+}
 
 uint64_t RoundUp512(uint64_t v) {
   return (v + 511) / 512 * 512;
@@ -116,6 +130,41 @@ int BackupOffline(const std::string& disk_path, const std::string& container, co
         "cbt backup: the container moved from %s; the chain goes on (its bitmap '%s' is there)\n",
         plan.moved_from.c_str(), plan.current.c_str());
 
+  // The disk as it is now; it is locked for reading, so it stays so unless
+  // a program ignoring the lock writes it (checked again after the read).
+  const std::string disk_abs = fs::absolute(disk_path).lexically_normal().string();
+  std::optional<DiskIdentity> identity;
+  if (Result<DiskIdentity> id = FileIdentity(disk_abs); id.ok())
+    identity = *id;
+  else
+    Note(UnknownIdentityNote(id.status().message()));
+  Result<IdentityRecord> rec = LoadIdentityRecord(image);
+  if (identity && !rec.ok()) {
+    // Not replaced: the other bitmaps' entries would go with it.
+    if (!plan.full)
+      return Fail(container + ": " + rec.status().message() + "; 'cbt recover " + container +
+                  " --bitmap " + plan.current + " --mark-all' rewrites it (nothing was changed)");
+    Note(container + ": " + rec.status().message() +
+         ": no identity is recorded for the new bitmap");
+  }
+  if (!plan.full && identity) {
+    // Only changes made while a tracker ran are in the bitmap: the disk
+    // must be as it was when the filter last stopped cleanly.
+    std::vector<qcow2::BitmapInfo> reads;
+    for (const qcow2::BitmapInfo& b : image.Bitmaps())
+      if (b.name == plan.current) reads.push_back(b);
+    const IdentityVerdict v = JudgeDiskIdentity(*rec, reads, *identity);
+    if (!v.changed.empty()) {
+      const std::string last = (dir / st.layers.back().file).string();
+      return Fail(ChangedDiskRefusal(v, *identity, container,
+                                     last + " --compare-format qcow2 --disk " + disk_path,
+                                     "take a full backup with --full") +
+                  " (nothing was changed)");
+    }
+    if (!v.missing.empty()) Note(MissingIdentityNote(v, *identity));
+    if (!v.moved.empty()) Note(MovedDiskNote(v));
+  }
+
   // The checkpoint: (merge what unfinished runs froze,) freeze the chain's
   // bitmap, start the next; one commit, announced first.
   st.starting = plan.new_name;
@@ -138,6 +187,13 @@ int BackupOffline(const std::string& disk_path, const std::string& container, co
     if (!s.ok()) return Fail(s.message() + " (nothing was changed)");
     if (!plan.full) st.pending.clear();
   }
+  // The new bitmap starts empty, right for the disk as it is: recorded so,
+  // it is checked like the others (a kill before this leaves it without an
+  // entry: noted, not checked, at the next start).
+  if (identity && rec.ok())
+    if (Status s = UpdateBitmapIdentity(image, plan.new_name, *identity); !s.ok())
+      Fail("warning: " + s.message() + " (recording the disk's identity for bitmap '" +
+           plan.new_name + "': changes made while no tracker runs cannot be detected for it)");
   const int64_t now = UnixNow();
   Started(st, plan);
   st.disk_size = disk_size;
@@ -173,12 +229,33 @@ int BackupOffline(const std::string& disk_path, const std::string& container, co
   progress.Done();
   if (s.ok()) s = (*writer)->Finish();
   if (!s.ok()) return abort_run(s);
+  if (identity) {
+    // What was read is one state of the disk only if nothing wrote it
+    // meanwhile (a program that ignores the lock).
+    Result<DiskIdentity> after = FileIdentity(disk_abs);
+    if (!after.ok() || !(*after == *identity)) {
+      fs::remove(part, ec);
+      (void)SaveState(dir, st);
+      return Fail(
+          "disk " + disk_abs + " changed while it was read (" +
+          (after.ok() ? DescribeIdentityChange(*identity, *after) : after.status().message()) +
+          "): a program writes it without taking the lock; stop it; no backup made (the chain "
+          "in " +
+          dir.string() + " is unchanged), and bitmap '" + plan.new_name + "' in " + container +
+          " now misses those changes: 'cbt recover " + container + " --bitmap " + plan.new_name +
+          " --mark-all', or the next run with --full");
+    }
+  }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
   fs::rename(part, dir / plan.file, ec);
   if (ec) return abort_run(Status::IOError("rename " + part.string() + ": " + ec.message()));
   if (Status d2 = SyncDir(dir); !d2.ok()) return abort_run(d2);
   if (verify)
-    if (Status v = VerifyLayer(dir / plan.file, disk_path); !v.ok()) return abort_run(v);
+    if (Status v = VerifyLayer(dir / plan.file, disk_path); !v.ok()) {
+      if (v.kind() != Status::Kind::kCorruption) return abort_run(v);
+      (void)SaveState(dir, st);
+      return Fail(v.message() + VerifyMismatchFix(plan, st, dir, container, disk_path));
+    }
   // The layer is in the chain first; then the bitmaps it covers go (a kill
   // in between leaves them frozen: the next run merges them, a superset).
   st.layers.push_back({plan.file, plan.full ? "full" : "inc", plan.full ? "" : plan.current,
