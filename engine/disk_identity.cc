@@ -88,6 +88,10 @@ std::string DescribeIdentityChange(const DiskIdentity& was, const DiskIdentity& 
   return s;
 }
 
+bool IsAnotherFile(const DiskIdentity& was, const DiskIdentity& now) {
+  return was.path != now.path && (was.dev != now.dev || was.ino != now.ino);
+}
+
 Result<IdentityRecord> IdentityRecord::Parse(std::span<const std::byte> rec) {
   if (rec.size() < kHeader)
     return Bad("truncated header (" + std::to_string(rec.size()) + " bytes)", 0);
@@ -271,7 +275,10 @@ IdentityVerdict JudgeDiskIdentity(const IdentityRecord& rec,
       continue;
     }
     v.changed.push_back(info.name);
-    if (v.what.empty()) v.what = DescribeIdentityChange(*was, now);
+    if (v.what.empty()) {
+      v.what = DescribeIdentityChange(*was, now);
+      v.was = *was;
+    }
   }
   return v;
 }
@@ -303,11 +310,22 @@ std::string ChangedDiskRefusal(const IdentityVerdict& v, const DiskIdentity& now
                                const std::string& container, const std::string& compare,
                                const std::string& otherwise) {
   const std::string name = v.changed.size() == 1 ? v.changed[0] : "NAME";
+  const std::string recover = "'cbt recover " + container + " --bitmap " + name + " --compare " +
+                              compare + "' (or --mark-all: everything dirty)" +
+                              (v.changed.size() > 1 ? " for each of them" : "");
+  if (v.was && IsAnotherFile(*v.was, now)) {
+    // Another path and another file: most likely the wrong container
+    // (recovering it would hand one disk's bitmaps to another).
+    return container + ": this container was made for disk " + v.was->path + " (inode " +
+           std::to_string(v.was->ino) + "), not for " + now.path + ": use " + now.path +
+           "'s own container (or create one); only if " + now.path + " is " + v.was->path +
+           " moved and changed since (" + DescribeContentChange(*v.was, now) +
+           "), make bitmap(s) " + QuotedNames(v.changed) + " match it with " + recover;
+  }
   return "disk " + now.path + " changed while no tracker ran (" + v.what + "): bitmap(s) " +
          QuotedNames(v.changed) + " in " + container +
-         " would miss those changes; make them match the disk with 'cbt recover " + container +
-         " --bitmap " + name + " --compare " + compare + "' (or --mark-all: everything dirty)" +
-         (v.changed.size() > 1 ? " for each of them" : "") + ", or " + otherwise;
+         " would miss those changes; make them match the disk with " + recover + ", or " +
+         otherwise;
 }
 
 std::optional<std::string> RecordedDiskPath(const qcow2::Image& img,

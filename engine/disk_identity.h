@@ -70,6 +70,10 @@ Result<DiskIdentity> FileIdentity(const std::string& path);
 // -a` do, is the same disk).
 std::string DescribeContentChange(const DiskIdentity& was, const DiskIdentity& now);
 std::string DescribeIdentityChange(const DiskIdentity& was, const DiskIdentity& now);
+// Another path and another file (device or inode): not the disk `was`
+// describes, unless it was moved and copied (a container used for the
+// wrong disk, most likely).
+bool IsAnotherFile(const DiskIdentity& was, const DiskIdentity& now);
 // "path (dev D, inode I, N bytes, mtime S.NNNNNNNNN)".
 std::string DescribeIdentity(const DiskIdentity& id);
 
@@ -128,8 +132,9 @@ struct IdentityVerdict {
   // Recorded for the disk with another size or mtime: they would miss what
   // was written meanwhile.
   std::vector<std::string> changed;
-  std::string what;   // how, for the first changed one (DescribeIdentityChange)
-  std::string moved;  // the same disk moved (first such bitmap's change), else empty
+  std::string what;                 // how, for the first changed one (DescribeIdentityChange)
+  std::optional<DiskIdentity> was;  // what the first changed one was recorded for
+  std::string moved;                // the same disk moved (first such bitmap's change), else empty
 };
 IdentityVerdict JudgeDiskIdentity(const IdentityRecord& rec,
                                   const std::vector<qcow2::BitmapInfo>& bitmaps,
@@ -147,7 +152,11 @@ std::string MovedDiskNote(const IdentityVerdict& v);
 // The refusal for verdict.changed (REQUIRES: not empty): the disk, what
 // changed, the bitmaps, and the fixes: 'cbt recover CONTAINER --bitmap NAME
 // --compare COMPARE' (COMPARE: "BACKUP" or the actual arguments) or
-// --mark-all, "or " + otherwise.
+// --mark-all, "or " + otherwise. When the disk is another file under
+// another path (IsAnotherFile), it leads with the wrong container instead
+// ("CONTAINER: this container was made for disk F (inode N), not for G:
+// use G's own container (or create one); only if G is F moved and changed
+// since ..., the recovery), without `otherwise`.
 std::string ChangedDiskRefusal(const IdentityVerdict& v, const DiskIdentity& now,
                                const std::string& container, const std::string& compare,
                                const std::string& otherwise);

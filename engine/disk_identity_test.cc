@@ -174,6 +174,25 @@ TEST(IdentityRecord, DescribeChange) {
   EXPECT_NE(DescribeContentChange(a, b).find("mtime"), std::string::npos);
 }
 
+TEST(DiskIdentity, AnotherFileNeedsAnotherPathAndInode) {
+  DiskIdentity a;
+  a.path = "/d/f.raw";
+  a.dev = 1;
+  a.ino = 7;
+  DiskIdentity b = a;
+  EXPECT_FALSE(IsAnotherFile(a, b));
+  b.path = "/d/g.raw";  // renamed: the same file
+  EXPECT_FALSE(IsAnotherFile(a, b));
+  b.ino = 8;
+  EXPECT_TRUE(IsAnotherFile(a, b));
+  b.path = a.path;  // replaced under its name (restored, copied back)
+  EXPECT_FALSE(IsAnotherFile(a, b));
+  b = a;
+  b.path = "/d/g.raw";
+  b.dev = 2;
+  EXPECT_TRUE(IsAnotherFile(a, b));
+}
+
 // The tracker over a real raw file and container.
 class TrackerIdentityTest : public ::testing::Test {
  protected:
@@ -263,6 +282,36 @@ TEST_F(TrackerIdentityTest, OutsideChangeRefusedWithTheFix) {
   EXPECT_EQ(*Stored().For("b0"), *FileIdentity(disk_));
   opts_.trust_disk = false;
   EXPECT_TRUE(Session().ok());
+}
+
+// The container of another disk (another path and inode, another mtime):
+// the refusal says so first, and the recovery only for a moved disk.
+TEST_F(TrackerIdentityTest, AnotherDisksContainerSaidFirst) {
+  ASSERT_TRUE(Session().ok());
+  const std::string other = dir_ + "/g.raw";
+  std::filesystem::resize_file(Touch(other), kSize);
+  std::filesystem::last_write_time(
+      other, std::filesystem::last_write_time(disk_) + std::chrono::seconds(5));
+  opts_.disk_identity = [other] { return FileIdentity(other); };
+  auto t = Tracker::Open(opts_, kSize);
+  ASSERT_FALSE(t.ok());
+  const std::string& m = t.status().message();
+  const std::string lead = opts_.container_path + ": this container was made for disk " + disk_ +
+                           " (inode " + std::to_string(FileIdentity(disk_)->ino) + "), not for " +
+                           other + ": use " + other + "'s own container (or create one); only if ";
+  EXPECT_EQ(m.rfind(lead, 0), 0u) << m;
+  EXPECT_GT(m.find("cbt recover " + opts_.container_path + " --bitmap b0 --compare BACKUP"),
+            lead.size())
+      << m;
+  EXPECT_EQ(m.find("cbt-trust-disk"), std::string::npos) << m;
+  // The disk itself changed under its own path: the usual refusal.
+  opts_.disk_identity = [this] { return FileIdentity(disk_); };
+  BumpMtime();
+  t = Tracker::Open(opts_, kSize);
+  ASSERT_FALSE(t.ok());
+  EXPECT_EQ(t.status().message().find("this container was made for"), std::string::npos);
+  EXPECT_NE(t.status().message().find("(cbt serve: -o cbt-trust-disk=true)"), std::string::npos)
+      << t.status().message();
 }
 
 TEST_F(TrackerIdentityTest, SizeChangeRefused) {

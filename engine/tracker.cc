@@ -49,7 +49,8 @@ std::string RecoveryHint(const std::string& file, const std::string& name, Durab
                   "the whole disk), or remove it with 'cbt bitmap " +
                   file + " " + name + " --remove'";
   if (mode == Durability::kNone)
-    s += "; cbt-durability=power (the default) or process survives crashes without this";
+    s += "; cbt-durability=power (the default) or process (cbt serve: --durability) survives "
+         "crashes without this";
   return s;
 }
 
@@ -184,7 +185,9 @@ Status Tracker::OpenContainer() {
   }
   if (!file.ok() && file.status().IsNotFound()) {
     if (!opts_.create || opts_.readonly)
-      return Status::NotFound(Where() + ": no such file; add cbt-create=true to create it");
+      return Status::NotFound(Where() +
+                              ": no such file; add cbt-create=true (cbt serve: --create) to "
+                              "create it");
     // Attach creates it after nbdkit forks: find what would stop it now.
     return st.CheckCreatable(path).WithContext(Where());
   }
@@ -218,7 +221,7 @@ Status Tracker::CheckBitmaps() const {
     if (!info.ok()) {
       if (!opts_.create || opts_.readonly)
         return Status::NotFound("cbt-bitmap=" + name + ": no such bitmap in " + path +
-                                "; add cbt-create=true to create it");
+                                "; add cbt-create=true (cbt serve: --create) to create it");
       continue;
     }
   }
@@ -240,7 +243,8 @@ Status Tracker::CheckBitmaps() const {
           "cbt-bitmap=" + name + ": the bitmap is disabled in " + path +
           " and no other bitmap records, so changes would go untracked; enable it with 'cbt "
           "bitmap " +
-          path + " " + name + " --enable' or name a new one with cbt-create=true");
+          path + " " + name +
+          " --enable' or name a new one with cbt-create=true (cbt serve: --bitmap NEW --create)");
     spdlog::info(
         "cbt-bitmap={}: disabled in {} (frozen by a checkpoint?), so it does not record; "
         "recording: {}",
@@ -255,7 +259,8 @@ Status Tracker::CheckBitmaps() const {
             "machine has restarted since, or the files were moved from another machine), so it "
             "may have lost records" +
             (opts_.durability == Durability::kPower ? ""
-                                                    : " (cbt-durability=power survives that)"));
+                                                    : " (cbt-durability=power survives that; "
+                                                      "cbt serve: --durability power)"));
       return Status::Corruption(RecoveryHint(path, info.name, opts_.durability));
     }
     if (!info.enabled && !info.consistent)
@@ -298,6 +303,7 @@ Status Tracker::AttachReadOnly(uint64_t disk_size) {
   const std::string& path = opts_.container_path;
   if (!image_) {
     spdlog::info("{} does not exist and is not created for a read-only export", path);
+    attached_ro_.store(true);
     return Status::OK();
   }
   CBT_RETURN_IF_ERROR(CheckSize(*image_, Where(), disk_size_));
@@ -308,6 +314,7 @@ Status Tracker::AttachReadOnly(uint64_t disk_size) {
           "{}: bitmap '{}' is in use from an unclean stop; left as found for the next "
           "writable server to recover",
           path, info.name);
+  attached_ro_.store(true);
   return Status::OK();
 }
 

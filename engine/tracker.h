@@ -146,6 +146,9 @@ class Tracker {
   Status AttachReadOnly(uint64_t disk_size);
   // False until an Attach(size) succeeded: Persist and Close write nothing.
   bool attached_for_writing() const { return attached_rw_.load(); }
+  // True once an AttachReadOnly succeeded (a read-only export: nbdkit -r,
+  // or a disk the plugin cannot write) and while no Attach(size) followed.
+  bool serving_read_only() const { return attached_ro_.load() && !attached_rw_.load(); }
   ~Tracker();
 
   // A change in flight: from BeginChange until destroyed, which the caller
@@ -279,6 +282,7 @@ class Tracker {
   bool container_readonly_ = false;
   bool reopen_writable_ = false;
   std::atomic<bool> attached_rw_{false};
+  std::atomic<bool> attached_ro_{false};
 
   // Guards image_, armed_ and the container I/O; held across fsync, never
   // across BeginChange's marking and never by queries.

@@ -100,6 +100,13 @@ Status Tracker::Edit(const EditOps& ops, std::chrono::milliseconds drain_timeout
   if (opts_.readonly)
     return Status::InvalidArgument(
         "the bitmaps of a read-only server (cbt-readonly) cannot be edited");
+  if (serving_read_only())
+    return Status::InvalidArgument(
+        "this server serves the disk read-only (nbdkit -r or cbt serve -r, or a disk it cannot "
+        "write), so its bitmaps cannot be changed over it: stop it and change them offline "
+        "with 'cbt bitmap " +
+            opts_.container_path + " NAME ...'",
+        EROFS);
   if (!attached_rw_.load())
     return Status::Busy(
         "the bitmaps are loaded when the first writable client connects; no edits before that");

@@ -64,7 +64,8 @@ Status Tracker::CheckDiskIdentity() {
   }
   return Status::InvalidArgument(
       ChangedDiskRefusal(v, *now, opts_.container_path, "BACKUP",
-                         "add cbt-trust-disk=true if the change was tracked elsewhere"),
+                         "add cbt-trust-disk=true (cbt serve: -o cbt-trust-disk=true) if the "
+                         "change was tracked elsewhere"),
       ESTALE);
 }
 

@@ -28,6 +28,41 @@ std::string OpName(const BitmapOp& op) {
   return "?";
 }
 
+std::string OpsDone(const std::vector<BitmapOp>& ops) {
+  std::string s;
+  for (const BitmapOp& op : ops) {
+    std::string done;
+    switch (op.kind) {
+      case OpKind::kAdd:
+        done = "added";
+        break;
+      case OpKind::kRemove:
+        done = "removed";
+        break;
+      case OpKind::kClear:
+        done = "cleared";
+        break;
+      case OpKind::kEnable:
+        done = "enabled";
+        break;
+      case OpKind::kDisable:
+        done = "disabled";
+        break;
+      case OpKind::kMerge:
+        done = "merged from " + op.source;
+        break;
+      case OpKind::kPersistent:
+        done = "made persistent";
+        break;
+      case OpKind::kTransient:
+        done = "made transient";
+        break;
+    }
+    s += (s.empty() ? "" : ", ") + done;
+  }
+  return s;
+}
+
 BitmapEditor::BitmapEditor(qcow2::Image& img)
     : img_(img),
       set_(img, img.virtual_size(), BitmapEditSet::FromImage(img), BitmapEditSet::Where::kOffline) {

@@ -46,6 +46,9 @@ struct BitmapOp {
 
 // "--add", "--merge SRC": for messages.
 std::string OpName(const BitmapOp& op);
+// What the operations did, for the result line: "added", "cleared",
+// "added, merged from b0" (in the order given).
+std::string OpsDone(const std::vector<BitmapOp>& ops);
 
 // Options that apply to every --add / --merge of one call (as in qemu-img).
 struct OpOptions {

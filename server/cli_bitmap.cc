@@ -55,7 +55,8 @@ int RunBitmap(const std::vector<std::string>& args) {
   }
 
   Result<OpenedImage> opened = OpenImage(a.file, /*writable=*/true);
-  if (!opened.ok()) return Fail(opened.status());
+  if (!opened.ok())
+    return Fail(WithSocketHint(opened.status(), "bitmap --socket CTL " + a.name + " ..."));
   qcow2::Image& img = *opened->image;
 
   // -b naming FILE itself reads from the working set, like no -b at all
@@ -88,8 +89,8 @@ int RunBitmap(const std::vector<std::string>& args) {
                {"operations", ops},
                {"result", now.ok() ? BitmapJson(*now) : Json()}});
   } else if (now.ok()) {
-    std::cout << a.file << ": bitmap '" << a.name << "': granularity " << now->granularity() << ", "
-              << (now->enabled ? "enabled" : "disabled") << "\n";
+    std::cout << a.file << ": bitmap '" << a.name << "' " << OpsDone(a.ops) << ": granularity "
+              << now->granularity() << ", " << (now->enabled ? "enabled" : "disabled") << "\n";
   } else {
     std::cout << a.file << ": bitmap '" << a.name << "' removed\n";
   }

@@ -67,7 +67,7 @@ int RunInfo(const std::vector<std::string>& args) {
   }
 
   Result<OpenedImage> opened = OpenImage(file, /*writable=*/false, force_share);
-  if (!opened.ok()) return Fail(opened.status());
+  if (!opened.ok()) return Fail(WithSocketHint(opened.status(), "info --socket CTL"));
   qcow2::Image& img = *opened->image;
   std::vector<Row> rows;
   for (const qcow2::BitmapInfo& b : img.Bitmaps()) {

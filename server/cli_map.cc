@@ -62,7 +62,8 @@ int RunMap(const std::vector<std::string>& args) {
   if (!socket.empty()) return RunMapSocket(socket, common, bitmap, offset, length);
 
   Result<OpenedImage> opened = OpenImage(file, /*writable=*/false, force_share);
-  if (!opened.ok()) return Fail(opened.status());
+  if (!opened.ok())
+    return Fail(WithSocketHint(opened.status(), "map --socket CTL --bitmap " + bitmap));
   qcow2::Image& img = *opened->image;
   Result<qcow2::BitmapInfo> info = img.Find(bitmap);
   if (!info.ok())

@@ -243,7 +243,8 @@ int RecoverByCompare(const std::string& file, const std::string& name, const Com
     if (Status s = UpdateBitmapIdentity(img, name, *identity); !s.ok())
       return Fail(where + " was recomputed and stored, but recording the disk's identity failed (" +
                   s.message() +
-                  "): the filter may refuse it as changed; add cbt-trust-disk=true once");
+                  "): the filter may refuse it as changed; add cbt-trust-disk=true once (cbt "
+                  "serve: -o cbt-trust-disk=true)");
   }
 
   if (common.format() == OutputFormat::kJson) {
@@ -254,7 +255,8 @@ int RecoverByCompare(const std::string& file, const std::string& name, const Com
                {"dirty-granules", b.DirtyGranules()},
                {"dirty-bytes", b.DirtyBytes()},
                {"bytes-compared", stats->bytes_compared},
-               {"seconds", seconds}});
+               {"seconds", seconds},
+               {"disk-identity", identity ? Json(identity->path) : Json()}});
   } else {
     std::printf(
         "bitmap '%s' (%s): recomputed by comparing %s with %s: %llu of %llu granules differ "

@@ -343,9 +343,9 @@ int RunBitmapSocket(const BitmapArgs& a) {
                {"result", now ? LiveBitmapJson(*now) : Json()},
                {"socket", a.socket}});
   } else if (now) {
-    std::cout << image << ": bitmap '" << a.name << "': granularity " << now->granularity << ", "
-              << (now->recording ? "enabled" : "disabled") << (now->persistent ? "" : ", transient")
-              << "\n";
+    std::cout << image << ": bitmap '" << a.name << "' " << OpsDone(a.ops) << ": granularity "
+              << now->granularity << ", " << (now->recording ? "enabled" : "disabled")
+              << (now->persistent ? "" : ", transient") << "\n";
   } else if (live.ok()) {
     std::cout << image << ": bitmap '" << a.name << "' removed\n";
   }

@@ -99,6 +99,12 @@ json TrackerHandler::QueryStats() const {
 }
 
 Result<json> TrackerHandler::QueryExtents(const ExtentsArgs& a) const {
+  if (!attached_.load() && tracker_.serving_read_only())
+    return Status::InvalidArgument(
+        "this server serves the disk read-only (nbdkit -r or cbt serve -r, or a disk it cannot "
+        "write), so it loads no bitmaps: read them offline with 'cbt map " +
+            tracker_.container_path() + " --bitmap " + a.name + "'",
+        EROFS);
   if (!attached_.load())
     return Status::Busy(
         "no bitmaps loaded yet: they are loaded when the first writable client "

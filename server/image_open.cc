@@ -43,6 +43,13 @@ Status CommitChange(qcow2::Image& img, const std::function<Status()>& commit) {
   return Status::OK();
 }
 
+Status WithSocketHint(const Status& s, const std::string& command) {
+  if (!s.IsBusy()) return s;
+  return Status::Busy(s.message() + ", or ask the running filter: cbt " + command +
+                          " (CTL: its cbt-control= socket)",
+                      s.err());
+}
+
 bool SameFile(const std::string& a, const std::string& b) {
   struct stat sa {
   }, sb{};

@@ -41,6 +41,12 @@ inline Result<OpenedImage> OpenImage(const std::string& path, bool writable,
                                        : Access::kReadOnly);
 }
 
+// A Busy open of a container (a running server holds it) with the way
+// around it: "...; stop it first, or ask the running filter: cbt
+// <command> (its cbt-control= socket)", `command` naming --socket CTL.
+// Other errors as they are.
+Status WithSocketHint(const Status& s, const std::string& command);
+
 // True when a and b name the same file (same device and inode).
 bool SameFile(const std::string& a, const std::string& b);
 

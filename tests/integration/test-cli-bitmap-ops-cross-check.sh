@@ -26,6 +26,8 @@ qcheck q.qcow2
 
 # --add --merge: a copy, as qemu-img would make it; merge = union.
 cbt_ok bitmap q.qcow2 c0 --add --merge b0
+[ "$(cat "$T/out")" = "q.qcow2: bitmap 'c0' added, merged from b0: granularity 65536, enabled" ] ||
+  fail "--add --merge output: $(cat "$T/out")"
 [ "$(qemu_map q.qcow2 c0)" = "$b0_map" ] || fail "--add --merge b0 is not a copy"
 [ "$(qbitmap q.qcow2 c0 flags)" = '["auto"]' ] || fail "c0 flags"
 cbt_ok bitmap q.qcow2 c0 --merge b1
@@ -41,6 +43,9 @@ qcheck q.qcow2
 # --clear, --remove.
 cbt_ok bitmap q.qcow2 c0 --clear
 [ "$(qemu_map q.qcow2 c0)" = '[{"start":0,"length":67108864,"dirty":false}]' ] || fail "--clear"
+# The result line says what was done, then what the bitmap is now.
+[ "$(cat "$T/out")" = "q.qcow2: bitmap 'c0' cleared: granularity 65536, enabled" ] ||
+  fail "--clear output: $(cat "$T/out")"
 [ "$(qbitmap q.qcow2 c0 flags)" = '["auto"]' ] || fail "--clear changed flags"
 cbt_ok bitmap q.qcow2 c0 --remove
 [ "$(qnames q.qcow2)" = '["b0","b1","d0"]' ] || fail "--remove: $(qnames q.qcow2)"

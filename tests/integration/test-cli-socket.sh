@@ -120,7 +120,7 @@ jq -e --arg c "$CTL" '.socket == $c and .bitmap == "b1" and .operations == ["--a
               "consistent": true, "persistent": true}' "$T/out" >/dev/null ||
   fail "bitmap --add -g 1M: $(cat "$T/out")"
 cbt_ok bitmap --socket "$CTL" t1 --add --transient
-expect_in "$(cat "$T/out")" "bitmap 't1': granularity 65536, enabled, transient"
+expect_in "$(cat "$T/out")" "bitmap 't1' added: granularity 65536, enabled, transient"
 [ "$(live persistent t1)" = false ] || fail "t1 is not transient"
 write 8M 4k
 [ "$(live dirty-bytes b1)" = 1048576 ] || fail "b1 after one write: $(live dirty-bytes b1)"
@@ -129,7 +129,7 @@ write 8M 4k
 
 # --disable freezes; --enable resumes.
 cbt_ok bitmap --socket "$CTL" b1 --disable
-expect_in "$(cat "$T/out")" "bitmap 'b1': granularity 1048576, disabled"
+expect_in "$(cat "$T/out")" "bitmap 'b1' disabled: granularity 1048576, disabled"
 write 20M 4k
 [ "$(live dirty-bytes b1)" = 1048576 ] || fail "disabled b1 recorded a write"
 cbt_ok bitmap --socket "$CTL" b1 --enable

@@ -28,13 +28,15 @@ expect_refusal() {
 }
 
 base=(--filter="$FILTER" file "$T/disk.raw" cbt-file="$T/disk.cbt")
-expect_refusal "cbt-bitmap=b9: no such bitmap" "${base[@]}" cbt-bitmap=b9
+# (the hints also name cbt serve's option: its users never type cbt-create=)
+expect_refusal "cbt-bitmap=b9: no such bitmap in .*; add cbt-create=true (cbt serve: --create) to create it" \
+  "${base[@]}" cbt-bitmap=b9
 expect_refusal "cbt-granularity=3000" "${base[@]}" cbt-bitmap=b0 cbt-granularity=3000
 expect_refusal "cbt-granularity=4G" "${base[@]}" cbt-bitmap=b0 cbt-granularity=4G
 expect_refusal "cbt-file=PATH is required" --filter="$FILTER" file "$T/disk.raw" cbt-bitmap=b0
 expect_refusal "cbt-bitmap=NAME is required" "${base[@]}"
 expect_refusal "cbt-durability=fast" "${base[@]}" cbt-bitmap=b0 cbt-durability=fast
-expect_refusal "no such file" --filter="$FILTER" file "$T/disk.raw" cbt-file="$T/none.cbt" cbt-bitmap=b0
+expect_refusal "no such file; add cbt-create=true (cbt serve: --create) to create it" --filter="$FILTER" file "$T/disk.raw" cbt-file="$T/none.cbt" cbt-bitmap=b0
 # A size mismatch shows only when a client connects (the size is per export):
 # test-filter-late-errors.sh.
 

@@ -11,6 +11,8 @@
 #  (f) a plugin without identity (memory): said once in the log, works
 #  (g) kill -9, then restart: crash recovery as before, no false refusal
 #      caused by the session's own writes
+#  (h) another disk (path and inode) with this container: the refusal says
+#      so first, the recovery only for a moved and changed disk
 source "$(dirname "$0")/lib.sh"
 need dd touch
 
@@ -126,4 +128,24 @@ grep -qF "cbt filter $ver (changed block tracking)" "$T/nbdkit.log" ||
 qemu-img check -q "$T/disk.cbt" || fail "(g) qemu-img check"
 session  # and the clean stop recorded it again
 echo "ok: (g) kill -9 then restart: no false refusal"
+
+# (h) the container of another disk: g.raw, same size, another file and
+# mtime, served with disk.cbt. The refusal leads with the wrong container
+# (recovering would hand disk.raw's bitmaps to g.raw), the recovery after.
+truncate -s 64M "$T/g.raw"
+touch -d 2001-01-01 "$T/g.raw"
+sum=$(md5sum <"$T/disk.cbt")
+rc=0
+timeout 60 "${NBDKIT_ENV[@]}" nbdkit -U - --filter="$FILTER" file "$T/g.raw" \
+  cbt-file="$T/disk.cbt" cbt-bitmap=b0 --run 'nbdinfo "$uri"' >/dev/null 2>"$T/err" || rc=$?
+[ $rc -ne 124 ] || fail "(h) hung (timeout)"
+[ $rc -ne 0 ] || fail "(h) started with another disk's container"
+line=$(grep -m1 "this container was made for" "$T/err") || fail "(h) no refusal: $(cat "$T/err")"
+lead="$T/disk.cbt: this container was made for disk $T/disk.raw (inode $(stat -c %i "$T/disk.raw")), not for $T/g.raw: use $T/g.raw's own container (or create one); only if $T/g.raw is $T/disk.raw moved and changed since (mtime "
+[[ "$line" == *"cbt: $lead"* ]] || fail "(h) does not lead with the wrong container: $line"
+[[ "${line#*"$lead"}" == *"cbt recover $T/disk.cbt --bitmap b0 --compare BACKUP' (or --mark-all"* ]] ||
+  fail "(h) no recovery after the lead: $line"
+[[ "$line" != *"cbt-trust-disk"* ]] || fail "(h) suggests trusting another disk: $line"
+[ "$(md5sum <"$T/disk.cbt")" = "$sum" ] || fail "(h) a refused start changed the container"
+echo "ok: (h) another disk's container: $line"
 echo "OK"

@@ -26,6 +26,14 @@ if "$CBT" info --output=json "$T/disk.cbt" >"$T/info.json" 2>"$T/cbt-lock.err"; 
 fi
 grep -q "open for write" "$T/cbt-lock.err" ||
   fail "cbt info failed, but not on the lock: $(cat "$T/cbt-lock.err")"
+# ... and points at the way to look without stopping it: the filter's socket.
+grep -qF "or ask the running filter: cbt info --socket CTL (CTL: its cbt-control= socket)" \
+  "$T/cbt-lock.err" || fail "cbt info names no way around the lock: $(cat "$T/cbt-lock.err")"
+if "$CBT" map "$T/disk.cbt" --bitmap b0 >/dev/null 2>"$T/cbt-lock.err"; then
+  fail "cbt map opened the container the server holds for writing"
+fi
+grep -q "open for write.*or ask the running filter: cbt map --socket CTL --bitmap b0" \
+  "$T/cbt-lock.err" || fail "cbt map: $(cat "$T/cbt-lock.err")"
 
 rm -f "$T/hold"
 wait "$load" || fail "client failed"

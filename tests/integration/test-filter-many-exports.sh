@@ -224,6 +224,18 @@ jq -e --arg c "$T/one.cbt" '.exports ==
 "$CBT" exports --socket "$CTL" >"$T/out" || fail "cbt exports (one, human)"
 grep -E '^  "" +4 MiB +read-only +.*/one\.cbt$' "$T/out" >/dev/null ||
   fail "cbt exports, one read-only export, human: $(cat "$T/out")"
+# A read-only server never loads the bitmaps: an edit or a map over it says
+# so, and where to do it instead (offline), not "wait for a writable client".
+rc=0; "$CBT" bitmap --socket "$CTL" x --add >"$T/out" 2>"$T/err" || rc=$?
+[ "$rc" = 1 ] || fail "cbt bitmap --socket --add on a read-only server exited $rc"
+grep -qF "serves the disk read-only (nbdkit -r or cbt serve -r" "$T/err" &&
+  grep -qF "change them offline with 'cbt bitmap $T/one.cbt NAME ...'" "$T/err" ||
+  fail "cbt bitmap --socket --add, read-only server: $(cat "$T/err")"
+grep -q "first writable client" "$T/err" && fail "promises a writable client: $(cat "$T/err")"
+rc=0; "$CBT" map --socket "$CTL" --bitmap b0 >"$T/out" 2>"$T/err" || rc=$?
+[ "$rc" = 1 ] && grep -qF "read them offline with 'cbt map $T/one.cbt --bitmap b0'" "$T/err" ||
+  fail "cbt map --socket, read-only server (exit $rc): $(cat "$T/err")"
+"$CBT" map "$T/one.cbt" --bitmap b0 >/dev/null || fail "the offline map it suggests fails"
 stop_nbdkit "$NBDKIT_PID"
 start_nbdkit "$URI_SOCK" --filter="$FILTER" file "$T/one.raw" cbt-file="$T/one.cbt" \
   cbt-bitmap=b0 cbt-control="$CTL"
