@@ -102,7 +102,8 @@ Result<json> TrackerHandler::QueryExtents(const ExtentsArgs& a) const {
   if (!attached_.load() && tracker_.serving_read_only())
     return Status::InvalidArgument(
         "this server serves the disk read-only (nbdkit -r or cbt serve -r, or a disk it cannot "
-        "write), so it loads no bitmaps: read them offline with 'cbt map " +
+        "write), so it loads no bitmaps: read the stored one, which it never changes, with "
+        "'cbt map -U " +
             tracker_.container_path() + " --bitmap " + a.name + "'",
         EROFS);
   if (!attached_.load())

@@ -233,9 +233,9 @@ grep -qF "serves the disk read-only (nbdkit -r or cbt serve -r" "$T/err" &&
   fail "cbt bitmap --socket --add, read-only server: $(cat "$T/err")"
 grep -q "first writable client" "$T/err" && fail "promises a writable client: $(cat "$T/err")"
 rc=0; "$CBT" map --socket "$CTL" --bitmap b0 >"$T/out" 2>"$T/err" || rc=$?
-[ "$rc" = 1 ] && grep -qF "read them offline with 'cbt map $T/one.cbt --bitmap b0'" "$T/err" ||
+[ "$rc" = 1 ] && grep -qF "which it never changes, with 'cbt map -U $T/one.cbt --bitmap b0'" "$T/err" ||
   fail "cbt map --socket, read-only server (exit $rc): $(cat "$T/err")"
-"$CBT" map "$T/one.cbt" --bitmap b0 >/dev/null || fail "the offline map it suggests fails"
+"$CBT" map -U "$T/one.cbt" --bitmap b0 >/dev/null || fail "the map it suggests fails"
 stop_nbdkit "$NBDKIT_PID"
 start_nbdkit "$URI_SOCK" --filter="$FILTER" file "$T/one.raw" cbt-file="$T/one.cbt" \
   cbt-bitmap=b0 cbt-control="$CTL"
