@@ -177,9 +177,16 @@ cbt_err 1 recover "$T/disk.cbt" --bitmap "$NAME" --compare "$T/at-backup.raw" --
   --disk "$T/disk.raw"
 expect_in "$ERR" "--compare-format 'vmdk'" "raw or qcow2"
 unchanged
-cbt_err 1 recover "$T/disk.cbt" --bitmap "$NAME" --mark-all --disk "$T/disk.raw"
-expect_in "$ERR" "--compare BACKUP"
+cbt_err 1 recover "$T/disk.cbt" --bitmap "$NAME" --mark-all --compare-format raw
+expect_in "$ERR" "--compare-format goes with --compare BACKUP"
 unchanged
+# --disk also names the disk whose identity --mark-all and the record path
+# record: one of another size is refused before anything changes.
+for how in --mark-all ""; do
+  cbt_err 1 recover "$T/disk.cbt" --bitmap "$NAME" $how --disk "$T/small.raw"
+  expect_in "$ERR" "--disk $T/small.raw has 33554432 bytes" "$SIZE bytes" "name the disk the bitmap tracks"
+  unchanged
+done
 "$CBT" check "$T/disk.cbt" >/dev/null || fail "cbt check after the refused recovers"
 
 cbt_ok recover "$T/disk.cbt" --bitmap "$NAME" --compare "$DIR/001-inc.qcow2" --compare-format qcow2 \
