@@ -322,11 +322,12 @@ Status Tracker::Attach(uint64_t disk_size) {
   if (opts_.readonly) return AttachReadOnly(disk_size);  // nothing will be marked or written
   const std::string& path = opts_.container_path;
   if (container_readonly_)
-    return Status::IOError(Where() +
-                               ": the container is read-only here (no write permission or a "
-                               "read-only file system); a writable export needs a writable "
-                               "container, or serve the export read-only (nbdkit -r)",
-                           EROFS);
+    return Status::IOError(
+        Where() +
+            ": the container is read-only here (no write permission or a "
+            "read-only file system); a writable export needs a writable "
+            "container, or serve the export read-only (nbdkit -r; cbt serve: -r)",
+        EROFS);
   disk_size_ = disk_size;
   bool created = false;
   if (gate_) {
