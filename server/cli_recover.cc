@@ -314,7 +314,7 @@ int RunRecover(const std::vector<std::string>& args) {
     throw UsageError("--compare-format goes with --compare BACKUP");
   // Look first (read-only; the lock is dropped before any writable open).
   bool stale = false, consistent = false;
-  std::string changed;
+  std::string changed, no_identity;
   {
     Result<OpenedImage> opened = OpenImage(file, /*writable=*/false);
     if (!opened.ok()) return Fail(opened.status());
@@ -328,6 +328,14 @@ int RunRecover(const std::vector<std::string>& args) {
       // Consistent but recorded for a disk that changed since: the filter
       // refuses it; --mark-all makes it right (and records the disk now).
       if (consistent && mark_all) changed = IdentityChanged(*opened->image, bitmap);
+      // Consistent and recording, but without an identity (a crash whose
+      // writes all hit granules dirty already leaves it consistent, and the
+      // identity dropped): say so, as the recovery paths do.
+      if (consistent && info->enabled && compare.disk.empty()) {
+        Result<IdentityDisk> d = FindIdentityDisk(*opened->image, file, bitmap, "");
+        Result<IdentityRecord> rec = LoadIdentityRecord(*opened->image);
+        if (d.ok() && !d->reason.empty() && rec.ok() && !rec->For(bitmap)) no_identity = d->reason;
+      }
     }
   }
   if (stale && !mark_all) {
@@ -346,6 +354,11 @@ int RunRecover(const std::vector<std::string>& args) {
       PrintJson({{"bitmap", bitmap}, {"method", "none"}});
     else
       std::printf("bitmap '%s' is consistent: nothing to recover\n", bitmap.c_str());
+    if (!no_identity.empty())
+      Fail("warning: no disk identity recorded for bitmap '" + bitmap + "' (" + no_identity +
+           "): a change made to the disk before the filter's next start would not be detected; "
+           "record it with 'cbt recover " +
+           file + " --bitmap " + bitmap + " --disk DISK' (DISK: the raw disk it tracks)");
     return kExitOk;
   }
   return mark_all ? MarkAll(file, bitmap, compare.disk, common)

@@ -58,12 +58,19 @@ identity() { "$CBT" info --output=json "$T/disk.cbt" | jq -c '.bitmaps[0]."disk-
   fail "no clear warning about the unrecorded identity: $(cat "$T/rec.err")"
 jq -e '."disk-identity" == null' "$T/rec.json" >/dev/null || fail "json: $(cat "$T/rec.json")"
 [ "$(identity)" = null ] || fail "an identity without a disk: $(identity)"
+# Asked again: nothing to recover, and still the warning.
+"$CBT" recover "$T/disk.cbt" --bitmap b0 >"$T/out" 2>"$T/rec.err" || fail "recover again"
+grep -qF "nothing to recover" "$T/out" &&
+  grep -qF "cbt: warning: no disk identity recorded for bitmap 'b0'" "$T/rec.err" ||
+  fail "recover of the consistent bitmap: $(cat "$T/out" "$T/rec.err")"
 # What the warning says to do records it (the bitmap is consistent now).
 "$CBT" recover "$T/disk.cbt" --bitmap b0 --disk "$T/disk.raw" >"$T/out" ||
   fail "recover --disk on the recovered bitmap"
 grep -qF "nothing to recover; disk identity recorded ($T/disk.raw)" "$T/out" ||
   fail "recover --disk: $(cat "$T/out")"
 [ "$(identity | jq -r .inode)" = "$(stat -c %i "$T/disk.raw")" ] || fail "not recorded: $(identity)"
+"$CBT" recover "$T/disk.cbt" --bitmap b0 >/dev/null 2>"$T/rec.err" || fail "recover, recorded"
+[ ! -s "$T/rec.err" ] || fail "a warning with the identity recorded: $(cat "$T/rec.err")"
 echo "ok: no disk known: one warning; the --disk it suggests records the identity"
 
 # Crash again; the recovery with the disk known records its identity, so a
