@@ -77,3 +77,17 @@ bitmap_flags() {
 need nbdkit qemu-img qemu-nbd nbdinfo jq
 # A test of the qcow2 plugin alone sets LIB_NO_FILTER=1 before sourcing.
 [ -n "${LIB_NO_FILTER:-}" ] || [ -f "$FILTER" ] || fail "filter not built: $FILTER"
+
+# preload_env LIB : CBT_ENV=(the environment that runs cbt with the test
+# library LIB.so from the build's tests/ preloaded, after the sanitizer
+# runtime when cbt is a sanitizer build: it must come first).
+preload_env() {
+  local lib="$CBT_BUILD/tests/$1.so"
+  [ -f "$lib" ] || fail "not built: $lib"
+  if [[ "$(ldd "$CBT" 2>/dev/null || true)" == *libasan* ]]; then
+    CBT_ENV=("LD_PRELOAD=$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so) $lib"
+             "ASAN_OPTIONS=detect_leaks=0")
+  else
+    CBT_ENV=("LD_PRELOAD=$lib")
+  fi
+}

@@ -14,16 +14,7 @@
 source "$(dirname "$0")/lib.sh"
 [ -x "$CBT" ] || fail "cbt not built: $CBT"
 need qemu-io qemu-img jq
-PRELOAD="$CBT_BUILD/tests/crash_after_writes.so"
-[ -f "$PRELOAD" ] || fail "not built: $PRELOAD"
-CBT_ENV=()
-if [[ "$(ldd "$CBT" 2>/dev/null || true)" == *libasan* ]]; then
-  # The sanitizer runtime must come first; the crash library follows it.
-  CBT_ENV=("LD_PRELOAD=$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so) $PRELOAD"
-           "ASAN_OPTIONS=detect_leaks=0")
-else
-  CBT_ENV=("LD_PRELOAD=$PRELOAD")
-fi
+preload_env crash_after_writes
 
 URI="nbd+unix:///?socket=$T/sock"
 DIR="$T/chain"

@@ -23,15 +23,7 @@
 source "$(dirname "$0")/lib.sh"
 [ -x "$CBT" ] || fail "cbt not built: $CBT"
 need qemu-io qemu-img jq dd touch
-PRELOAD="$CBT_BUILD/tests/pause_at_read.so"
-[ -f "$PRELOAD" ] || fail "not built: $PRELOAD"
-CBT_ENV=()
-if [[ "$(ldd "$CBT" 2>/dev/null || true)" == *libasan* ]]; then
-  CBT_ENV=("LD_PRELOAD=$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so) $PRELOAD"
-           "ASAN_OPTIONS=detect_leaks=0")
-else
-  CBT_ENV=("LD_PRELOAD=$PRELOAD")
-fi
+preload_env pause_at_read
 cd "$T"
 DISK="$T/h.raw"
 C="$T/h.raw.cbt"
