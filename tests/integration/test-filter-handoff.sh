@@ -68,13 +68,14 @@ stop_nbdkit "$NBDKIT_PID"
 cp "$A/disk.cbt" "$B/disk.cbt"
 cp -r "$A/backups" "$B/backups"
 # A copy that does not keep the modification time cannot be told from a
-# changed disk: refused, naming the fix (docs: copy with cp -p / rsync -a).
+# changed disk (nor from another disk: another path and inode): refused,
+# naming both readings and the fix (docs: copy with cp -p / rsync -a).
 cp "$A/disk.raw" "$B/moved.raw"
 rc=0
 on_b timeout 60 "${NBDKIT_ENV[@]}" nbdkit -f -U "$B/sock" --filter="$FILTER" file "$B/moved.raw" \
   cbt-file="$B/disk.cbt" cbt-bitmap=b0 --run 'nbdinfo --size "nbd+unix:///?socket=$unixsocket"' \
   >"$T/b.out" 2>&1 || rc=$?
-[ "$rc" != 0 ] && grep -q "changed while no tracker ran (.*mtime" "$T/b.out" ||
+[ "$rc" != 0 ] && grep -q "made for disk $A/disk.raw (inode [0-9]*), not for $B/moved.raw: .*moved and changed since (mtime" "$T/b.out" ||
   fail "a copy with a new mtime was accepted: rc $rc $(cat "$T/b.out")"
 cp -p "$A/disk.raw" "$B/moved.raw"  # the disk under another name on B, mtime kept
 [ -z "$(bitmap_flags "$B/disk.cbt" b0 | jq -r '.[] | select(. == "in-use")')" ] ||
