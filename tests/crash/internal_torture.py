@@ -46,7 +46,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -228,19 +227,10 @@ def iteration(a, i, work, figures):
         renv = dict(env, LD_PRELOAD=a.crash_preload, CBT_CRASH_FILE=img,
                     CBT_CRASH_AT_STEP=str(rec_step), CBT_CRASH_LOG=steplog)
         rsrv = ext.Server(args(a.plugin), sock, nlog, renv, may_die=True)
-        if rsrv.alive():
-            rsrv.p.kill()
-            rsrv.p.wait(30)
-            rec_note = f"done before step {rec_step}"
-            figures["recovery_completed"] += 1
-        elif rsrv.p.returncode == -signal.SIGKILL:
-            rec_note = f"killed@{rec_step}"
-            figures["recovery_interrupted"] += 1
-        else:
-            fail(f"nbdkit exited {rsrv.p.returncode} at start (recovery run)")
-        if os.path.exists(steplog):
-            with open(steplog) as f:
-                nsteps = sum(1 for _ in f)
+        try:
+            rec_note, nsteps = ext.recovery_outcome(rsrv, "", rec_step, steplog, figures, i, d)
+        except RuntimeError as e:
+            fail(str(e))
         srv = ext.Server(args(a.plugin), sock, nlog, env)
         write_more(srv)
         rc = srv.stop()
