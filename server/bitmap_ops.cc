@@ -6,60 +6,50 @@
 
 namespace cbt::cli {
 
-std::string OpName(const BitmapOp& op) {
-  switch (op.kind) {
+namespace {
+
+struct OpWords {
+  const char* flag;  // as on the command line
+  const char* done;  // what one done is called
+};
+
+// One kind's words; a merge's source follows either.
+OpWords WordsOf(OpKind kind) {
+  switch (kind) {
     case OpKind::kAdd:
-      return "--add";
+      return {"--add", "added"};
     case OpKind::kRemove:
-      return "--remove";
+      return {"--remove", "removed"};
     case OpKind::kClear:
-      return "--clear";
+      return {"--clear", "cleared"};
     case OpKind::kEnable:
-      return "--enable";
+      return {"--enable", "enabled"};
     case OpKind::kDisable:
-      return "--disable";
+      return {"--disable", "disabled"};
     case OpKind::kMerge:
-      return "--merge " + op.source;
+      return {"--merge", "merged from"};
     case OpKind::kPersistent:
-      return "--persistent";
+      return {"--persistent", "made persistent"};
     case OpKind::kTransient:
-      return "--transient";
+      return {"--transient", "made transient"};
   }
-  return "?";
+  return {"?", "?"};
+}
+
+std::string WithSource(const char* word, const BitmapOp& op) {
+  return op.kind == OpKind::kMerge ? std::string(word) + " " + op.source : std::string(word);
+}
+
+}  // namespace
+
+std::string OpName(const BitmapOp& op) {
+  return WithSource(WordsOf(op.kind).flag, op);
 }
 
 std::string OpsDone(const std::vector<BitmapOp>& ops) {
   std::string s;
-  for (const BitmapOp& op : ops) {
-    std::string done;
-    switch (op.kind) {
-      case OpKind::kAdd:
-        done = "added";
-        break;
-      case OpKind::kRemove:
-        done = "removed";
-        break;
-      case OpKind::kClear:
-        done = "cleared";
-        break;
-      case OpKind::kEnable:
-        done = "enabled";
-        break;
-      case OpKind::kDisable:
-        done = "disabled";
-        break;
-      case OpKind::kMerge:
-        done = "merged from " + op.source;
-        break;
-      case OpKind::kPersistent:
-        done = "made persistent";
-        break;
-      case OpKind::kTransient:
-        done = "made transient";
-        break;
-    }
-    s += (s.empty() ? "" : ", ") + done;
-  }
+  for (const BitmapOp& op : ops)
+    s += (s.empty() ? "" : ", ") + WithSource(WordsOf(op.kind).done, op);
   return s;
 }
 
