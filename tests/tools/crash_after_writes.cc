@@ -25,6 +25,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "preload_watch.h"
+
 namespace {
 
 using PwriteFn = ssize_t (*)(int, const void*, size_t, off_t);
@@ -39,11 +41,7 @@ Fn Next(const char* name) {
 }
 
 bool Watched(int fd) {
-  const char* path = std::getenv("CBT_CRASH_FILE");
-  if (!path || !*path) return false;
-  struct stat a, b;
-  if (fstat(fd, &a) != 0 || stat(path, &b) != 0) return false;
-  return a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+  return cbt::testing::FdIsFileIn(fd, "CBT_CRASH_FILE");
 }
 
 // Counts a step on fd; kills the process when it is the chosen one.

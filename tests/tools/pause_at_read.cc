@@ -21,6 +21,8 @@
 #include <cstdlib>
 #include <ctime>
 
+#include "preload_watch.h"
+
 namespace {
 
 using PreadFn = ssize_t (*)(int, void*, size_t, off_t);
@@ -28,11 +30,7 @@ using PreadFn = ssize_t (*)(int, void*, size_t, off_t);
 std::atomic<bool> paused{false};
 
 bool Watched(int fd) {
-  const char* path = std::getenv("CBT_PAUSE_FILE");
-  if (!path || !*path) return false;
-  struct stat a, b;
-  if (fstat(fd, &a) != 0 || stat(path, &b) != 0) return false;
-  return a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+  return cbt::testing::FdIsFileIn(fd, "CBT_PAUSE_FILE");
 }
 
 void MaybePause(int fd) {
