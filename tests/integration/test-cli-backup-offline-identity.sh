@@ -63,6 +63,11 @@ restored_identical() {
   rm -f "$T/r.raw"
   timeout 120 "$CBT" restore "$DIR" --to "$T/r.raw" >/dev/null || fail "cbt restore"
   qemu-img compare -q -f raw -F raw "$T/r.raw" "$DISK" || fail "$1: the restore differs from the disk"
+  # Every file the runs wrote passes QEMU's own check.
+  local f
+  for f in "$C" "$DIR"/*.qcow2; do
+    qemu-img check -q -f qcow2 "$f" >"$T/check" 2>&1 || fail "$1: qemu-img check $f: $(cat "$T/check")"
+  done
 }
 info() { "$CBT" info --output=json "$C"; }
 recording() { jq -r .recording "$DIR/cbt-backup.json"; }
